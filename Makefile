@@ -1,0 +1,28 @@
+# make demo: compress the bundled LeNet-5 and print its report.  make test: the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/onnxhq compress models/lenet5_mnist.onnx --data models/mnist_sample.npz \
+	    --eval models/mnist_sample.npz -o out/lenet5 --report-json out/lenet5/report.json
+	$(VENV)/bin/onnxhq decode out/lenet5/lenet5_mnist.onnx -o out/lenet5/lenet5_mnist.decoded.onnx
+	$(VENV)/bin/onnxhq eval out/lenet5/lenet5_mnist.decoded.onnx --data models/mnist_sample.npz
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf out .pytest_cache .hypothesis

@@ -1,0 +1,39 @@
+"""onnxhq: compress ONNX models toward the limit their loss allows.
+
+Hessian-weighted quantization with one codebook for all layers, Huffman-coded indices in a sidecar,
+and custom dequantize nodes that stock onnxruntime runs (Choi, El-Khamy & Lee, ICLR 2017).
+
+    result = onnxhq.compress("model.onnx", "calibration.npz", k=32)
+    result.save("out/")                       # out/model.onnx + out/model.onnxhq
+    session = onnxhq.InferenceSession("out/model.onnx")
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError, DataError, ModelError, NumericalError, OnnxhqError, SidecarError
+
+__version__ = "0.1.0"
+
+# The heavy modules (onnxruntime, scipy) load on first use, so `import onnxhq` and the CLI start fast.
+_LAZY = {
+    "compress": ("pipeline", "compress"),
+    "Result": ("pipeline", "Result"),
+    "load": ("decode", "load"),
+    "Dataset": ("data", "Dataset"),
+    "load_data": ("data", "load_data"),
+    "InferenceSession": ("runtime", "compressed_session"),
+}
+
+__all__ = sorted(_LAZY) + ["OnnxhqError", "ModelError", "DataError", "SidecarError", "ConfigError",
+                           "NumericalError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'onnxhq' has no attribute {name!r}")

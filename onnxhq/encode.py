@@ -1,0 +1,77 @@
+"""Split a rewritten model into the two artifacts users keep: the graph and the sidecar.
+
+The compressed graph (``<stem>.onnx``) holds structure, codebooks, unquantized tensors and the
+dequantize nodes. Its index tensors are declared as graph inputs (so the file stays a valid ONNX
+model) and their values live Huffman-coded in the sidecar (``<stem>.onnxhq``), whose file name the
+graph records in ``metadata_props["onnxhq.sidecar"]``. `decode.join_artifacts` reverses this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import naming
+from .sidecar import IndexStream, encode_sidecar
+
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """The serialized compressed model: graph bytes, sidecar bytes and their file names."""
+
+    graph_name: str
+    graph_bytes: bytes
+    sidecar_name: str
+    sidecar_bytes: bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return len(self.graph_bytes) + len(self.sidecar_bytes)
+
+
+def index_streams(model: onnx.ModelProto, zero_symbols: dict[str, int | None] | None = None) -> list[IndexStream]:
+    """One stream per dequantize node's index initializer, in graph order."""
+    inits = {t.name: t for t in model.graph.initializer}
+    zero_symbols = zero_symbols or {}
+    streams = []
+    for node in model.graph.node:
+        if node.domain != naming.DOMAIN:
+            continue
+        book, idx = inits[node.input[0]], inits[node.input[1]]
+        k = int(numpy_helper.to_array(inits[node.input[2]])) if len(node.input) > 2 else int(np.prod(book.dims))
+        indices = numpy_helper.to_array(idx)
+        streams.append(IndexStream(name=idx.name, shape=tuple(indices.shape), alphabet_size=k, indices=indices,
+                                   zero_symbol=zero_symbols.get(node.output[0])))
+    return streams
+
+
+def split_artifacts(model: onnx.ModelProto, stem: str, *, zero_symbols: dict[str, int | None] | None = None) -> Artifacts:
+    """Serialize ``model`` (output of `rewrite.rewrite`) as graph + sidecar named after ``stem``."""
+    graph_name, sidecar_name = naming.artifact_names(stem)
+    streams = index_streams(model, zero_symbols)
+    moved = {s.name for s in streams}
+    graph = onnx.ModelProto()
+    graph.CopyFrom(model)
+    kept = list(graph.graph.initializer)
+    by_name = {t.name: t for t in kept}
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(t for t in kept if t.name not in moved)
+    for s in streams:
+        t = by_name[s.name]
+        graph.graph.input.append(helper.make_tensor_value_info(s.name, t.data_type, list(t.dims)))
+    set_metadata(graph, {naming.METADATA_SIDECAR: sidecar_name, naming.METADATA_VERSION: FORMAT_VERSION})
+    sidecar = encode_sidecar(streams, metadata={"graph": graph_name})
+    return Artifacts(graph_name, graph.SerializeToString(), sidecar_name, sidecar)
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in values.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

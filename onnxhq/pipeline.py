@@ -1,0 +1,205 @@
+"""``compress``: the whole pipeline from an ONNX model to its graph + sidecar artifacts.
+
+load -> pick weights -> hessian -> quantize -> rewrite -> encode -> (decode + evaluate) -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from . import hessian as hessian_mod
+from ._io import atomic_write_bytes
+from .data import Dataset, load_data
+from .decode import load_from_bytes
+from .encode import Artifacts, split_artifacts
+from .errors import ConfigError, DataError
+from .evaluate import accuracy
+from .gradients import GradientEngine
+from .model import initializer_map, load_model, quantizable_weights, read_initializers
+from .quantize import METHODS, SCOPES, QuantizedWeights, quantize_weights
+from .report import LayerRow, Report
+from .rewrite import rewrite
+from .sidecar import describe_sidecar
+
+log = logging.getLogger(__name__)
+
+#: Methods whose objective weights each error by a Hessian estimate (so they need data).
+WEIGHTED_METHODS = ("hkmeans", "uniform", "ecsq")
+
+
+@dataclass
+class Result:
+    """A compressed model in memory: the artifacts, the quantized weights and the report.
+
+    `save` updates ``report.files`` to the absolute paths it wrote.
+    """
+
+    artifacts: Artifacts
+    quantized: QuantizedWeights
+    report: Report
+
+    def model(self) -> onnx.ModelProto:
+        """The runnable decoded model (uint indices + dequantize nodes)."""
+        return load_from_bytes(self.artifacts.graph_bytes, self.artifacts.sidecar_bytes)
+
+    def save(self, directory: str | os.PathLike) -> list[Path]:
+        """Write graph and sidecar into ``directory`` (atomically); returns their absolute paths."""
+        directory = Path(directory)
+        a = self.artifacts
+        paths = [(directory / a.graph_name).resolve(), (directory / a.sidecar_name).resolve()]
+        atomic_write_bytes(paths[1], a.sidecar_bytes)
+        atomic_write_bytes(paths[0], a.graph_bytes)
+        self.report = self.report.with_files({str(p): p.stat().st_size for p in paths})
+        return paths
+
+
+def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.PathLike | Dataset | None = None, *,
+             method: str = "hkmeans", k: int | None = None, bits: float | None = None, lam: float | None = None,
+             target_bits: float | None = None, scope: str = "network", group_size: int | None = None,
+             hessian: str | Mapping[str, np.ndarray] = "fisher", hessian_samples: int = 1000,
+             include_biases: bool = False, extra_ops: tuple[str, ...] = (), output: str | None = None,
+             eval_data: str | os.PathLike | Dataset | None = None, name: str | None = None, seed: int = 0,
+             progress: Callable[[str, int, int], None] | None = None) -> Result:
+    """Quantize ``model``'s weights with one Hessian-weighted codebook and Huffman-code the indices.
+
+    Parameters
+    ----------
+    model : path, bytes or ModelProto of a classifier (or any model, with ``hessian="none"``).
+    data : inputs (and optional labels) for the Hessian estimate; needed by weighted methods.
+    method : one of ``kmeans`` (unweighted), ``hkmeans``, ``uniform``, ``ecsq``.
+    k, bits, lam, target_bits : the rate, exactly one (default ``k=32``).
+    hessian : estimator name (``fisher``, ``none``) or precomputed diagonals keyed by weight name.
+    eval_data : labelled data; when given, both models' top-1 accuracies are measured.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if k is None and bits is None and lam is None and target_bits is None:
+        k = 32
+    proto = load_model(model)
+    stem = name or _stem(model, proto)
+    original_bytes = _original_bytes(model, proto)
+    infos = quantizable_weights(proto, extra_ops=extra_ops, min_size=2)
+    names = [w.name for w in infos] + (_biases(proto, infos) if include_biases else [])
+    if not names:
+        raise ConfigError("the model has no quantizable weights (float initializers of Conv, ConvTranspose, Gemm, "
+                          "MatMul); add op types with extra_ops")
+    weights = read_initializers(proto, names)
+    flat = {n: w.astype(np.float32) for n, w in weights.items()}
+    importances = _importances(proto, data, method, hessian, names, hessian_samples, output, seed, progress)
+    pruned = {n: w == 0 for n, w in flat.items() if np.any(w == 0)}
+    _tell(progress, "quantize", 0, 1)
+    quantized = quantize_weights(flat, importances, scope=scope, group_size=group_size, method=method, k=k, bits=bits,
+                                 lam=lam, target_bits=target_bits, pruned=pruned or None, seed=seed)
+    _tell(progress, "quantize", 1, 1)
+    rewritten = rewrite(proto, quantized.codebooks, quantized.tensors)
+    zero_symbols = {n: _zero_symbol(quantized, n) for n in pruned}
+    artifacts = split_artifacts(rewritten, stem, zero_symbols=zero_symbols)
+    report = _report(stem, proto, quantized, artifacts, original_bytes,
+                     settings=dict(method=method, scope=scope, k=k, bits=bits, lam=lam, target_bits=target_bits,
+                                   hessian=hessian if isinstance(hessian, str) else "supplied"))
+    if eval_data is not None:
+        _tell(progress, "evaluate", 0, 2)
+        test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto, need_labels=True)
+        before = accuracy(proto, test, output=output)
+        _tell(progress, "evaluate", 1, 2)
+        after = accuracy(load_from_bytes(artifacts.graph_bytes, artifacts.sidecar_bytes), test, output=output)
+        _tell(progress, "evaluate", 2, 2)
+        report = Report(**{**report.__dict__, "accuracy_original": before, "accuracy_compressed": after})
+    return Result(artifacts, quantized, report)
+
+
+def _tell(progress, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def _importances(proto, data, method, hessian, names, samples, output, seed, progress):
+    if method not in WEIGHTED_METHODS:
+        return None
+    if not isinstance(hessian, str):
+        missing = [n for n in names if n not in hessian]
+        if missing:
+            raise DataError(f"the supplied Hessian has no entry for weight {missing[0]!r}")
+        for n in names:
+            if np.shape(hessian[n]) != initializer_shape(proto, n):
+                raise DataError(f"the supplied Hessian of {n!r} has shape {np.shape(hessian[n])}, "
+                                f"the weight {initializer_shape(proto, n)}")
+        return {n: np.asarray(hessian[n], np.float32) for n in names}
+    if hessian == "none":
+        return None
+    if data is None:
+        raise ConfigError(f"method {method!r} weights errors by a Hessian estimate and needs data: pass --data "
+                          "(model inputs), a precomputed --hessian file, or use --method kmeans")
+    dataset = data if isinstance(data, Dataset) else load_data(data, proto)
+    engine = GradientEngine(proto, params=names, output=output)
+    report = None if progress is None else (lambda done, total: progress("hessian", done, total))
+    return hessian_mod.estimate(hessian, engine, dataset, params=names, samples=samples, seed=seed, progress=report)
+
+
+def initializer_shape(proto, name) -> tuple[int, ...]:
+    return tuple(int(d) for d in initializer_map(proto)[name].dims)
+
+
+def _biases(proto, infos) -> list[str]:
+    """Float initializers feeding the bias input (position 2) of the nodes that use the weights."""
+    inits = initializer_map(proto)
+    weight_names = {w.name for w in infos}
+    out = []
+    for node in proto.graph.node:
+        if len(node.input) > 2 and node.input[1] in weight_names and node.input[2] in inits:
+            if node.input[2] not in out and node.input[2] not in weight_names:
+                out.append(node.input[2])
+    return out
+
+
+def _zero_symbol(quantized: QuantizedWeights, name: str) -> int | None:
+    book = np.asarray(quantized.codebooks[quantized.tensors[name].codebook])
+    hits = np.flatnonzero(book.reshape(-1)[: book.shape[-1]] == 0)
+    return int(hits[0]) if hits.size else None
+
+
+def _stem(model, proto) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model).stem
+    return proto.graph.name or "model"
+
+
+def _original_bytes(model, proto) -> int:
+    """Size of the input: the .onnx file plus its external data files, or the serialized proto."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        raw = onnx.load(str(path), load_external_data=False)
+        locations = {e.value for t in raw.graph.initializer for e in t.external_data if e.key == "location"}
+        return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+    if isinstance(model, (bytes, bytearray)):
+        return len(model)
+    return proto.ByteSize()
+
+
+def _report(stem, proto, quantized, artifacts, original_bytes, *, settings) -> Report:
+    layouts = {s.name: s for s in describe_sidecar(artifacts.sidecar_bytes)}
+    from .naming import index_tensor
+
+    rows = []
+    for name, codes in quantized.tensors.items():
+        lay = layouts[index_tensor(name)]
+        rows.append(LayerRow(name=name, params=int(codes.indices.size), clusters=int(np.unique(codes.indices).size),
+                             coded_bytes=lay.payload_bytes + lay.table_bytes,
+                             bits_per_weight=lay.coded_bits_per_weight, entropy_bits=lay.entropy_bits))
+    codebook_bytes = sum(int(np.asarray(c).size) * 4 for c in quantized.codebooks.values())
+    quantized_names = set(quantized.tensors)
+    unquantized = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
+                      if t.name not in quantized_names and t.data_type in (1, 10, 11, 16))
+    files = {artifacts.graph_name: len(artifacts.graph_bytes), artifacts.sidecar_name: len(artifacts.sidecar_bytes)}
+    return Report(model=stem, original_bytes=original_bytes, files=files, layers=tuple(rows),
+                  codebook_bytes=codebook_bytes, unquantized_params=unquantized,
+                  graph_bytes=len(artifacts.graph_bytes), sidecar_bytes=len(artifacts.sidecar_bytes), settings=settings)
