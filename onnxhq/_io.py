@@ -22,6 +22,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> int:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,3 +39,9 @@ def refuse_overwriting_inputs(outputs: list[str | os.PathLike], inputs: list[str
     for out in outputs:
         if Path(out).resolve() in resolved_inputs:
             raise ConfigError(f"output {out} would overwrite an input file; choose another output path")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

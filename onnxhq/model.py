@@ -83,7 +83,7 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto, *, convert_o
         if _has_external_data(model):
             try:
                 onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # onnx raises OSError, ValueError or its checker's ValidationError
                 raise ModelError(f"{path}: cannot read its external data files ({exc}); keep them beside the model") from None
     if _has_external_data(model):
         raise ModelError("the model keeps tensors in external data files; load it from its path, not from bytes")

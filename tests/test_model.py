@@ -1,0 +1,104 @@
+"""Model I/O: loading from every source, weight discovery, opset handling, bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxhq.errors import ModelError
+from onnxhq.model import (MAX_OPSET, load_model, materialize_constants, quantizable_weights, read_initializers,
+                          replace_initializers, save_model)
+
+from conftest import small_convnet
+
+
+def test_load_from_path_bytes_and_proto_agree(tmp_path, convnet):
+    path = tmp_path / "m.onnx"
+    save_model(convnet, path)
+    for source in (path, str(path), path.read_bytes(), convnet):
+        model = load_model(source)
+        assert [t.name for t in model.graph.initializer] == [t.name for t in convnet.graph.initializer]
+
+
+def test_external_data_is_loaded(tmp_path, convnet):
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(small_convnet(), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.data", size_threshold=0)
+    model = load_model(path)
+    np.testing.assert_array_equal(read_initializers(model, ["fc.weight"])["fc.weight"],
+                                  read_initializers(convnet, ["fc.weight"])["fc.weight"])
+    with pytest.raises(ModelError, match="external data"):
+        load_model(path.read_bytes())
+
+
+@pytest.mark.parametrize("content, match", [(b"not a model at all", "not an ONNX model"), (b"", "no graph|no nodes")])
+def test_bad_files_are_model_errors(tmp_path, content, match):
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=match):
+        load_model(path)
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ModelError, match="nope.onnx does not exist"):
+        load_model(tmp_path / "nope.onnx")
+
+
+def test_quantizable_weights_are_conv_and_gemm_weights(convnet):
+    found = {w.name: w for w in quantizable_weights(convnet)}
+    assert set(found) == {"conv.weight", "fc.weight"}
+    assert found["conv.weight"].shape == (3, 1, 3, 3) and found["conv.weight"].size == 27
+    assert found["fc.weight"].consumers == (("fc", "Gemm", 1),)
+
+
+def test_matmul_weight_in_either_slot_and_extra_ops():
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    emb = numpy_helper.from_array(np.ones((10, 4), np.float32), "emb")
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w, emb])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert [x.name for x in quantizable_weights(model)] == ["w"]
+    assert {x.name for x in quantizable_weights(model, extra_ops=("Gather",))} == {"w", "emb"}
+    with pytest.raises(ModelError, match="Softmax"):
+        quantizable_weights(model, extra_ops=("Softmax",))
+
+
+def test_fp16_weights_are_listed_with_their_dtype(convnet):
+    model = small_convnet()
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    assert {w.dtype for w in quantizable_weights(model)} == {np.dtype(np.float16)}
+
+
+def test_constant_and_constant_of_shape_become_initializers():
+    shape = numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["w"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
+             helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(np.ones(2, np.float32))),
+             helper.make_node("Gemm", ["x", "w", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert materialize_constants(model) == 2
+    assert [n.op_type for n in model.graph.node] == ["Gemm"]
+    np.testing.assert_array_equal(read_initializers(model, ["w"])["w"], np.full((2, 3), 0.5, np.float32))
+    assert [w.name for w in quantizable_weights(model)] == ["w"]
+
+
+def test_newer_opset_is_converted_or_refused(convnet):
+    model = small_convnet()
+    model.opset_import[0].version = MAX_OPSET + 1
+    converted = load_model(model)
+    assert converted.opset_import[0].version == MAX_OPSET
+    with pytest.raises(ModelError, match=f"opset {MAX_OPSET + 1}"):
+        load_model(model, convert_opset=False)
+
+
+def test_replace_initializers_checks_shapes_and_copies(convnet):
+    new = replace_initializers(convnet, {"fc.bias": np.zeros(4, np.float32)})
+    assert np.all(read_initializers(new, ["fc.bias"])["fc.bias"] == 0)
+    assert np.any(read_initializers(convnet, ["fc.bias"])["fc.bias"] != 0)
+    with pytest.raises(ModelError, match="shape"):
+        replace_initializers(convnet, {"fc.bias": np.zeros(5, np.float32)})
