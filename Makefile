@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all test-latest-ort clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
+
+# The decoded graphs must also run in the newest onnxruntime release. The training build provides
+# the `onnxruntime` module too, so the newest release gets its own environment.
+LATEST := .venv-ort-latest
+test-latest-ort:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet --upgrade onnxruntime onnx numpy scipy protobuf pytest hypothesis
+	$(LATEST)/bin/python -m pip install --quiet --no-deps -e .
+	$(LATEST)/bin/python -c "import onnxruntime; print('onnxruntime', onnxruntime.__version__)"
+	$(LATEST)/bin/python -m pytest -q tests/test_deploy.py
 
 clean:
 	rm -rf out .pytest_cache .hypothesis

@@ -10,7 +10,9 @@ Labels are given, or sampled from the model's own softmax (what the Fisher needs
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -163,10 +165,11 @@ def build_gradient_model(training_model: onnx.ModelProto, params: list[str]) -> 
     import onnxruntime
     from onnxruntime.capi._pybind_state import GradientGraphBuilder
 
-    onnxruntime.set_default_logger_severity(3)  # the builder logs every graph transformer at INFO
+    onnxruntime.set_default_logger_severity(3)
     try:
-        builder = GradientGraphBuilder(training_model.SerializeToString(), {LOSS}, set(params), LOSS)
-        builder.build()
+        with _native_stderr_silenced():  # the builder logs every graph transformer at INFO, ignoring severity
+            builder = GradientGraphBuilder(training_model.SerializeToString(), {LOSS}, set(params), LOSS)
+            builder.build()
         grad_model = onnx.load_from_string(builder.get_model())
     except Exception as exc:  # the builder raises RuntimeError/Fail with C++ messages
         raise ModelError(f"onnxruntime could not build a gradient graph for this model: {str(exc).strip()[:300]}") from None
@@ -175,6 +178,24 @@ def build_gradient_model(training_model: onnx.ModelProto, params: list[str]) -> 
     if missing:
         raise ModelError(f"no gradient flows to {missing[0]!r}; it does not influence the class-score output")
     return grad_model
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null while native code runs (Python's sys.stderr is untouched)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @dataclass

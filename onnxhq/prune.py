@@ -1,0 +1,226 @@
+"""Pruning: zero the least important weights, then retrain the rest with the pruned ones held at zero.
+
+Two criteria rank the weights:
+
+- ``magnitude``: ``|w_i|`` (Han et al., "Learning both weights and connections", 2015);
+- ``saliency``: ``h_ii * w_i**2``, the second-order loss increase from setting ``w_i`` to zero
+  when the Hessian is taken as diagonal (LeCun et al., "Optimal brain damage", 1990). ``h_ii``
+  are the same importances the Hessian-weighted quantizers use.
+
+The ``global`` scope ranks all weights together, the ``layer`` scope prunes each tensor to its own
+sparsity. Biases are never pruned. Pruning in a few steps with retraining between them loses much
+less accuracy than pruning to a high sparsity in one shot; already-zero weights rank lowest, so
+each step's mask lies inside the previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from .data import Dataset
+from .errors import ConfigError, DataError
+from .gradients import GradientEngine, train
+from .hessian import fisher
+from .model import load_model, quantizable_weights, read_initializers, replace_initializers
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("magnitude", "saliency")
+SCOPES = ("global", "layer")
+
+
+def prune_masks(weights: Mapping[str, np.ndarray], *, sparsity: float | Mapping[str, float],
+                criterion: str = "magnitude", importances: Mapping[str, np.ndarray] | None = None,
+                scope: str | None = None) -> dict[str, np.ndarray]:
+    """Boolean keep-masks that prune a fraction ``sparsity`` of ``weights``.
+
+    Parameters
+    ----------
+    weights : name -> float array of any shape.
+    sparsity : fraction in [0, 1) of the weights to set to zero: one number, or name -> fraction
+        (per-layer targets; names left out are not pruned).
+    criterion : ``magnitude`` (rank by ``|w|``) or ``saliency`` (rank by ``h * w**2``).
+    importances : name -> nonnegative array shaped like the weight (the Hessian diagonal ``h``);
+        required by ``saliency``.
+    scope : ``global`` ranks all weights together against one target; ``layer`` prunes each tensor
+        to its own fraction. Default: ``global`` for one number, ``layer`` for a mapping.
+
+    Returns
+    -------
+    masks : name -> bool array shaped like the weight, True where the weight is kept. Exactly
+        ``round(sparsity * size)`` entries are False (of all weights together for ``global``);
+        ties are broken by position, so the result is deterministic.
+    """
+    scope, targets = _check_targets(weights, sparsity, scope)
+    scores = _scores(weights, criterion, importances)
+    if scope == "global":
+        return _prune_global(scores, targets)
+    return {name: _prune_one(s, targets.get(name, 0.0)) for name, s in scores.items()}
+
+
+def apply_masks(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies of ``weights`` with masked-out entries set to exactly zero (unmasked names copied as is)."""
+    return {n: np.where(masks[n], w, 0).astype(w.dtype) if n in masks else np.array(w, copy=True)
+            for n, w in weights.items()}
+
+
+def sparsity_of(masks: Mapping[str, np.ndarray]) -> float:
+    """Fraction of pruned entries over all masks together."""
+    total = sum(m.size for m in masks.values())
+    return 0.0 if total == 0 else float(sum(m.size - np.count_nonzero(m) for m in masks.values()) / total)
+
+
+def sparsity_schedule(target: float, steps: int) -> list[float]:
+    """Sparsities of ``steps`` pruning steps ending at ``target``, on the cubic ramp of Zhu & Gupta (2017).
+
+    ``s_t = target * (1 - (1 - t / steps) ** 3)`` prunes most in the first steps, while the network
+    still has redundant weights, and little near the end.
+    """
+    if steps < 1:
+        raise ConfigError(f"steps={steps} must be at least 1")
+    return [target * (1.0 - (1.0 - t / steps) ** 3) for t in range(1, steps + 1)]
+
+
+def prune_model(model: str | os.PathLike | bytes | onnx.ModelProto, data: Dataset, *,
+                sparsity: float | Mapping[str, float], criterion: str = "magnitude", scope: str | None = None,
+                steps: int = 4, retrain_epochs: float = 1.0, lr: float | Callable[[float], float] = 3e-4,
+                batch_size: int = 64, hessian_samples: int = 1000, output: str | None = None, seed: int = 0,
+                augment: Callable[[dict, np.random.Generator], dict] | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Prune ``model``'s quantizable weights to ``sparsity`` in ``steps`` steps, retraining after each.
+
+    Parameters
+    ----------
+    model : a classifier (path, bytes or ModelProto); its Conv/ConvTranspose/Gemm/MatMul weights are
+        pruned, every float parameter (biases included) is retrained.
+    data : training inputs with labels (labels may be absent when ``retrain_epochs`` is 0).
+    sparsity, criterion, scope : as in `prune_masks`; ``saliency`` re-estimates the diagonal
+        Fisher (``hessian_samples`` samples) before every step.
+    steps : pruning steps on `sparsity_schedule`; 1 is one-shot pruning.
+    retrain_epochs : epochs of masked Adam retraining after each step (0: no retraining).
+    lr : a number is the peak of a cosine decay (to 1% of it) within each step; a function gets
+        the fraction of all retraining done (0..1) and returns the rate.
+    augment : optional ``(feed, rng) -> feed`` applied to each training batch.
+    progress : called with (stage, done, total); stages ``hessian`` and ``retrain``.
+
+    Returns
+    -------
+    (model, masks) : a pruned copy of the model (pruned weights exactly zero) and name -> bool
+        keep-mask for each pruned weight.
+    """
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if not retrain_epochs >= 0:
+        raise ConfigError(f"retrain_epochs={retrain_epochs} must be nonnegative")
+    if retrain_epochs > 0 and data.labels is None:
+        raise DataError("retraining after pruning needs labels: add an integer 'labels' array to the data")
+    proto = load_model(model)
+    names = [w.name for w in quantizable_weights(proto)]
+    if not names:
+        raise ConfigError("the model has no prunable weights (float initializers of Conv, ConvTranspose, Gemm, MatMul)")
+    weights = read_initializers(proto, names)
+    _check_targets(weights, sparsity, scope)  # fail before building the engine
+    engine = GradientEngine(proto, output=output)
+    schedule = sparsity_schedule(1.0, steps)
+    masks: dict[str, np.ndarray] = {}
+    for step, fraction in enumerate(schedule):
+        target = _scaled(sparsity, fraction)
+        current = {n: engine.values[n] for n in names}
+        importances = None
+        if criterion == "saliency":
+            report = None if progress is None else (lambda done, total: progress("hessian", done, total))
+            importances = fisher(engine, data, samples=hessian_samples, seed=seed + step, progress=report)
+        masks = prune_masks(current, sparsity=target, criterion=criterion, importances=importances, scope=scope)
+        engine.with_values(apply_masks(current, masks))
+        log.info("prune step %d/%d: sparsity %.4f", step + 1, steps, sparsity_of(masks))
+        if retrain_epochs > 0:
+            _retrain(engine, data, masks, step, steps, retrain_epochs=retrain_epochs, lr=lr, batch_size=batch_size,
+                     seed=seed, augment=augment, progress=progress)
+    return replace_initializers(proto, engine.values), masks
+
+
+def _retrain(engine, data, masks, step, steps, *, retrain_epochs, lr, batch_size, seed, augment, progress) -> None:
+    if callable(lr):
+        rate = lambda f: lr((step + f) / steps)  # noqa: E731
+    else:
+        rate = lambda f: lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * f)))  # noqa: E731
+    losses = []
+
+    def track(done: int, n: int, loss: float) -> None:
+        losses.append(loss)
+        if progress is not None:
+            progress("retrain", step * n + done, steps * n)
+
+    train(engine, data.inputs, data.labels, epochs=retrain_epochs, batch_size=batch_size, lr=rate,
+          seed=seed * 1000 + step, masks=masks, augment=augment, progress=track)
+    tail = losses[-max(1, len(losses) // 10):]
+    log.info("retrained %d batches; mean loss of the last tenth %.4f", len(losses), float(np.mean(tail)))
+
+
+def _scaled(sparsity: float | Mapping[str, float], fraction: float) -> float | dict[str, float]:
+    if isinstance(sparsity, Mapping):
+        return {n: s * fraction for n, s in sparsity.items()}
+    return sparsity * fraction
+
+
+def _check_targets(weights: Mapping[str, np.ndarray], sparsity, scope: str | None) -> tuple[str, dict[str, float]]:
+    per_layer = isinstance(sparsity, Mapping)
+    if scope is None:
+        scope = "layer" if per_layer else "global"
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if per_layer and scope == "global":
+        raise ConfigError("per-layer sparsities need scope='layer'; give one number for a global target")
+    targets = dict(sparsity) if per_layer else {n: sparsity for n in weights}
+    unknown = [n for n in targets if n not in weights]
+    if unknown:
+        raise ConfigError(f"sparsity given for {unknown[0]!r}, which is not among the weights to prune")
+    for name, s in targets.items():
+        if not (isinstance(s, (int, float, np.floating)) and 0.0 <= s < 1.0):
+            raise ConfigError(f"sparsity {s!r} of {name!r} is outside [0, 1); it is the fraction of weights set to zero")
+    return scope, {n: float(s) for n, s in targets.items()}
+
+
+def _scores(weights: Mapping[str, np.ndarray], criterion: str, importances) -> dict[str, np.ndarray]:
+    if criterion not in CRITERIA:
+        raise ConfigError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion == "magnitude":
+        return {n: np.abs(np.asarray(w, np.float64)) for n, w in weights.items()}
+    if importances is None:
+        raise ConfigError("the saliency criterion needs importances (the Hessian diagonal of every weight)")
+    scores = {}
+    for name, w in weights.items():
+        if name not in importances:
+            raise DataError(f"no importance given for weight {name!r}")
+        h = np.asarray(importances[name], np.float64)
+        if h.shape != np.shape(w):
+            raise DataError(f"the importance of {name!r} has shape {h.shape}, the weight {np.shape(w)}")
+        if not np.all(np.isfinite(h)) or np.any(h < 0):
+            raise DataError(f"the importance of {name!r} must be finite and nonnegative (min {np.nanmin(h):.3g})")
+        scores[name] = h * np.square(np.asarray(w, np.float64))
+    return scores
+
+
+def _prune_one(score: np.ndarray, sparsity: float) -> np.ndarray:
+    count = int(round(sparsity * score.size))
+    keep = np.ones(score.size, bool)
+    keep[np.argsort(score, axis=None, kind="stable")[:count]] = False
+    return keep.reshape(score.shape)
+
+
+def _prune_global(scores: Mapping[str, np.ndarray], targets: Mapping[str, float]) -> dict[str, np.ndarray]:
+    # one target for all weights: every entry of ``targets`` holds the same number
+    sparsity = next(iter(targets.values()), 0.0)
+    flat = np.concatenate([s.reshape(-1) for s in scores.values()]) if scores else np.zeros(0)
+    keep = _prune_one(flat, sparsity)
+    masks, start = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[start:start + s.size].reshape(s.shape)
+        start += s.size
+    return masks

@@ -1,0 +1,235 @@
+"""``quantize_weights``: named tensors to codebooks at network, layer or channel-group scope.
+
+- ``network``: one codebook (key ``"shared"``) for all tensors, the paper's point: the importances
+  already say how much each layer's errors matter, so no per-layer bit allocation is needed.
+- ``layer``: one codebook per tensor (key = tensor name).
+- ``channel-group``: per tensor, one codebook row per ``group_size`` output channels (axis 0);
+  the tensor's codebook (key = tensor name) is ``(G, k)`` with ``G = ceil(channels / group_size)``.
+  Rows of groups that need fewer codewords repeat their last value up to the widest row.
+
+Rates apply per codebook: ``k``/``bits`` cap each codebook, and ``lam`` or ``target_bits`` is the
+same for every codebook (so at layer and channel-group scope the target is met per codebook, and
+therefore on average). Unlike `quantize`, a codebook whose tensor has no more distinct weights than
+``k`` allows (or whose lossless entropy is within ``target_bits``) keeps them all, with one
+warning per call; a codebook whose unpruned importances are all zero is quantized with unit
+importances (plain k-means), also with a warning. Results do not depend on the mappings' order.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from ._quantize import check_arrays, check_task, solve
+from .rate import entropy_bits
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("network", "layer", "channel-group")
+SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class TensorCodes:
+    """One tensor's codes.
+
+    Attributes
+    ----------
+    codebook : str, key into `QuantizedWeights.codebooks`.
+    indices : int32 ndarray of the weight's shape.
+    group_size : int or None; channel-group scope: output channels (axis 0) per codebook row.
+    """
+
+    codebook: str
+    indices: np.ndarray
+    group_size: int | None
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    """Codebooks and per-tensor codes.
+
+    Attributes
+    ----------
+    codebooks : dict of key -> (k,) float32 ndarray, or (G, k) for channel groups (rows padded with
+        their last value).
+    tensors : dict of weight name -> TensorCodes.
+    """
+
+    codebooks: dict[str, np.ndarray]
+    tensors: dict[str, TensorCodes]
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """The quantized weight ``name``: float32, its original shape; pruned entries exactly 0."""
+        if name not in self.tensors:
+            raise ConfigError(f"no quantized tensor named {name!r}; there are {len(self.tensors)}")
+        codes = self.tensors[name]
+        book = self.codebooks[codes.codebook]
+        if codes.group_size is None:
+            return book[codes.indices].astype(np.float32, copy=False)
+        idx = codes.indices.reshape(codes.indices.shape[0] if codes.indices.ndim else 1, -1)
+        rows = np.arange(idx.shape[0]) // codes.group_size
+        return book[rows[:, None], idx].reshape(codes.indices.shape).astype(np.float32, copy=False)
+
+    def dequantize_all(self) -> dict[str, np.ndarray]:
+        """Every quantized weight, by name."""
+        return {name: self.dequantize(name) for name in self.tensors}
+
+
+def quantize_weights(weights: Mapping[str, np.ndarray], importances: Mapping[str, np.ndarray] | None = None, *,
+                     scope: str = "network", group_size: int | None = None, method: str = "uniform",
+                     k: int | None = None, bits: int | None = None, lam: float | None = None,
+                     target_bits: float | None = None, pruned: Mapping[str, np.ndarray] | None = None,
+                     exact: bool = False, seed: int = 0) -> QuantizedWeights:
+    """Quantize named tensors with shared, per-tensor or per-channel-group codebooks.
+
+    Parameters
+    ----------
+    weights : name -> float ndarray of any shape.
+    importances : name -> nonnegative ndarray of the same shape, covering every weight; or None.
+    scope : ``"network"``, ``"layer"`` or ``"channel-group"`` (needs ``group_size``).
+    group_size : output channels (axis 0) per codebook row; channel-group scope only.
+    method, k, bits, lam, target_bits, exact, seed : as `quantize` (rates per codebook).
+    pruned : name -> bool ndarray of the weight's shape, for the tensors that have pruned weights.
+
+    Returns
+    -------
+    QuantizedWeights
+    """
+    if scope not in SCOPES:
+        raise ConfigError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
+    if scope == "channel-group":
+        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+            raise ConfigError(f"scope 'channel-group' needs group_size >= 1 (output channels per codebook row), "
+                              f"got {group_size!r}")
+    elif group_size is not None:
+        raise ConfigError(f"group_size={group_size} applies to scope 'channel-group' only, not {scope!r}")
+    task = check_task(method=method, k=k, bits=bits, lam=lam, target_bits=target_bits, exact=exact, seed=seed,
+                      max_iter=100, tol=1e-7, cell_value="mean")
+    tensors = _check_mappings(weights, importances, pruned)
+    notes = {"capped": 0, "unit": 0, "codebooks": 0}
+    if scope == "network":
+        return _network(tensors, task, notes) if tensors else QuantizedWeights({}, {})
+    books, codes = {}, {}
+    for name in sorted(tensors):
+        w, h, p = tensors[name]
+        if scope == "layer":
+            books[name], idx = _one(w.ravel(), h, p, task, _sub_seed(seed, name, 0), notes)
+            codes[name] = TensorCodes(name, idx.reshape(w.shape), None)
+        else:
+            books[name], idx = _groups(name, w, h, p, int(group_size), task, notes)
+            codes[name] = TensorCodes(name, idx, int(group_size))
+    _warn(notes)
+    return QuantizedWeights(books, codes)
+
+
+def _check_mappings(weights, importances, pruned) -> dict[str, tuple]:
+    """name -> (w, h flat or None, pruned flat or None), validated."""
+    unknown = sorted(set(pruned or {}) - set(weights))
+    if unknown:
+        raise DataError(f"pruned mask given for {unknown[0]!r}, which is not among the weights")
+    out = {}
+    for name, w in weights.items():
+        w = np.asarray(w)
+        if importances is not None and name not in importances:
+            raise DataError(f"importances have no entry for weight {name!r}")
+        h = None if importances is None else np.asarray(importances[name])
+        p = None if pruned is None or name not in pruned else np.asarray(pruned[name])
+        for label, a in (("importances", h), ("pruned mask", p)):
+            if a is not None and a.shape != w.shape:
+                raise DataError(f"{label} of {name!r} have shape {a.shape}, the weight {w.shape}")
+        if w.size == 0:
+            raise DataError(f"weight {name!r} is empty (shape {w.shape}); leave it out")
+        flat = check_arrays(w.ravel(), None if h is None else h.ravel(), None if p is None else p.ravel(),
+                            name=repr(name))
+        out[name] = (flat[0].reshape(w.shape), flat[1], flat[2])
+    return out
+
+
+def _network(tensors, task, notes) -> QuantizedWeights:
+    names = sorted(tensors)
+    w = np.concatenate([tensors[n][0].ravel() for n in names])
+    h = None
+    if any(tensors[n][1] is not None for n in names):
+        h = np.concatenate([tensors[n][1] for n in names])
+    p = None
+    if any(tensors[n][2] is not None for n in names):
+        p = np.concatenate([tensors[n][2] if tensors[n][2] is not None else np.zeros(tensors[n][0].size, bool)
+                            for n in names])
+    book, idx = _one(w, h, p, task, task.seed, notes)
+    _warn(notes)
+    codes, start = {}, 0
+    for n in names:
+        shape = tensors[n][0].shape
+        size = int(np.prod(shape))
+        codes[n] = TensorCodes(SHARED, idx[start:start + size].reshape(shape), None)
+        start += size
+    return QuantizedWeights({SHARED: book}, codes)
+
+
+def _groups(name, w, h, p, group_size, task, notes) -> tuple[np.ndarray, np.ndarray]:
+    rows = w.shape[0] if w.ndim else 1
+    per_row = w.size // rows
+    flat = w.reshape(rows, per_row)
+    books, idx = [], np.empty((rows, per_row), dtype=np.int32)
+    for g, start in enumerate(range(0, rows, group_size)):
+        sl = slice(start * per_row, min(start + group_size, rows) * per_row)
+        book, gi = _one(flat[start:start + group_size].ravel(), None if h is None else h[sl],
+                        None if p is None else p[sl], task, _sub_seed(task.seed, name, g), notes)
+        books.append(book)
+        idx[start:start + group_size] = gi.reshape(-1, per_row)
+    width = max(b.size for b in books)
+    table = np.stack([np.concatenate([b, np.full(width - b.size, b[-1], np.float32)]) for b in books])
+    return table, idx.reshape(w.shape)
+
+
+def _one(w, h, p, task, seed, notes) -> tuple[np.ndarray, np.ndarray]:
+    """One codebook: (float32 codebook, int32 indices), with the lenient rules of this module."""
+    notes["codebooks"] += 1
+    if h is not None and task.method != "kmeans":
+        live = h if p is None else h[~p]
+        if live.size and not np.any(live > 0):
+            notes["unit"] += 1
+            h = None
+    q, capped = solve(w, h, p, _with_seed(task, seed), cap=True)
+    notes["capped"] += capped
+    return q.codebook.astype(np.float32), q.indices
+
+
+def _with_seed(task, seed: int):
+    return replace(task, seed=int(seed))
+
+
+def _sub_seed(seed: int, name: str, group: int) -> int:
+    """A seed per codebook that depends on the tensor's name, not on its position in the mapping."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode()), group]).generate_state(1)[0])
+
+
+def _warn(notes) -> None:
+    if notes["capped"]:
+        log.warning("%d of %d codebooks have no more distinct weights than the rate allows and keep them all",
+                    notes["capped"], notes["codebooks"])
+    if notes["unit"]:
+        log.warning("%d of %d codebooks have all-zero importances and were quantized with unit importances",
+                    notes["unit"], notes["codebooks"])
+
+
+def coded_bits(qw: QuantizedWeights) -> float:
+    """Ideal size in bits: each codebook's indices at their empirical entropy plus 32 bits per codebook value.
+
+    All tensors that share a codebook key share one entropy code. This is the rate to compare scopes
+    by: finer scopes pay for their extra codebook values here.
+    """
+    total = 0.0
+    for key, book in qw.codebooks.items():
+        idx = [c.indices.ravel() for c in qw.tensors.values() if c.codebook == key]
+        if idx:
+            counts = np.bincount(np.concatenate(idx))
+            total += counts.sum() * entropy_bits(counts)
+        total += 32.0 * np.asarray(book).size
+    return total

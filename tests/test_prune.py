@@ -1,0 +1,151 @@
+"""Pruning masks hit their sparsity exactly, rank by the right score, and retraining keeps zeros at zero."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxhq.data import Dataset
+from onnxhq.errors import ConfigError, DataError
+from onnxhq.gradients import GradientEngine
+from onnxhq.model import read_initializers
+from onnxhq.prune import apply_masks, prune_masks, prune_model, sparsity_of, sparsity_schedule
+
+from conftest import small_convnet
+
+
+def random_weights(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"a": rng.normal(0, 1.0, (6, 5)).astype(np.float32), "b": rng.normal(0, 0.1, (40,)).astype(np.float32)}
+
+
+def test_global_magnitude_prunes_exactly_the_smallest():
+    weights = random_weights()
+    masks = prune_masks(weights, sparsity=0.5, criterion="magnitude")
+    assert sparsity_of(masks) == pytest.approx(0.5)
+    kept = np.concatenate([np.abs(weights[n][masks[n]]) for n in weights])
+    dropped = np.concatenate([np.abs(weights[n][~masks[n]]) for n in weights])
+    assert kept.min() >= dropped.max()
+    assert masks["b"].mean() < masks["a"].mean()  # the small-scale layer loses more under one global threshold
+
+
+def test_layer_scope_prunes_each_tensor_to_its_own_fraction():
+    weights = random_weights()
+    masks = prune_masks(weights, sparsity=0.3, scope="layer")
+    assert (~masks["a"]).sum() == round(0.3 * 30) and (~masks["b"]).sum() == round(0.3 * 40)
+    per_layer = prune_masks(weights, sparsity={"a": 0.5})
+    assert (~per_layer["a"]).sum() == 15 and per_layer["b"].all()
+
+
+def test_saliency_ranks_by_hessian_times_square():
+    weights = {"w": np.array([1.0, -2.0, 0.5, 3.0], np.float32)}
+    h = {"w": np.array([10.0, 0.1, 1.0, 0.01], np.float32)}  # saliencies 10, 0.4, 0.25, 0.09
+    masks = prune_masks(weights, sparsity=0.5, criterion="saliency", importances=h)
+    np.testing.assert_array_equal(masks["w"], [True, True, False, False])
+    by_magnitude = prune_masks(weights, sparsity=0.5)
+    np.testing.assert_array_equal(by_magnitude["w"], [False, True, False, True])
+
+
+def test_unit_importances_equal_magnitude_and_scaling_changes_nothing():
+    weights = random_weights(3)
+    ones = {n: np.ones_like(w) for n, w in weights.items()}
+    tens = {n: 10 * np.ones_like(w) for n, w in weights.items()}
+    want = prune_masks(weights, sparsity=0.7)
+    for imp in (ones, tens):
+        got = prune_masks(weights, sparsity=0.7, criterion="saliency", importances=imp)
+        for n in weights:
+            np.testing.assert_array_equal(got[n], want[n])
+
+
+def test_inputs_are_not_mutated_and_zeros_go_first():
+    weights = random_weights()
+    weights["a"][0, :3] = 0.0
+    copies = {n: w.copy() for n, w in weights.items()}
+    masks = prune_masks(weights, sparsity=0.05)
+    for n in weights:
+        np.testing.assert_array_equal(weights[n], copies[n])
+    assert not masks["a"][0, :3].any()
+    pruned = apply_masks(weights, masks)
+    assert sum(int((w == 0).sum()) for w in pruned.values()) == round(0.05 * 70)
+
+
+def test_masks_nest_when_pruning_further():
+    weights = random_weights(5)
+    first = prune_masks(weights, sparsity=0.4)
+    second = prune_masks(apply_masks(weights, first), sparsity=0.8)
+    for n in weights:
+        assert not (second[n] & ~first[n]).any()
+
+
+def test_cubic_schedule_ends_at_the_target():
+    s = sparsity_schedule(0.9, 4)
+    assert s[-1] == pytest.approx(0.9) and all(a < b for a, b in zip(s, s[1:]))
+    assert s[0] > 0.9 / 4  # front-loaded
+    assert sparsity_schedule(0.6, 1) == [0.6]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sparsity=1.0), ConfigError, r"sparsity 1.0 of 'a' is outside \[0, 1\)"),
+    (dict(sparsity=-0.1), ConfigError, "outside"),
+    (dict(sparsity={"nope": 0.5}), ConfigError, "'nope'"),
+    (dict(sparsity={"a": 0.5}, scope="global"), ConfigError, "scope='layer'"),
+    (dict(sparsity=0.5, scope="row"), ConfigError, "'row'"),
+    (dict(sparsity=0.5, criterion="random"), ConfigError, "'random'"),
+    (dict(sparsity=0.5, criterion="saliency"), ConfigError, "needs importances"),
+    (dict(sparsity=0.5, criterion="saliency", importances={"a": np.ones((6, 5)), "b": np.ones(3)}), DataError,
+     r"'b' has shape \(3,\)"),
+    (dict(sparsity=0.5, criterion="saliency", importances={"a": -np.ones((6, 5)), "b": np.ones(40)}), DataError,
+     "nonnegative"),
+])
+def test_bad_arguments_raise_named_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        prune_masks(random_weights(), **kwargs)
+
+
+def classification_data(seed=0, n=256):
+    """Labels from a fixed teacher convnet, so the student can learn them."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 1, 6, 6)).astype(np.float32)
+    teacher = GradientEngine(small_convnet(seed=7))
+    return Dataset({"input": x}, teacher.logits({"input": x}).argmax(axis=1).astype(np.int64))
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "saliency"])
+def test_prune_model_reaches_the_target_and_keeps_pruned_weights_at_zero(criterion):
+    model = small_convnet(seed=7)
+    data = classification_data()
+    stages = []
+    pruned, masks = prune_model(model, data, sparsity=0.6, criterion=criterion, steps=2, retrain_epochs=2,
+                                lr=0.01, batch_size=32, hessian_samples=64,
+                                progress=lambda stage, done, total: stages.append((stage, done, total)))
+    assert set(masks) == {"conv.weight", "fc.weight"}  # biases are never pruned
+    assert sparsity_of(masks) == pytest.approx(0.6, abs=1e-2)
+    values = read_initializers(pruned, ["conv.weight", "fc.weight", "conv.bias", "fc.bias"])
+    for name, mask in masks.items():
+        assert np.all(values[name][~mask] == 0)
+        assert np.all(values[name][mask] != 0)
+    assert stages[-1] == ("retrain", 32, 32)
+    assert ("hessian" in {s for s, _, _ in stages}) == (criterion == "saliency")
+    original = read_initializers(model, ["conv.bias"])["conv.bias"]
+    assert not np.array_equal(values["conv.bias"], original)  # biases were retrained
+    np.testing.assert_array_equal(read_initializers(model, ["conv.bias"])["conv.bias"], original)  # input untouched
+
+
+def test_retraining_recovers_accuracy():
+    model = small_convnet(seed=7)
+    data = classification_data(n=512)
+
+    def acc(m):
+        return float(np.mean(GradientEngine(m).logits(data.inputs).argmax(1) == data.labels))
+
+    one_shot, _ = prune_model(model, data, sparsity=0.8, steps=1, retrain_epochs=0)
+    retrained, _ = prune_model(model, data, sparsity=0.8, steps=2, retrain_epochs=3, lr=0.01, batch_size=32)
+    assert acc(retrained) > acc(one_shot) + 0.05
+
+
+def test_retraining_needs_labels():
+    data = classification_data()
+    with pytest.raises(DataError, match="labels"):
+        prune_model(small_convnet(), Dataset(data.inputs), sparsity=0.5)
+    pruned, masks = prune_model(small_convnet(), Dataset(data.inputs), sparsity=0.5, retrain_epochs=0, steps=1)
+    assert sparsity_of(masks) == pytest.approx(0.5, abs=1e-2)

@@ -1,0 +1,433 @@
+"""The sidecar format: round trips, pinned bytes, a plain reference reader, hostile files, fuzzing."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnxhq import sidecar
+from onnxhq.errors import ConfigError, SidecarError
+from onnxhq.sidecar import IndexStream, decode_sidecar, describe_sidecar, encode_sidecar, read_sidecar, write_sidecar
+
+
+def reference_read(data: bytes):
+    """A plain reader written from the format description alone: no CRCs, no checks, slow."""
+    magic, version, _, size = struct.unpack_from("<8sIIQ", data)
+    assert (magic, version) == (b"ONNXHQSC", 1)
+    header = json.loads(data[24 : 24 + size])
+    buffer = data[24 + size :]
+    metadata = header.pop("__metadata__", {})
+    streams = {}
+    for name, e in header.items():
+        begin, end = e["data_offsets"]
+        bits = "".join(f"{byte:08b}" for byte in buffer[begin:end])
+        k, limit, zero = e["alphabet_size"], e["run_limit"], e["zero_symbol"]
+        n_codes = k * limit + 1 if limit else k
+        lengths = [int(bits[5 * i : 5 * i + 5], 2) for i in range(n_codes)]
+        n_blocks = -(-e["symbols"] // e["block_size"])
+        at = 8 * -(-5 * n_codes // 8) + 8 * -(-e["block_width"] * max(n_blocks - 1, 0) // 8)  # skip the index
+        codes, code, prev = {}, 0, 0
+        for length, symbol in sorted((n, s) for s, n in enumerate(lengths) if n):
+            code <<= length - prev
+            codes[format(code, f"0{length}b")] = symbol
+            code, prev = code + 1, length
+        symbols, word = [], ""
+        while len(symbols) < e["symbols"]:
+            word, at = word + bits[at], at + 1
+            if word in codes:
+                symbols.append(codes[word])
+                word = ""
+        values = []
+        for s in symbols:
+            if not limit:
+                values.append(s)
+            elif s == limit * k:
+                values += [zero] * limit
+            else:
+                values += [zero] * (s // k) + [s % k]
+        count = int(np.prod(e["shape"]))
+        streams[name] = (tuple(e["shape"]), values + [zero] * (count - len(values)))
+    return streams, metadata
+
+
+def tiny_streams():
+    runs = np.zeros(100, dtype=np.uint8)
+    runs[50] = 1
+    return [
+        IndexStream("b", (100,), 2, runs, zero_symbol=0),
+        IndexStream("a", (2, 3), 4, np.array([[0, 1, 2], [3, 0, 0]])),
+    ]
+
+
+def laplace_indices(rng, n, levels=32):
+    w = rng.laplace(size=n)
+    return np.clip(np.digitize(w, np.linspace(w.min(), w.max(), levels + 1)) - 1, 0, levels - 1)
+
+
+def sparse_indices(rng, n, nonzero=16, density=0.1):
+    return np.where(rng.random(n) < density, rng.integers(1, nonzero + 1, size=n), 0)
+
+
+def mixed_streams():
+    rng = np.random.default_rng(7)
+    return [
+        IndexStream("conv1.w_idx", (20, 1, 5, 5), 32, laplace_indices(rng, 500).reshape(20, 1, 5, 5)),
+        IndexStream("fc1.w_idx", (300, 100), 17, sparse_indices(rng, 30_000).reshape(300, 100), zero_symbol=0),
+        IndexStream("fc2.w_idx", (64, 64), 17, sparse_indices(rng, 4096, density=0.02).reshape(64, 64), zero_symbol=0),
+        IndexStream("big_k", (3000,), 65536, rng.integers(0, 65536, size=3000).astype(np.uint16)),
+        IndexStream("empty", (0, 4), 8, np.zeros((0, 4), dtype=np.int64), zero_symbol=3),
+        IndexStream("constant", (33,), 5, np.full(33, 4)),
+        IndexStream("all_pruned", (1000,), 9, np.full(1000, 2), zero_symbol=2),
+    ]
+
+
+def fuzz_target() -> bytes:
+    rng = np.random.default_rng(3)
+    extra = IndexStream("c", (600,), 8, laplace_indices(rng, 600, levels=8))  # three decode blocks
+    return encode_sidecar(tiny_streams() + [extra], metadata={"model": "tiny"})
+
+
+FUZZ_TARGET = fuzz_target()
+
+GOLDEN = bytes.fromhex(
+    "4f4e4e58485153430100000099f4ad9489010000000000007b225f5f6d657461646174615f5f223a7b226d6f64656c22"
+    "3a2274696e79227d2c2261223a7b22616c7068616265745f73697a65223a342c2262697473223a31312c22626c6f636b"
+    "5f62617365223a302c22626c6f636b5f73697a65223a3235362c22626c6f636b5f7769647468223a302c226372633332"
+    "223a323133363735313234362c22646174615f6f666673657473223a5b302c355d2c2272756e5f6c696d6974223a302c"
+    "227368617065223a5b322c335d2c2273796d626f6c73223a362c227a65726f5f73796d626f6c223a6e756c6c7d2c2262"
+    "223a7b22616c7068616265745f73697a65223a322c2262697473223a32352c22626c6f636b5f62617365223a302c2262"
+    "6c6f636b5f73697a65223a3235362c22626c6f636b5f7769647468223a302c226372633332223a393333363938313330"
+    "2c22646174615f6f666673657473223a5b352c31355d2c2272756e5f6c696d6974223a342c227368617065223a5b3130"
+    "305d2c2273796d626f6c73223a32352c227a65726f5f73796d626f6c223a307d7d08c6206f00000000040008fff7ff80"
+)
+
+
+# ------------------------------------------------------------------ round trips and pinned bytes
+
+
+def test_golden_bytes_pin_the_format():
+    # Buffer, by hand: stream "a" = lengths 1,3,3,2 as 5-bit fields (08 c6 20), no block index,
+    # codes 0->0 3->10 1->110 2->111 over 0,1,2,3,0,0 (6f 00); stream "b" = run_limit 4, lengths of
+    # its 9 symbols (00 00 00 04 00 08), then 12 x '1' (4 zeros), '0' (2 zeros, then 1), 12 x '1'.
+    assert encode_sidecar(tiny_streams(), metadata={"model": "tiny"}) == GOLDEN
+    streams, metadata = decode_sidecar(GOLDEN)
+    assert streams == sorted(tiny_streams(), key=lambda s: s.name) and metadata == {"model": "tiny"}
+
+
+def test_round_trip_of_mixed_streams():
+    streams = mixed_streams()
+    data = encode_sidecar(streams, metadata={"graph": "lenet.onnx", "b": ""})
+    decoded, metadata = decode_sidecar(data)
+    assert decoded == sorted(streams, key=lambda s: s.name)
+    assert metadata == {"graph": "lenet.onnx", "b": ""}
+    by_name = {s.name: s for s in decoded}
+    assert by_name["big_k"].indices.dtype == np.uint16 and by_name["conv1.w_idx"].indices.dtype == np.uint8
+    assert all(not s.indices.flags.writeable for s in decoded)
+
+
+def test_plain_reference_reader_agrees():
+    for data in (GOLDEN, FUZZ_TARGET, encode_sidecar(mixed_streams()[:3] + mixed_streams()[4:])):
+        streams, metadata = decode_sidecar(data)
+        reference, ref_metadata = reference_read(data)
+        assert ref_metadata == metadata
+        assert {s.name: (s.shape, s.indices.ravel().tolist()) for s in streams} == reference
+
+
+def test_output_does_not_depend_on_stream_or_metadata_order():
+    streams = mixed_streams()
+    first = encode_sidecar(streams, metadata={"x": "1", "y": "2"})
+    assert encode_sidecar(streams[::-1], metadata={"y": "2", "x": "1"}) == first
+    assert encode_sidecar(streams, metadata={"x": "1", "y": "2"}) == first
+
+
+def test_encoding_does_not_mutate_indices():
+    indices = np.array([0, 0, 3, 0, 1])
+    before = indices.copy()
+    encode_sidecar([IndexStream("w", (5,), 4, indices, zero_symbol=0)])
+    assert np.array_equal(indices, before) and indices.flags.writeable
+
+
+def test_file_round_trip(tmp_path):
+    path = tmp_path / "sub" / "model.onnxhq"
+    written = write_sidecar(path, mixed_streams(), metadata={"graph": "g.onnx"})
+    assert written == path.stat().st_size
+    assert read_sidecar(path) == decode_sidecar(path.read_bytes())
+
+
+# ------------------------------------------------------------------ coding efficiency
+
+
+def test_dense_laplacian_stream_codes_within_two_percent_of_entropy():
+    indices = laplace_indices(np.random.default_rng(0), 100_000)
+    (layout,) = describe_sidecar(encode_sidecar([IndexStream("w", indices.shape, 32, indices)]))
+    assert layout.entropy_bits <= 8 * layout.payload_bytes / layout.count <= 1.02 * layout.entropy_bits
+    assert layout.coded_bits_per_weight <= 1.03 * layout.entropy_bits  # + code lengths and block index
+    assert layout.run_limit == 0
+
+
+def test_run_coding_of_a_ninety_percent_zero_stream():
+    # i.i.d. 90 % zeros and 16 equally likely other indices: entropy 0.469 + 0.1 * 4 = 0.869 bits per
+    # weight. Plain Huffman pays >= 1 bit per zero (about 1.4 bits per weight in all); run symbols
+    # (r zeros, then index i) must come within 5 % of the entropy, i.e. far below 1 bit.
+    indices = sparse_indices(np.random.default_rng(1), 200_000)
+    runs, plain = (
+        describe_sidecar(encode_sidecar([IndexStream("w", indices.shape, 17, indices, zero_symbol=zero)]))[0]
+        for zero in (0, None)
+    )
+    assert runs.entropy_bits == pytest.approx(0.869, abs=0.01)
+    assert plain.coded_bits_per_weight > 1.3 and plain.run_limit == 0
+    assert runs.run_limit > 0
+    assert runs.coded_bits_per_weight < 1.05 * runs.entropy_bits < 0.95
+    assert runs.coded_bits_per_weight < 0.7 * plain.coded_bits_per_weight
+
+
+def test_zero_symbol_of_a_dense_stream_keeps_plain_coding():
+    indices = laplace_indices(np.random.default_rng(2), 20_000)
+    (layout,) = describe_sidecar(encode_sidecar([IndexStream("w", indices.shape, 32, indices, zero_symbol=16)]))
+    assert layout.run_limit == 0
+
+
+def test_layout_accounts_for_every_byte():
+    data = encode_sidecar(mixed_streams(), metadata={"graph": "g.onnx"})
+    layouts = describe_sidecar(data)
+    assert [x.name for x in layouts] == sorted(s.name for s in mixed_streams())
+    assert sum(x.payload_bytes + x.table_bytes + x.header_bytes for x in layouts) == len(data)
+    for x in layouts:
+        if x.count:
+            assert x.coded_bits_per_weight == pytest.approx(8 * (x.payload_bytes + x.table_bytes) / x.count)
+
+
+# ------------------------------------------------------------------ argument errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"name": ""}, "non-empty"),
+        ({"name": "__metadata__"}, "other than"),
+        ({"shape": (3, -1)}, "non-negative"),
+        ({"shape": (4,)}, "shape"),
+        ({"alphabet_size": 0}, "alphabet_size"),
+        ({"alphabet_size": 65537}, "alphabet_size"),
+        ({"alphabet_size": True}, "alphabet_size"),
+        ({"indices": np.array([0.0, 1, 2])}, "integer array"),
+        ({"indices": np.array([0, 1, 4])}, r"\[0, 4\]"),
+        ({"indices": np.array([0, -1, 2])}, "outside"),
+        ({"zero_symbol": 4}, "zero_symbol"),
+    ],
+)
+def test_index_stream_rejects_bad_fields(kwargs, match):
+    fields = {"name": "w", "shape": (3,), "alphabet_size": 4, "indices": np.array([0, 1, 2])}
+    with pytest.raises(ConfigError, match=match):
+        IndexStream(**{**fields, **kwargs})
+
+
+def test_encoder_rejects_duplicates_and_bad_metadata():
+    stream = IndexStream("w", (1,), 2, np.array([1]))
+    with pytest.raises(ConfigError, match="duplicate"):
+        encode_sidecar([stream, stream])
+    with pytest.raises(ConfigError, match="str to str"):
+        encode_sidecar([stream], metadata={"n": 1})
+    with pytest.raises(ConfigError, match="IndexStream"):
+        encode_sidecar([("w", np.array([1]))])
+
+
+# ------------------------------------------------------------------ hostile files
+
+
+def split(data: bytes):
+    size = struct.unpack_from("<Q", data, 16)[0]
+    return json.loads(data[24 : 24 + size]), bytearray(data[24 + size :])
+
+
+def join(header, buffer, *, text: bytes | None = None) -> bytes:
+    """A sidecar with valid CRCs around whatever header and buffer it is given."""
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if name != "__metadata__" else None
+        if isinstance(offsets, list) and len(offsets) == 2:
+            entry["crc32"] = zlib.crc32(bytes(buffer[offsets[0] : offsets[1]]))
+    if text is None:
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return b"ONNXHQSC" + struct.pack("<IIQ", 1, zlib.crc32(text), len(text)) + text + bytes(buffer)
+
+
+def edit(fn):
+    def make(data):
+        header, buffer = split(data)
+        return fn(header, buffer) or join(header, buffer)
+
+    return make
+
+
+def _set(path, value):
+    def fn(header, buffer):
+        target = header
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return fn
+
+
+HOSTILE = {
+    "short file": (lambda d: d[:20], "shorter than"),
+    "wrong magic": (lambda d: b"ONNXHQSX" + d[8:], "magic"),
+    "unknown version": (lambda d: d[:8] + struct.pack("<I", 2) + d[12:], "version 2"),
+    "header too big": (lambda d: d[:16] + struct.pack("<Q", 17 << 20) + d[24:], "header length"),
+    "header crc": (lambda d: d[:8 + 4] + b"\0\0\0\0" + d[16:], "header CRC32"),
+    "not json": (edit(lambda h, b: join(h, b, text=b"{nope")), "not ASCII JSON"),
+    "not ascii": (edit(lambda h, b: join(h, b, text='{"\u00e9":1}'.encode())), "not ASCII JSON"),
+    "deep nesting": (edit(lambda h, b: join(h, b, text=b"[" * 100_000 + b"]" * 100_000)), "not ASCII JSON"),
+    "header is a list": (edit(lambda h, b: join(h, b, text=b"[]")), "JSON object"),
+    "metadata type": (edit(_set(["__metadata__", "model"], 3)), "__metadata__"),
+    "empty name": (edit(lambda h, b: h.__setitem__("", h.pop("a"))), "empty name"),
+    "missing field": (edit(lambda h, b: h["a"].pop("bits") and None), "must have fields"),
+    "unknown field": (edit(_set(["a", "dtype"], "uint8")), "must have fields"),
+    "bool as int": (edit(_set(["a", "alphabet_size"], True)), "alphabet_size"),
+    "float as int": (edit(_set(["a", "bits"], 11.0)), "bits"),
+    "huge int": (edit(_set(["a", "symbols"], 2**70)), "symbols"),
+    "negative dim": (edit(_set(["a", "shape"], [2, -3])), "shape"),
+    "shape not list": (edit(_set(["a", "shape"], "2x3")), "shape"),
+    "offsets not pair": (edit(_set(["a", "data_offsets"], [0])), "data_offsets"),
+    "reversed offsets": (edit(_set(["a", "data_offsets"], [5, 0])), "data_offsets"),
+    "hole": (edit(lambda h, b: (b.insert(5, 0), h["b"].update(data_offsets=[6, 16])) and None), "hole or overlap"),
+    "overlap": (edit(_set(["b", "data_offsets"], [4, 14])), "hole or overlap"),
+    "duplicate key": (
+        edit(lambda h, b: join(h, b, text=json.dumps(h, sort_keys=True).replace('"b":', '"a":').encode())),
+        "starts at 5, expected 0",
+    ),
+    "beyond buffer": (edit(lambda h, b: b.__delitem__(slice(-2, None))), "beyond"),
+    "trailing bytes": (lambda d: d + b"\0", "trailing"),
+    "stream crc": (lambda d: d[:-1] + bytes([d[-1] ^ 0x80]), "CRC32 mismatch"),
+    "count mismatch": (edit(_set(["a", "shape"], [7])), "cannot hold"),
+    "runs without zero": (edit(_set(["b", "zero_symbol"], None)), "needs a zero_symbol"),
+    "zero out of range": (edit(_set(["b", "zero_symbol"], 2)), "zero_symbol"),
+    "runs too long": (edit(_set(["b", "run_limit"], 8192)), "run_limit"),
+    "alphabet vs table": (edit(_set(["a", "alphabet_size"], 9)), "fields need"),
+    "block width vs size": (edit(_set(["c", "block_width"], 31)), "fields need"),
+    "block base": (edit(lambda h, b: h["c"].update(block_base=h["c"]["block_base"] + 1)), "block"),
+    "runs cover too few": (edit(_set(["b", "shape"], [103])), "run symbols cover"),
+    "over-subscribed code": (edit(lambda h, b: b.__setitem__(slice(0, 3), b"\x08\x42\x10")), "Kraft"),  # 1,1,1,1
+    "payload padding": (edit(lambda h, b: b.__setitem__(4, b[4] | 1)), "padding"),
+    "unused code word": (
+        edit(lambda h, b: b.__setitem__(slice(5, 11), bytes.fromhex("000000040000"))),  # only symbol 5 has a code
+        "no code word",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_file_is_rejected_with_a_precise_message(case):
+    make, match = HOSTILE[case]
+    with pytest.raises(SidecarError, match=match):
+        decode_sidecar(make(FUZZ_TARGET))
+
+
+@given(st.integers(0, len(FUZZ_TARGET) - 1))
+@settings(max_examples=200, deadline=None)
+def test_every_truncation_is_rejected(length):
+    with pytest.raises(SidecarError):
+        decode_sidecar(FUZZ_TARGET[:length])
+
+
+@given(st.lists(st.tuples(st.integers(0, len(FUZZ_TARGET) - 1), st.integers(1, 255)), min_size=1, max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_every_byte_flip_is_rejected(flips):
+    data = bytearray(FUZZ_TARGET)
+    for at, mask in flips:
+        data[at] ^= mask
+    if bytes(data) != FUZZ_TARGET:  # two flips of one byte may cancel
+        with pytest.raises(SidecarError):
+            decode_sidecar(bytes(data))
+
+
+@given(st.binary(max_size=600), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_garbage_is_rejected(junk, with_prefix):
+    if with_prefix:
+        junk = FUZZ_TARGET[:12] + junk
+    with pytest.raises(SidecarError):
+        decode_sidecar(junk)
+
+
+JSON_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**40), 2**70), st.integers(0, 700), st.floats(),
+    st.text(max_size=3), st.lists(st.integers(-3, 700), max_size=3),
+)
+
+
+@given(st.sampled_from("abc"), st.sampled_from(sorted(sidecar._FIELDS)), JSON_VALUES)
+@settings(max_examples=200, deadline=None)
+def test_any_header_value_with_valid_crcs_gives_sidecar_error_or_a_valid_result(stream, field, value):
+    data = edit(_set([stream, field], value))(FUZZ_TARGET)
+    try:
+        decoded, _ = decode_sidecar(data)
+    except SidecarError:
+        return
+    assert all(isinstance(s, IndexStream) and s.indices.shape == s.shape for s in decoded)
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 255)), min_size=1, max_size=3))
+@settings(max_examples=200, deadline=None)
+def test_corrupt_buffer_with_valid_crcs_gives_sidecar_error_or_a_valid_result(flips):
+    def corrupt(header, buffer):
+        for at, mask in flips:
+            buffer[at % len(buffer)] ^= mask
+
+    try:
+        decoded, _ = decode_sidecar(edit(corrupt)(FUZZ_TARGET))
+    except SidecarError:
+        return
+    assert all(s.indices.shape == s.shape and s.indices.max(initial=0) < s.alphabet_size for s in decoded)
+
+
+# ------------------------------------------------------------------ files
+
+
+def test_reading_a_missing_file_names_it(tmp_path):
+    path = tmp_path / "nope.onnxhq"
+    with pytest.raises(SidecarError, match="nope.onnxhq"):
+        read_sidecar(path)
+    with pytest.raises(SidecarError, match="cannot read"):
+        read_sidecar(tmp_path)
+
+
+def test_reading_a_corrupt_file_names_it(tmp_path):
+    path = tmp_path / "bad.onnxhq"
+    path.write_bytes(FUZZ_TARGET[:-1])
+    with pytest.raises(SidecarError, match="bad.onnxhq"):
+        read_sidecar(path)
+
+
+@pytest.mark.parametrize("victim", ["fsync", "replace"])
+def test_a_failing_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch, victim):
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    fresh, old = tmp_path / "fresh.onnxhq", tmp_path / "old.onnxhq"
+    write_sidecar(old, tiny_streams())
+    monkeypatch.setattr(os, victim, boom)
+    for path in (fresh, old):
+        with pytest.raises(SidecarError, match="No space left"):
+            write_sidecar(path, mixed_streams())
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnxhq"]
+    assert read_sidecar(old)[0] == sorted(tiny_streams(), key=lambda s: s.name)
+
+
+def test_a_failing_encode_writes_nothing(tmp_path):
+    stream = IndexStream("w", (1,), 2, np.array([1]))
+    with pytest.raises(ConfigError):
+        write_sidecar(tmp_path / "x.onnxhq", [stream, stream])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_module_constants_describe_the_prefix():
+    assert sidecar.MAGIC == GOLDEN[:8] and struct.unpack_from("<I", GOLDEN, 8)[0] == sidecar.VERSION
