@@ -19,12 +19,12 @@ from .errors import ConfigError, SidecarError
 
 MAX_LENGTH = 20
 """Longest code length supported: the decode table has ``2**max_length`` entries."""
+MAX_PAYLOAD = 1 << 29
+"""Largest payload of one stream in bytes (bit positions must fit in uint32)."""
 
 _LEN_BITS = 5  # decode-table entries are (symbol << 5) | length; length 0 marks an invalid code
 _LEN_MASK = np.uint32((1 << _LEN_BITS) - 1)
 _FALLBACK_BLOCK = 64
-MAX_PAYLOAD = 1 << 29
-"""Largest payload of one stream in bytes (bit positions must fit in uint32)."""
 
 
 def _is_int(value) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -15,12 +15,14 @@ import numpy as np
 import onnx
 
 from . import hessian as hessian_mod
+from . import naming
 from ._io import atomic_write_bytes
 from .data import Dataset, load_data
 from .decode import load_from_bytes
 from .encode import Artifacts, split_artifacts
 from .errors import ConfigError, DataError
 from .evaluate import accuracy
+from .finetune import finetune_codebooks
 from .gradients import GradientEngine
 from .model import initializer_map, load_model, quantizable_weights, read_initializers
 from .quantize import METHODS, SCOPES, QuantizedWeights, quantize_weights
@@ -64,7 +66,9 @@ def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.
              method: str = "hkmeans", k: int | None = None, bits: float | None = None, lam: float | None = None,
              target_bits: float | None = None, scope: str = "network", group_size: int | None = None,
              hessian: str | Mapping[str, np.ndarray] = "fisher", hessian_samples: int = 1000,
-             include_biases: bool = False, extra_ops: tuple[str, ...] = (), output: str | None = None,
+             adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None, include_biases: bool = False,
+             finetune_epochs: float = 0, train_data: str | os.PathLike | Dataset | None = None,
+             finetune_lr: float = 1e-4, extra_ops: tuple[str, ...] = (), output: str | None = None,
              eval_data: str | os.PathLike | Dataset | None = None, name: str | None = None, seed: int = 0,
              progress: Callable[[str, int, int], None] | None = None) -> Result:
     """Quantize ``model``'s weights with one Hessian-weighted codebook and Huffman-code the indices.
@@ -75,7 +79,11 @@ def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.
     data : inputs (and optional labels) for the Hessian estimate; needed by weighted methods.
     method : one of ``kmeans`` (unweighted), ``hkmeans``, ``uniform``, ``ecsq``.
     k, bits, lam, target_bits : the rate, exactly one (default ``k=32``).
-    hessian : estimator name (``fisher``, ``none``) or precomputed diagonals keyed by weight name.
+    hessian : estimator name (see `onnxhq.hessian.METHODS`) or precomputed diagonals keyed by weight name.
+    adam_state : with ``hessian="adam"``, the Adam second moment (npz path or dict keyed by weight name).
+    include_biases : quantize the biases of the quantized layers too (same codebook scope).
+    finetune_epochs, train_data, finetune_lr : fine-tune the codebook values (indices fixed) for this
+        many epochs over labelled ``train_data`` after quantization.
     eval_data : labelled data; when given, both models' top-1 accuracies are measured.
     """
     if method not in METHODS:
@@ -94,18 +102,29 @@ def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.
                           "MatMul); add op types with extra_ops")
     weights = read_initializers(proto, names)
     flat = {n: w.astype(np.float32) for n, w in weights.items()}
-    importances = _importances(proto, data, method, hessian, names, hessian_samples, output, seed, progress)
+    if finetune_epochs and train_data is None:
+        raise ConfigError("codebook fine-tuning needs labelled training data: pass --train (train_data=)")
+    importances = _importances(proto, data, method, hessian, names, hessian_samples, output, seed, progress,
+                               adam_state)
     pruned = {n: w == 0 for n, w in flat.items() if np.any(w == 0)}
     _tell(progress, "quantize", 0, 1)
     quantized = quantize_weights(flat, importances, scope=scope, group_size=group_size, method=method, k=k, bits=bits,
                                  lam=lam, target_bits=target_bits, pruned=pruned or None, seed=seed)
     _tell(progress, "quantize", 1, 1)
     rewritten = rewrite(proto, quantized.codebooks, quantized.tensors)
+    if finetune_epochs:
+        train = train_data if isinstance(train_data, Dataset) else load_data(train_data, proto, need_labels=True)
+        rewritten = finetune_codebooks(rewritten, train, epochs=finetune_epochs, lr=finetune_lr, output=output,
+                                       seed=seed, progress=progress)
+        tuned = read_initializers(rewritten, [naming.codebook_tensor(key) for key in quantized.codebooks])
+        quantized = replace(quantized, codebooks={key: tuned[naming.codebook_tensor(key)].reshape(book.shape)
+                                                  for key, book in quantized.codebooks.items()})
     zero_symbols = {n: _zero_symbol(quantized, n) for n in pruned}
     artifacts = split_artifacts(rewritten, stem, zero_symbols=zero_symbols)
     report = _report(stem, proto, quantized, artifacts, original_bytes,
                      settings=dict(method=method, scope=scope, k=k, bits=bits, lam=lam, target_bits=target_bits,
-                                   hessian=hessian if isinstance(hessian, str) else "supplied"))
+                                   hessian=hessian if isinstance(hessian, str) else "supplied",
+                                   include_biases=include_biases, finetune_epochs=finetune_epochs))
     if eval_data is not None:
         _tell(progress, "evaluate", 0, 2)
         test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto, need_labels=True)
@@ -122,7 +141,7 @@ def _tell(progress, stage: str, done: int, total: int) -> None:
         progress(stage, done, total)
 
 
-def _importances(proto, data, method, hessian, names, samples, output, seed, progress):
+def _importances(proto, data, method, hessian, names, samples, output, seed, progress, adam_state):
     if method not in WEIGHTED_METHODS:
         return None
     if not isinstance(hessian, str):
@@ -136,13 +155,18 @@ def _importances(proto, data, method, hessian, names, samples, output, seed, pro
         return {n: np.asarray(hessian[n], np.float32) for n in names}
     if hessian == "none":
         return None
+    report = None if progress is None else (lambda done, total: progress("hessian", done, total))
+    if hessian == "adam":
+        if adam_state is None:
+            raise ConfigError("the 'adam' Hessian needs the Adam second moment of training: pass --adam-state FILE.npz")
+        return hessian_mod.estimate("adam", None, None, params=names, model=proto, adam_state=adam_state)
     if data is None:
         raise ConfigError(f"method {method!r} weights errors by a Hessian estimate and needs data: pass --data "
                           "(model inputs), a precomputed --hessian file, or use --method kmeans")
     dataset = data if isinstance(data, Dataset) else load_data(data, proto)
-    engine = GradientEngine(proto, params=names, output=output)
-    report = None if progress is None else (lambda done, total: progress("hessian", done, total))
-    return hessian_mod.estimate(hessian, engine, dataset, params=names, samples=samples, seed=seed, progress=report)
+    engine = None if hessian == "gauss-newton" else GradientEngine(proto, params=names, output=output)
+    return hessian_mod.estimate(hessian, engine, dataset, params=names, samples=samples, seed=seed, progress=report,
+                                model=proto, output=output)
 
 
 def initializer_shape(proto, name) -> tuple[int, ...]:
@@ -187,11 +211,9 @@ def _original_bytes(model, proto) -> int:
 
 def _report(stem, proto, quantized, artifacts, original_bytes, *, settings) -> Report:
     layouts = {s.name: s for s in describe_sidecar(artifacts.sidecar_bytes)}
-    from .naming import index_tensor
-
     rows = []
     for name, codes in quantized.tensors.items():
-        lay = layouts[index_tensor(name)]
+        lay = layouts[naming.index_tensor(name)]
         rows.append(LayerRow(name=name, params=int(codes.indices.size), clusters=int(np.unique(codes.indices).size),
                              coded_bytes=lay.payload_bytes + lay.table_bytes,
                              bits_per_weight=lay.coded_bits_per_weight, entropy_bits=lay.entropy_bits))

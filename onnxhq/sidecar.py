@@ -25,6 +25,7 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +41,7 @@ MAX_HEADER = 16 << 20
 MAX_ALPHABET = 1 << 16
 MAX_CODED = 1 << 17  # most symbols one Huffman code may have: code lengths stay <= 17
 MAX_RUN_LIMIT = 4096  # bounds how many indices one coded bit can expand to
-BLOCK_SIZE = 256  # symbols per decode block: 1-2 % of index overhead buys decoding all blocks at once
+BLOCK_SIZES = (32, 256)  # symbols per decode block; see _block_size
 LENGTH_BITS = 5
 _PREFIX = struct.Struct("<8sIIQ")
 _META = "__metadata__"
@@ -90,18 +91,15 @@ class IndexStream:
         z = self.zero_symbol
         if z is not None and not (_is_int(z) and 0 <= z < k):
             raise ConfigError(f"stream {self.name!r}: zero_symbol={z!r} must be None or an int in [0, {k})")
-        indices = np.asarray(self.indices).view()
-        if indices.dtype.kind not in "iu" or indices.shape != tuple(int(d) for d in shape):
-            raise ConfigError(
-                f"stream {self.name!r}: indices must be an integer array of shape {shape}, "
-                f"got dtype {indices.dtype} shape {indices.shape}"
-            )
+        shape, indices = tuple(int(d) for d in shape), np.asarray(self.indices).view()
+        if indices.dtype.kind not in "iu" or indices.shape != shape:
+            got = f"dtype {indices.dtype} shape {indices.shape}"
+            raise ConfigError(f"stream {self.name!r}: indices must be an integer array of shape {shape}, got {got}")
         if indices.size and (indices.min() < 0 or indices.max() >= k):
-            raise ConfigError(
-                f"stream {self.name!r}: indices span [{indices.min()}, {indices.max()}], outside [0, {k})"
-            )
+            span = f"[{indices.min()}, {indices.max()}]"
+            raise ConfigError(f"stream {self.name!r}: indices span {span}, outside [0, {k})")
         indices.flags.writeable = False
-        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+        object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "alphabet_size", int(k))
         object.__setattr__(self, "zero_symbol", None if z is None else int(z))
         object.__setattr__(self, "indices", indices)
@@ -146,9 +144,9 @@ def encode_sidecar(streams: Sequence[IndexStream], *, metadata: Mapping[str, str
         raise ConfigError("metadata must map str to str")
     if not all(isinstance(s, IndexStream) for s in streams):
         raise ConfigError("streams must be IndexStream instances")
-    names = [s.name for s in streams]
+    names = sorted(s.name for s in streams)
     if len(set(names)) != len(names):
-        raise ConfigError(f"duplicate stream names: {sorted({n for n in names if names.count(n) > 1})}")
+        raise ConfigError(f"duplicate stream names: {sorted({a for a, b in zip(names, names[1:]) if a == b})}")
     header: dict[str, object] = {_META: metadata} if metadata else {}
     blobs, offset = [], 0
     for stream in sorted(streams, key=lambda s: s.name):
@@ -174,7 +172,8 @@ def _encode_stream(stream: IndexStream) -> tuple[dict, bytes]:
     payload, n_bits = huffman.encode(symbols, lengths)
     if len(payload) > huffman.MAX_PAYLOAD:
         raise ConfigError(f"stream {stream.name!r} needs {len(payload)} bytes, over {huffman.MAX_PAYLOAD}")
-    blocks = huffman.block_bits(symbols, lengths, BLOCK_SIZE)[:-1]
+    block_size = _block_size(symbols.size)
+    blocks = huffman.block_bits(symbols, lengths, block_size)[:-1]
     base = int(blocks.min()) if blocks.size else 0
     width = int(blocks.max() - base).bit_length() if blocks.size else 0
     table, _ = huffman.pack_bits(lengths, LENGTH_BITS)
@@ -182,9 +181,14 @@ def _encode_stream(stream: IndexStream) -> tuple[dict, bytes]:
     entry = {
         "shape": list(stream.shape), "alphabet_size": stream.alphabet_size,
         "zero_symbol": stream.zero_symbol, "run_limit": run_limit, "symbols": int(symbols.size),
-        "bits": n_bits, "block_size": BLOCK_SIZE, "block_base": base, "block_width": width,
+        "bits": n_bits, "block_size": block_size, "block_base": base, "block_width": width,
     }
     return entry, table + index + payload
+
+
+def _block_size(n_symbols: int) -> int:
+    """64+ blocks (decoding takes a numpy step per symbol of a block); ~8 index bits per block."""
+    return min(BLOCK_SIZES[1], max(BLOCK_SIZES[0], 1 << max(0, -(-n_symbols // 64) - 1).bit_length()))
 
 
 def _choose_coding(flat: np.ndarray, k: int, zero: int | None) -> tuple[int, np.ndarray, np.ndarray]:
@@ -302,9 +306,8 @@ def _check_entry(name: str, entry) -> dict:
         raise SidecarError(f"stream {name!r}: zero_symbol={zero!r} must be null or an int in [0, {k})")
     limit = entry["run_limit"]
     if limit and (zero is None or _table_size(entry) > MAX_CODED):
-        raise SidecarError(
-            f"stream {name!r}: run_limit={limit} needs a zero_symbol and alphabet_size * run_limit < {MAX_CODED}"
-        )
+        need = f"a zero_symbol and alphabet_size * run_limit < {MAX_CODED}"
+        raise SidecarError(f"stream {name!r}: run_limit={limit} needs {need}")
     count, symbols = math.prod(shape), entry["symbols"]
     if symbols > entry["bits"] or count >= (symbols + 1) * max(1, limit) or (not limit and count != symbols):
         raise SidecarError(f"stream {name!r}: {symbols} symbols in {entry['bits']} bits cannot hold {count} indices")
@@ -402,8 +405,7 @@ def write_sidecar(path, streams: Sequence[IndexStream], *, metadata: Mapping[str
 def read_sidecar(path) -> tuple[list[IndexStream], dict[str, str]]:
     """Streams and metadata of the sidecar file at ``path``; SidecarError if missing or invalid."""
     try:
-        with open(os.fspath(path), "rb") as f:
-            data = f.read()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise SidecarError(f"cannot read sidecar {os.fspath(path)!r}: {exc.strerror or exc}") from None
     try:

@@ -1,0 +1,266 @@
+"""Reproduce Choi et al.'s Table 1 with onnxhq: prune, quantize (5 methods), fine-tune, Huffman-code.
+
+    python tools/reproduce_table.py [--nets lenet5 lenet300 resnet32] [--stages prune curves table]
+
+For each network: the float model's accuracy; a pruned model (Hessian-saliency, iterative, masked
+retraining); rate-accuracy curves without fine-tuning for each method, with and without pruning;
+then, per method, the lowest rate whose *fine-tuned* accuracy stays within 0.1 point of the float
+model, its accuracy and its compression ratio counting every byte. The best artifacts go to
+models/compressed/<net>/. Every step is cached in tools/_cache/table/<net>/ (JSON + ONNX) and
+resumes from there. Needs ../shared (MNIST, CIFAR-10, the pretrained ResNet-32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CACHE = ROOT / "tools" / "_cache" / "table"
+sys.path.insert(0, str(ROOT / "models"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import onnxhq  # noqa: E402
+from onnxhq.data import Dataset  # noqa: E402
+from onnxhq.evaluate import accuracy  # noqa: E402
+from onnxhq.gradients import GradientEngine  # noqa: E402
+from onnxhq.hessian import estimate  # noqa: E402
+from onnxhq.model import load_model, quantizable_weights, save_model  # noqa: E402
+
+METHODS = {  # label -> (quantizer, Hessian)
+    "k-means": ("kmeans", "none"),
+    "Hessian k-means": ("hkmeans", "fisher"),
+    "Adam k-means": ("hkmeans", "adam"),
+    "uniform": ("uniform", "fisher"),
+    "ECSQ": ("ecsq", "fisher"),
+}
+KMEANS_RATES = [("k", k) for k in (2, 3, 4, 6, 8, 12, 16, 24, 32)]
+ENTROPY_RATES = [("target_bits", b) for b in (0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)]
+
+
+@dataclass
+class Net:
+    name: str
+    model: Callable[[], object]          # -> ModelProto
+    train: Callable[[], Dataset]         # labelled training data
+    test: Callable[[], Dataset]          # labelled test data
+    sparsity: float
+    prune_steps: int
+    retrain_epochs: float
+    finetune_epochs: float
+    adam_state: Path | None
+    augment: Callable | None = None
+
+
+def mnist(split: str) -> Dataset:
+    import lenet
+
+    x, y = lenet.load_mnist(str(SHARED / "datasets" / "mnist.npz"), split)
+    return Dataset({"input": x}, y)
+
+
+def cifar(split: str) -> Dataset:
+    with np.load(SHARED / "datasets" / "cifar10.npz", allow_pickle=False) as z:
+        x, y = z[f"x_{split}"], z[f"y_{split}"]
+    return Dataset({"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / 255}, y.astype(np.int64))
+
+
+def cifar_augment(feed: dict, rng: np.random.Generator) -> dict:
+    """Random crop with 4-pixel padding and horizontal flip (the ResNet training recipe)."""
+    x = feed["input"]
+    n = len(x)
+    padded = np.pad(x, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    oy, ox = rng.integers(0, 9, size=(2, n))
+    rows = oy[:, None] + np.arange(32)
+    cols = ox[:, None] + np.arange(32)
+    flip = rng.random(n) < 0.5
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    out = padded[np.arange(n)[:, None, None, None], np.arange(3)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    return {"input": np.ascontiguousarray(out, dtype=np.float32)}
+
+
+def nets() -> dict[str, Net]:
+    from train_mnist import random_shift
+
+    def resnet32():
+        from resnet_cifar import load_resnet_cifar
+
+        return load_resnet_cifar(str(SHARED / "models" / "resnet32_cifar10.npz"))
+
+    return {
+        "lenet5": Net("lenet5", lambda: load_model(ROOT / "models" / "lenet5_mnist.onnx"), lambda: mnist("train"),
+                      lambda: mnist("test"), sparsity=0.95, prune_steps=4, retrain_epochs=1.0, finetune_epochs=1.0,
+                      adam_state=ROOT / "models" / "lenet5_mnist_adam.npz", augment=random_shift),
+        "lenet300": Net("lenet300", lambda: load_model(ROOT / "models" / "lenet300_mnist.onnx"), lambda: mnist("train"),
+                        lambda: mnist("test"), sparsity=0.95, prune_steps=4, retrain_epochs=1.0, finetune_epochs=1.0,
+                        adam_state=ROOT / "models" / "lenet300_mnist_adam.npz", augment=random_shift),
+        "resnet32": Net("resnet32", resnet32, lambda: cifar("train"), lambda: cifar("test"), sparsity=0.5,
+                        prune_steps=2, retrain_epochs=0.15, finetune_epochs=0.1, adam_state=None, augment=cifar_augment),
+    }
+
+
+class Cache:
+    """results.json of one network: a dict of finished steps, rewritten atomically after each."""
+
+    def __init__(self, net: str) -> None:
+        self.dir = CACHE / net
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "results.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def prune_stage(net: Net, cache: Cache, train: Dataset, test: Dataset):
+    path = cache.dir / "pruned.onnx"
+    if not path.is_file():
+        from onnxhq.prune import prune_model
+
+        t0 = time.time()
+        pruned, masks = prune_model(net.model(), train, sparsity=net.sparsity, criterion="saliency", steps=net.prune_steps,
+                                    retrain_epochs=net.retrain_epochs, augment=net.augment, seed=0)
+        save_model(pruned, path)
+        cache.put("pruned", {"sparsity": float(1 - sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values())),
+                             "accuracy": accuracy(pruned, test), "seconds": time.time() - t0})
+    log(f"{net.name}: pruned {cache.get('pruned')}")
+    return load_model(path)
+
+
+def hessians(net: Net, model, tag: str, calib: Dataset, cache: Cache) -> dict[str, dict]:
+    """Fisher (cached as npz) and the Adam state, for the quantizable weights (and biases)."""
+    from onnxhq.pipeline import _biases
+
+    infos = quantizable_weights(model)
+    names = [w.name for w in infos] + _biases(model, infos)
+    path = cache.dir / f"fisher_{tag}.npz"
+    if not path.is_file():
+        engine = GradientEngine(model, params=names)
+        diag = estimate("fisher", engine, calib, params=names, samples=len(calib), seed=0)
+        np.savez(path, **diag)
+    with np.load(path) as z:
+        out = {"fisher": {k: z[k] for k in z.files}}
+    if net.adam_state is not None and net.adam_state.is_file():
+        out["adam"] = estimate("adam", None, None, params=names, model=model, adam_state=net.adam_state)
+    return out
+
+
+def run(model, diag, label: str, rate: tuple[str, float], test: Dataset, *, train=None, epochs=0.0):
+    method, hessian = METHODS[label]
+    h = "none" if hessian == "none" else diag[hessian]
+    t0 = time.time()
+    result = onnxhq.compress(model, method=method, hessian=h, include_biases=True, eval_data=None,
+                             finetune_epochs=epochs, train_data=train, **{rate[0]: rate[1]})
+    rep = result.report
+    quantized_bits = 8 * sum(r.coded_bytes for r in rep.layers) / max(rep.quantized_params, 1)
+    acc = accuracy(result.model(), test)
+    return result, {"accuracy": acc, "bytes": rep.compressed_bytes, "ratio": rep.compression_ratio,
+                    "paper_ratio": rep.paper_ratio, "bits_per_weight": quantized_bits, "seconds": time.time() - t0}
+
+
+def curves_stage(net: Net, cache: Cache, models: dict, diags: dict, test: Dataset) -> None:
+    for tag, model in models.items():
+        for label in METHODS:
+            if METHODS[label][1] not in ("none",) and METHODS[label][1] not in diags[tag]:
+                continue
+            rates = KMEANS_RATES if METHODS[label][0] in ("kmeans", "hkmeans") else ENTROPY_RATES
+            for rate in rates:
+                key = f"curve/{tag}/{label}/{rate[0]}={rate[1]}"
+                if cache.get(key) is None:
+                    try:
+                        _, row = run(model, diags[tag], label, rate, test)
+                    except onnxhq.OnnxhqError as exc:
+                        row = {"error": str(exc)}
+                    cache.put(key, row)
+                log(f"{net.name} {key}: {cache.get(key)}")
+
+
+def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test: Dataset, float_acc: float) -> None:
+    """Per method: walk down the rates from the curve's first passing one, fine-tuning each, keep the lowest that passes."""
+    best_overall = None
+    for label in METHODS:
+        if METHODS[label][1] != "none" and METHODS[label][1] not in diags["pruned"]:
+            continue
+        rates = KMEANS_RATES if METHODS[label][0] in ("kmeans", "hkmeans") else ENTROPY_RATES
+        curve = [(r, cache.get(f"curve/pruned/{label}/{r[0]}={r[1]}")) for r in rates]
+        ok = [i for i, (_, row) in enumerate(curve) if row and "accuracy" in row and row["accuracy"] >= float_acc - 0.003]
+        start = ok[0] if ok else len(rates) - 1
+        chosen = None
+        for i in range(start, -1, -1):
+            rate = rates[i]
+            key = f"table/{label}/{rate[0]}={rate[1]}"
+            row = cache.get(key)
+            if row is None:
+                result, row = run(model, diags["pruned"], label, rate, test, train=train, epochs=net.finetune_epochs)
+                result.save(cache.dir / "artifacts" / key.replace("/", "_").replace(" ", "-"))
+                cache.put(key, row)
+            log(f"{net.name} {key}: {row}")
+            if row["accuracy"] >= float_acc - 0.001:
+                chosen = (key, row)
+            elif chosen is not None or i < start:
+                break
+        cache.put(f"best/{label}", chosen and {"key": chosen[0], **chosen[1]})
+        if chosen and (best_overall is None or chosen[1]["ratio"] > best_overall[1]["ratio"]):
+            best_overall = chosen
+    if best_overall:
+        src = cache.dir / "artifacts" / best_overall[0].replace("/", "_").replace(" ", "-")
+        dst = ROOT / "models" / "compressed" / net.name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+        cache.put("best", {"key": best_overall[0], **best_overall[1]})
+        log(f"{net.name}: best {best_overall} -> {dst}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nets", nargs="+", default=["lenet5", "lenet300", "resnet32"])
+    ap.add_argument("--stages", nargs="+", default=["prune", "curves", "table"])
+    ap.add_argument("--calib", type=int, default=1000, help="training images for the Fisher")
+    args = ap.parse_args()
+    if not (SHARED / "datasets").is_dir():
+        print(f"error: {SHARED} is missing; this benchmark needs the shared data sets", file=sys.stderr)
+        return 1
+    for name in args.nets:
+        net = nets()[name]
+        cache = Cache(name)
+        train, test = net.train(), net.test()
+        calib = train.subset(np.random.default_rng(0).permutation(len(train))[: args.calib])
+        float_model = net.model()
+        if cache.get("float") is None:
+            cache.put("float", {"accuracy": accuracy(float_model, test)})
+        float_acc = cache.get("float")["accuracy"]
+        log(f"{name}: float accuracy {float_acc:.4f}")
+        models = {"dense": float_model}
+        if "prune" in args.stages or (cache.dir / "pruned.onnx").is_file():
+            models["pruned"] = prune_stage(net, cache, train, test)
+        diags = {tag: hessians(net, m, tag, calib, cache) for tag, m in models.items()}
+        if "curves" in args.stages:
+            curves_stage(net, cache, models, diags, test)
+        if "table" in args.stages and "pruned" in models:
+            table_stage(net, cache, models["pruned"], diags, train, test, float_acc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
