@@ -84,6 +84,10 @@ def load_data(source: str | os.PathLike | dict, model: onnx.ModelProto, *, need_
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # np.load would fall back to unpickling anything that is not a zip or .npy
+        raise DataError(f"{path} is not an .npz archive (it does not start like a zip file)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):

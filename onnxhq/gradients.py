@@ -90,9 +90,23 @@ def build_training_model(model: onnx.ModelProto, params: Iterable[str], *, outpu
     m.graph.input.append(helper.make_tensor_value_info(LABELS, TensorProto.INT64, ["N"]))
     m.graph.node.append(helper.make_node("SoftmaxCrossEntropyLoss", [logits, LABELS], [LOSS, "onnxhq_log_prob"],
                                          name="onnxhq_loss_node", reduction="mean"))
-    _add_optional_outputs(m)
+    add_gradient_outputs(m)
     del m.graph.output[:]
     m.graph.output.append(helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
+    return m
+
+
+def forward_model(model: onnx.ModelProto, params: Iterable[str], logits: str) -> onnx.ModelProto:
+    """The model with ``params`` as graph inputs and ``logits`` as its only output (no loss)."""
+    params = set(params)
+    m = _copy(model)
+    moved = [t for t in m.graph.initializer if t.name in params]
+    keep = [t for t in m.graph.initializer if t.name not in params]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    m.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved)
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, None))
     return m
 
 
@@ -145,7 +159,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
             if v.type.tensor_type.HasField("shape")}
 
 
-def _add_optional_outputs(m: onnx.ModelProto) -> None:
+def add_gradient_outputs(m: onnx.ModelProto) -> None:
     """Give LayerNormalization its Mean/InvStdDev outputs: the builder needs them for the gradient."""
     for i, node in enumerate(m.graph.node):
         if node.op_type == "LayerNormalization" and len(node.output) < 3:
@@ -227,19 +241,19 @@ class GradientEngine:
         self._grad_outputs = [LOSS] + [grad_name(p) for p in self.params]
         self._grad_session = make_session(grad_model, threads=self.threads)
         self.logits_name = logits_tensor(self.model, self.output)
-        forward = _copy(self.model)
-        if self.logits_name not in {o.name for o in forward.graph.output}:
-            forward.graph.output.append(helper.make_tensor_value_info(self.logits_name, TensorProto.FLOAT, None))
-        self._forward_session = make_session(forward, threads=self.threads)
+        self._forward_session = make_session(forward_model(self.model, self.params, self.logits_name),
+                                             threads=self.threads)
 
     def logits(self, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """Class scores (N, C) before any softmax, at the model's weights (``params`` are ignored here)."""
-        del params
-        return self._forward_session.run([self.logits_name], dict(inputs))[0]
+        """Class scores (N, C) before any softmax, at the current parameter values (or ``params``)."""
+        feed = dict(inputs)
+        feed.update(self.values if params is None else {**self.values, **params})
+        return self._forward_session.run([self.logits_name], feed)[0]
 
-    def sample_labels(self, inputs: Mapping[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-        """Labels (N,) int64 drawn from the model's own softmax."""
-        z = self.logits(inputs).astype(np.float64)
+    def sample_labels(self, inputs: Mapping[str, np.ndarray], rng: np.random.Generator,
+                      params: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Labels (N,) int64 drawn from the model's own softmax at the current (or given) parameters."""
+        z = self.logits(inputs, params).astype(np.float64)
         p = np.exp(z - z.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         u = rng.random((len(p), 1))

@@ -27,6 +27,9 @@ fixes both the inputs drawn and the random labels/probes, independently of ``bat
 Floor: an entry that is exactly zero (a dead unit, a pruned weight, a clipped negative estimate)
 would let its weight move anywhere at no cost, and a cluster made only of such weights would have
 no weighted mean. `finalize` raises such entries to ``1e-8`` times the largest entry of all tensors.
+
+Files: `save_hessian` / `load_hessian` (from `onnxhq.hessian_io`) write and validate ``.npz``
+diagonals keyed by weight name.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def fisher(engine: GradientEngine, data: Dataset, *, samples: int = 1000, batch_
     Sampled-label score vectors ``s_i`` have zero mean and are independent across samples, so for a
     batch of B samples the mean-loss gradient ``g = (1/B) sum s_i`` has
     ``E[B g^2] = (1/B) sum E[s_i^2]``: batching is exact in expectation and B times cheaper than
-    per-sample gradients (at the price of a somewhat larger variance per sample).
+    per-sample gradients. The cross terms add variance: on the test MLP, batches of 8 give about
+    twice the relative error of per-sample gradients for the same samples, at a seventh of the cost.
     """
     _check_sizes(samples=samples, batch_size=batch_size)
     _check_class_scores(engine, data)
@@ -209,33 +213,23 @@ def estimate(method: str, engine: GradientEngine | None, data: Dataset | None, *
     """
     if method == "none":
         return None
-    if method not in METHODS:
-        raise ConfigError(f"unknown Hessian method {method!r}; choose one of {', '.join(METHODS)}")
-    if rel_step is not None and method != "hutchinson":
-        raise ConfigError(f"rel_step applies to the 'hutchinson' Hessian only, not to {method!r}")
-    if adam_state is not None and method != "adam":
-        raise ConfigError(f"an Adam state applies to the 'adam' Hessian only, not to {method!r}")
-    if batch_size is not None and method in ("empirical-fisher", "adam"):
-        raise ConfigError(f"batch_size does not apply to the {method!r} Hessian (it uses per-sample gradients "
-                          "or no data)")
+    _check_options(method, batch_size=batch_size, rel_step=rel_step, adam_state=adam_state)
     if method == "adam":
-        if adam_state is None:
-            raise ConfigError("the 'adam' Hessian needs an Adam second-moment state (.npz keyed by weight name)")
         return adam(adam_state, _shapes(engine, model, params))
     if data is None:
         raise ConfigError(f"the {method!r} Hessian needs data: pass --data with model inputs")
     if method in NEEDS_LABELS and data.labels is None:
         raise DataError(f"the {method!r} Hessian needs the true labels: add an integer 'labels' array to the "
                         "data file, or use 'fisher', which samples labels from the model")
-    sizes = {} if batch_size is None else {"batch_size": batch_size}
-    common = dict(samples=samples, seed=seed, progress=progress)
+    common = dict(samples=samples, seed=seed, progress=progress, **({} if batch_size is None else
+                                                                    {"batch_size": batch_size}))
     if method == "gauss-newton":
-        source = model if model is not None else (engine.model if engine is not None else None)
+        source = model if model is not None else getattr(engine, "model", None)
         if source is None:
             raise ConfigError("the 'gauss-newton' Hessian needs the model")
-        view = ProjectionEngine(source, params=list(params), output=output if output is not None else
-                                (engine.output if engine is not None else None))
-        diag = gauss_newton(view, data, **common, **sizes)
+        view = ProjectionEngine(source, params=list(params),
+                                output=output if output is not None else getattr(engine, "output", None))
+        diag = gauss_newton(view, data, **common)
     else:
         if engine is None:
             raise ConfigError(f"the {method!r} Hessian needs a gradient engine for the model")
@@ -243,11 +237,11 @@ def estimate(method: str, engine: GradientEngine | None, data: Dataset | None, *
         if missing:
             raise ConfigError(f"the gradient engine does not differentiate {missing[0]!r}; build it with params=")
         if method == "fisher":
-            diag = fisher(engine, data, **common, **sizes)
+            diag = fisher(engine, data, **common)
         elif method == "empirical-fisher":
             diag = empirical_fisher(engine, data, **common)
         else:
-            diag = hutchinson(engine, data, **common, **sizes, **({} if rel_step is None else {"rel_step": rel_step}))
+            diag = hutchinson(engine, data, **common, **({} if rel_step is None else {"rel_step": rel_step}))
     return {p: diag[p] for p in params}
 
 
@@ -271,6 +265,20 @@ def _accumulate(data: Dataset, step: Callable[[Dataset, np.random.Generator], Di
     log.info("%s Hessian: %d samples in batches of %d, %.2f s", method, samples, batch_size,
              time.perf_counter() - start_time)
     return {p: t / samples for p, t in total.items()}
+
+
+def _check_options(method: str, *, batch_size, rel_step, adam_state) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"unknown Hessian method {method!r}; choose one of {', '.join(METHODS)}")
+    if rel_step is not None and method != "hutchinson":
+        raise ConfigError(f"rel_step applies to the 'hutchinson' Hessian only, not to {method!r}")
+    if adam_state is not None and method != "adam":
+        raise ConfigError(f"an Adam state applies to the 'adam' Hessian only, not to {method!r}")
+    if adam_state is None and method == "adam":
+        raise ConfigError("the 'adam' Hessian needs an Adam second-moment state (.npz keyed by weight name)")
+    if batch_size is not None and method in ("empirical-fisher", "adam"):
+        raise ConfigError(f"batch_size does not apply to the {method!r} Hessian (it uses per-sample gradients "
+                          "or no data)")
 
 
 def _check_sizes(*, samples: int, batch_size: int) -> None:

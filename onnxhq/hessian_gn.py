@@ -20,7 +20,7 @@ import onnx.inliner
 from onnx import TensorProto, helper
 
 from .errors import ModelError
-from .gradients import (LOSS, _add_optional_outputs, batchnorm_params, build_gradient_model,
+from .gradients import (LOSS, add_gradient_outputs, batchnorm_params, build_gradient_model,
                         frozen_batchnorm_as_affine, grad_name)
 from .model import initializer_map, read_initializers, runtime_inputs
 from .runtime import make_session
@@ -72,7 +72,7 @@ def build_projection_model(model: onnx.ModelProto, params: Iterable[str], *, out
         helper.make_node("Mul", [chosen, PROJECTION], [projected], name="onnxhq_projection_mul"),
         helper.make_node("ReduceSum", [projected], [LOSS], name="onnxhq_projection_sum", keepdims=0),
     ])
-    _add_optional_outputs(m)
+    add_gradient_outputs(m)
     del m.graph.output[:]
     m.graph.output.append(helper.make_tensor_value_info(LOSS, elem, []))
     return m

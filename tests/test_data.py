@@ -65,3 +65,10 @@ def test_not_an_npz_and_missing_file(tmp_path, convnet):
 def test_labels_required_when_asked(tmp_path, convnet):
     with pytest.raises(DataError, match="no 'labels'"):
         load_data(write(tmp_path, input=np.zeros((2, 1, 6, 6), np.float32)), convnet, need_labels=True)
+
+
+def test_a_file_that_is_not_a_zip_is_never_unpickled(tmp_path, convnet):
+    path = tmp_path / "text.npz"
+    path.write_text("just text, which np.load would try to unpickle")
+    with pytest.raises(DataError, match="not an .npz archive"):
+        load_data(path, convnet)

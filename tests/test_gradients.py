@@ -116,3 +116,11 @@ def test_inference_batchnorm_becomes_differentiable_affine():
     assert engine.params == ["w"]
     _, grads = engine.loss_and_gradients({"input": x}, np.array([0, 1, 2, 0]))
     assert grads["w"].shape == (c, 1, 3, 3) and np.abs(grads["w"]).sum() > 0
+
+
+def test_logits_follow_the_current_parameter_values(convnet, convnet_inputs):
+    x, _ = convnet_inputs
+    engine = GradientEngine(convnet)
+    before = engine.logits({"input": x})
+    engine.with_values({"fc.bias": engine.values["fc.bias"] + 1.0})
+    np.testing.assert_allclose(engine.logits({"input": x}), before + 1.0, rtol=1e-5, atol=1e-5)
