@@ -59,6 +59,11 @@ class Net:
     finetune_epochs: float
     adam_state: Path | None
     augment: Callable | None = None
+    kmeans_rates: tuple = tuple(KMEANS_RATES)
+    entropy_rates: tuple = tuple(ENTROPY_RATES)
+
+    def rates(self, label: str) -> list[tuple[str, float]]:
+        return list(self.kmeans_rates if METHODS[label][0] in ("kmeans", "hkmeans") else self.entropy_rates)
 
 
 def mnist(split: str) -> Dataset:
@@ -105,7 +110,9 @@ def nets() -> dict[str, Net]:
                         lambda: mnist("test"), sparsity=0.95, prune_steps=4, retrain_epochs=1.0, finetune_epochs=1.0,
                         adam_state=ROOT / "models" / "lenet300_mnist_adam.npz", augment=random_shift),
         "resnet32": Net("resnet32", resnet32, lambda: cifar("train"), lambda: cifar("test"), sparsity=0.5,
-                        prune_steps=2, retrain_epochs=0.15, finetune_epochs=0.1, adam_state=None, augment=cifar_augment),
+                        prune_steps=2, retrain_epochs=0.15, finetune_epochs=0.1, adam_state=None, augment=cifar_augment,
+                        kmeans_rates=tuple(("k", k) for k in (4, 8, 16, 32)),
+                        entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0))),
     }
 
 
@@ -183,8 +190,7 @@ def curves_stage(net: Net, cache: Cache, models: dict, diags: dict, test: Datase
         for label in METHODS:
             if METHODS[label][1] not in ("none",) and METHODS[label][1] not in diags[tag]:
                 continue
-            rates = KMEANS_RATES if METHODS[label][0] in ("kmeans", "hkmeans") else ENTROPY_RATES
-            for rate in rates:
+            for rate in net.rates(label):
                 key = f"curve/{tag}/{label}/{rate[0]}={rate[1]}"
                 if cache.get(key) is None:
                     try:
@@ -201,7 +207,7 @@ def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test
     for label in METHODS:
         if METHODS[label][1] != "none" and METHODS[label][1] not in diags["pruned"]:
             continue
-        rates = KMEANS_RATES if METHODS[label][0] in ("kmeans", "hkmeans") else ENTROPY_RATES
+        rates = net.rates(label)
         curve = [(r, cache.get(f"curve/pruned/{label}/{r[0]}={r[1]}")) for r in rates]
         ok = [i for i, (_, row) in enumerate(curve) if row and "accuracy" in row and row["accuracy"] >= float_acc - 0.003]
         start = ok[0] if ok else len(rates) - 1
