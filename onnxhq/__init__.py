@@ -6,6 +6,7 @@ and custom dequantize nodes that stock onnxruntime runs (Choi, El-Khamy & Lee, I
     result = onnxhq.compress("model.onnx", "calibration.npz", k=32)
     result.save("out/")                       # out/model.onnx + out/model.onnxhq
     session = onnxhq.InferenceSession("out/model.onnx")
+    print(onnxhq.report("out/model.onnx").to_text())
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from __future__ import annotations
 from .errors import ConfigError, DataError, ModelError, NumericalError, OnnxhqError, SidecarError
 
 __version__ = "0.1.0"
+
+# `report` and `sweep` are both functions of the API and submodules of the package. Importing a
+# submodule for the first time sets the package attribute of the same name to the module, so these
+# two (light: no numpy, onnx or onnxruntime at import) are imported here, once, and their names
+# then rebound to the functions. `from onnxhq.report import Report` still reaches the module.
+from .report import Report, describe_artifacts as report  # noqa: E402
+from .sweep import Sweep, estimate_hessian, sweep  # noqa: E402
 
 # The heavy modules (onnxruntime, scipy) load on first use, so `import onnxhq` and the CLI start fast.
 _LAZY = {
@@ -24,8 +32,8 @@ _LAZY = {
     "InferenceSession": ("runtime", "compressed_session"),
 }
 
-__all__ = sorted(_LAZY) + ["OnnxhqError", "ModelError", "DataError", "SidecarError", "ConfigError",
-                           "NumericalError", "__version__"]
+__all__ = sorted([*_LAZY, "report", "Report", "sweep", "Sweep", "estimate_hessian"]) + [
+    "OnnxhqError", "ModelError", "DataError", "SidecarError", "ConfigError", "NumericalError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -37,3 +45,7 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'onnxhq' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
