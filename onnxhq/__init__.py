@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # two (light: no numpy, onnx or onnxruntime at import) are imported here, once, and their names
 # then rebound to the functions. `from onnxhq.report import Report` still reaches the module.
 from .report import Report, describe_artifacts as report  # noqa: E402
-from .sweep import Sweep, estimate_hessian, sweep  # noqa: E402
+from .sweep import Sweep, sweep  # noqa: E402
 
 # The heavy modules (onnxruntime, scipy) load on first use, so `import onnxhq` and the CLI start fast.
 _LAZY = {
@@ -30,9 +30,10 @@ _LAZY = {
     "Dataset": ("data", "Dataset"),
     "load_data": ("data", "load_data"),
     "InferenceSession": ("runtime", "compressed_session"),
+    "estimate_hessian": ("pipeline", "estimate_hessian"),
 }
 
-__all__ = sorted([*_LAZY, "report", "Report", "sweep", "Sweep", "estimate_hessian"]) + [
+__all__ = sorted([*_LAZY, "report", "Report", "sweep", "Sweep"]) + [
     "OnnxhqError", "ModelError", "DataError", "SidecarError", "ConfigError", "NumericalError", "__version__"]
 
 

@@ -87,6 +87,7 @@ def _add_hessian(sub) -> None:
     p.add_argument("--samples", type=int, default=1000, help="samples drawn from the data (default 1000)")
     p.add_argument("--batch-size", type=int, help="samples per gradient (default: the estimator's)")
     p.add_argument("--adam-state", help=".npz of Adam second moments keyed by weight name (--method adam)")
+    p.add_argument("--include-biases", action="store_true", help="cover the biases too (for compress --include-biases)")
     _add_common(p)
     p.add_argument("-o", "--output", required=True, help="the .npz to write")
     p.set_defaults(run=_run_hessian)
@@ -96,13 +97,13 @@ def _run_hessian(args) -> int:
     import numpy as np
 
     from .hessian_io import save_hessian
-    from .sweep import estimate_hessian
+    from .pipeline import estimate_hessian
 
     refuse_overwriting_inputs([args.output], _existing(args.model, args.data, args.adam_state))
     start = time.perf_counter()
     diag = estimate_hessian(args.model, args.data, method=args.method, samples=args.samples,
                             batch_size=args.batch_size, seed=args.seed, adam_state=args.adam_state,
-                            output=args.output_name, progress=args.progress)
+                            include_biases=args.include_biases, output=args.output_name, progress=args.progress)
     seconds = time.perf_counter() - start
     size = save_hessian(args.output, diag)
     width = max([6] + [len(n) for n in diag])
@@ -223,7 +224,7 @@ def _hessian_option(value: str, model: str, adam_state: str | None):
     if value == "adam":
         if adam_state is None:
             raise ConfigError("--hessian adam needs --adam-state: an .npz of Adam second moments keyed by weight name")
-        from .sweep import estimate_hessian
+        from .pipeline import estimate_hessian
 
         return estimate_hessian(model, None, method="adam", adam_state=adam_state)
     if value in HESSIAN_METHODS or value == "none":

@@ -95,8 +95,7 @@ def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.
     proto = load_model(model)
     stem = name or _stem(model, proto)
     original_bytes = _original_bytes(model, proto)
-    infos = quantizable_weights(proto, extra_ops=extra_ops, min_size=2)
-    names = [w.name for w in infos] + (_biases(proto, infos) if include_biases else [])
+    names = quantized_names(proto, include_biases=include_biases, extra_ops=extra_ops)
     if not names:
         raise ConfigError("the model has no quantizable weights (float initializers of Conv, ConvTranspose, Gemm, "
                           "MatMul); add op types with extra_ops")
@@ -136,6 +135,56 @@ def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.
     return Result(artifacts, quantized, report)
 
 
+def estimate_hessian(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.PathLike | Dataset | None,
+                     *, method: str = "fisher", params: Sequence[str] | None = None, samples: int = 1000,
+                     batch_size: int | None = None, seed: int = 0,
+                     adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+                     include_biases: bool = False, extra_ops: tuple[str, ...] = (), output: str | None = None,
+                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """The Hessian diagonal of ``model``'s weights, as `compress` estimates it.
+
+    Parameters
+    ----------
+    model : path, bytes or ModelProto of the model.
+    data : its inputs (labels too for ``empirical-fisher`` and ``hutchinson``); None for ``adam``.
+    method : an estimator of `onnxhq.hessian.METHODS` other than ``none``.
+    params : initializer names; default the tensors `compress` quantizes (`quantized_names`).
+    samples, batch_size, seed : the draws (``batch_size=None``: the estimator's default).
+    adam_state : the ``.npz`` (or mapping) of Adam's second moments, for ``method="adam"`` only.
+    output : the class-score output (default: the first of rank 2).
+    progress : called with ``("hessian", done, total)``.
+
+    Returns
+    -------
+    name -> float32 array shaped like the weight, finite and positive. With the same ``samples``
+    and ``seed``, ``compress(hessian=estimate_hessian(...))`` equals ``compress(hessian=method)``.
+    """
+    if method == "none":
+        raise ConfigError("the 'none' Hessian is no estimate (it means unweighted k-means); choose one of "
+                          + ", ".join(m for m in hessian_mod.METHODS if m != "none"))
+    if method not in hessian_mod.METHODS:
+        raise ConfigError(f"unknown Hessian method {method!r}; choose one of {', '.join(hessian_mod.METHODS)}")
+    proto = load_model(model)
+    names = list(params) if params is not None else quantized_names(proto, include_biases=include_biases,
+                                                                    extra_ops=extra_ops)
+    if not names:
+        raise ConfigError("the model has no quantizable weights (float initializers of Conv, ConvTranspose, Gemm, "
+                          "MatMul), so there is no Hessian to estimate")
+    dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
+    engine = None
+    if method not in ("adam", "gauss-newton") and dataset is not None:
+        engine = GradientEngine(proto, params=names, output=output)
+    report = None if progress is None else (lambda done, total: progress("hessian", done, total))
+    return hessian_mod.estimate(method, engine, dataset, params=names, samples=samples, batch_size=batch_size,
+                                seed=seed, progress=report, adam_state=adam_state, model=proto, output=output)
+
+
+def quantized_names(model: onnx.ModelProto, *, include_biases: bool = False, extra_ops: tuple[str, ...] = ()) -> list[str]:
+    """Initializers `compress` quantizes: the weights of `quantizable_weights`, then their biases if asked."""
+    infos = quantizable_weights(model, extra_ops=extra_ops, min_size=2)
+    return [w.name for w in infos] + (_biases(model, infos) if include_biases else [])
+
+
 def _tell(progress, stage: str, done: int, total: int) -> None:
     if progress is not None:
         progress(stage, done, total)
@@ -155,18 +204,13 @@ def _importances(proto, data, method, hessian, names, samples, output, seed, pro
         return {n: np.asarray(hessian[n], np.float32) for n in names}
     if hessian == "none":
         return None
-    report = None if progress is None else (lambda done, total: progress("hessian", done, total))
-    if hessian == "adam":
-        if adam_state is None:
-            raise ConfigError("the 'adam' Hessian needs the Adam second moment of training: pass --adam-state FILE.npz")
-        return hessian_mod.estimate("adam", None, None, params=names, model=proto, adam_state=adam_state)
-    if data is None:
+    if hessian == "adam" and adam_state is None:
+        raise ConfigError("the 'adam' Hessian needs the Adam second moment of training: pass --adam-state FILE.npz")
+    if hessian != "adam" and data is None:
         raise ConfigError(f"method {method!r} weights errors by a Hessian estimate and needs data: pass --data "
                           "(model inputs), a precomputed --hessian file, or use --method kmeans")
-    dataset = data if isinstance(data, Dataset) else load_data(data, proto)
-    engine = None if hessian == "gauss-newton" else GradientEngine(proto, params=names, output=output)
-    return hessian_mod.estimate(hessian, engine, dataset, params=names, samples=samples, seed=seed, progress=report,
-                                model=proto, output=output)
+    return estimate_hessian(proto, data, method=hessian, params=names, samples=samples, seed=seed,
+                            adam_state=adam_state, output=output, progress=progress)
 
 
 def initializer_shape(proto, name) -> tuple[int, ...]:

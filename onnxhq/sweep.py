@@ -1,6 +1,6 @@
 """Rate-accuracy sweeps: one Hessian estimate, many compressions, size against accuracy.
 
-`estimate_hessian` computes the importances `compress` would compute, so they can be saved
+`onnxhq.pipeline.estimate_hessian` computes the importances `compress` would compute, so they can be saved
 (``onnxhq hessian``) or shared: `sweep` estimates once and compresses the model at every rate
 with the same diagonal, so its points differ only in the rate.
 """
@@ -81,53 +81,6 @@ class Sweep:
         return "\n".join(lines)
 
 
-def estimate_hessian(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.PathLike | Dataset | None,
-                     *, method: str = "fisher", params: Sequence[str] | None = None, samples: int = 1000,
-                     batch_size: int | None = None, seed: int = 0,
-                     adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
-                     output: str | None = None, progress: StageProgress | None = None) -> dict[str, np.ndarray]:
-    """The Hessian diagonal of ``model``'s weights, as `compress` estimates it.
-
-    Parameters
-    ----------
-    model : path, bytes or ModelProto of the model.
-    data : its inputs (labels too for ``empirical-fisher`` and ``hutchinson``); None for ``adam``.
-    method : an estimator of `onnxhq.hessian.METHODS` other than ``none``.
-    params : initializer names; default the weights `compress` quantizes (biases excluded).
-    samples, batch_size, seed : the draws (``batch_size=None``: the estimator's default).
-    adam_state : the ``.npz`` (or mapping) of Adam's second moments, for ``method="adam"`` only.
-    output : the class-score output (default: the first of rank 2).
-    progress : called with ``("hessian", done, total)``.
-
-    Returns
-    -------
-    name -> float32 array shaped like the weight, finite and positive. With the same ``samples``
-    and ``seed``, ``compress(hessian=estimate_hessian(...))`` equals ``compress(hessian=method)``.
-    """
-    from . import hessian as hessian_mod
-    from .data import Dataset, load_data
-    from .gradients import GradientEngine
-    from .model import load_model, quantizable_weights
-
-    if method == "none":
-        raise ConfigError("the 'none' Hessian is no estimate (it means unweighted k-means); choose one of "
-                          + ", ".join(m for m in hessian_mod.METHODS if m != "none"))
-    if method not in hessian_mod.METHODS:
-        raise ConfigError(f"unknown Hessian method {method!r}; choose one of {', '.join(hessian_mod.METHODS)}")
-    proto = load_model(model)
-    names = list(params) if params is not None else [w.name for w in quantizable_weights(proto, min_size=2)]
-    if not names:
-        raise ConfigError("the model has no quantizable weights (float initializers of Conv, ConvTranspose, Gemm, "
-                          "MatMul), so there is no Hessian to estimate")
-    dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
-    engine = None
-    if method not in ("adam", "gauss-newton") and dataset is not None:
-        engine = GradientEngine(proto, params=names, output=output)
-    report = None if progress is None else (lambda done, total: progress("hessian", done, total))
-    return hessian_mod.estimate(method, engine, dataset, params=names, samples=samples, batch_size=batch_size,
-                                seed=seed, progress=report, adam_state=adam_state, model=proto, output=output)
-
-
 def sweep(model: str | os.PathLike, data: str | os.PathLike | Dataset | None, *,
           eval_data: str | os.PathLike | Dataset, k: Sequence[int] = (), lam: Sequence[float] = (),
           target_bits: Sequence[float] = (), method: str = "hkmeans", scope: str = "network",
@@ -154,7 +107,7 @@ def sweep(model: str | os.PathLike, data: str | os.PathLike | Dataset | None, *,
     from .data import Dataset, load_data
     from .evaluate import accuracy
     from .model import load_model
-    from .pipeline import WEIGHTED_METHODS, compress
+    from .pipeline import WEIGHTED_METHODS, compress, estimate_hessian
 
     rate, values = _one_rate(k=k, lam=lam, target_bits=target_bits)
     proto = load_model(model)
