@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from . import naming
 from .errors import ModelError, SidecarError
 from .model import load_model, save_model
-from .rewrite import dequantize_model, index_dtype
+from .rewrite import PACK_MAX_K, PACKED_OP, dequantize_model, index_dtype, pack4
 from .sidecar import IndexStream, decode_sidecar, read_sidecar
 
 
@@ -28,7 +28,8 @@ def sidecar_path(graph_path: str | os.PathLike, graph: onnx.ModelProto) -> Path:
 
 
 def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.ModelProto:
-    """The runnable model: each index graph input of ``graph`` replaced by its decoded initializer."""
+    """The runnable model: each index graph input of ``graph`` replaced by its decoded initializer
+    (packed two per byte where a ``DequantizePacked4`` node reads it)."""
     model = onnx.ModelProto()
     model.CopyFrom(graph)
     by_name = {s.name: s for s in streams}
@@ -40,12 +41,16 @@ def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.M
     extra = [n for n in by_name if n not in declared]
     if extra:
         raise SidecarError(f"the sidecar stream {extra[0]!r} matches no index input of the graph")
+    packed_shapes = _packed_shapes(model)
     for name in wanted:
         stream = by_name[name]
         want = tuple(d.dim_value for d in declared[name].type.tensor_type.shape.dim)
-        if tuple(stream.shape) != want:
+        if name in packed_shapes:
+            array = _packed(stream, packed_shapes[name], want)
+        elif tuple(stream.shape) != want:
             raise SidecarError(f"sidecar stream {name!r} has shape {stream.shape}, the graph expects {want}")
-        array = stream.indices.astype(index_dtype(stream.alphabet_size))
+        else:
+            array = stream.indices.astype(index_dtype(stream.alphabet_size))
         model.graph.initializer.append(numpy_helper.from_array(array, name))
     inputs = [i for i in model.graph.input if i.name not in by_name]
     del model.graph.input[:]
@@ -54,6 +59,31 @@ def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.M
     del model.metadata_props[:]
     model.metadata_props.extend(props)
     return model
+
+
+def _packed_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Index input -> logical shape, for the inputs that packed dequantize nodes read."""
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = {}
+    for node in model.graph.node:
+        if node.domain == naming.DOMAIN and node.op_type == PACKED_OP:
+            if len(node.input) != 3 or node.input[2] not in inits:
+                raise ModelError(f"node {node.name!r} ({PACKED_OP}) needs a shape initializer as its third input")
+            shapes[node.input[1]] = tuple(int(d) for d in numpy_helper.to_array(inits[node.input[2]]).reshape(-1))
+    return shapes
+
+
+def _packed(stream: IndexStream, shape: tuple[int, ...], want: tuple[int, ...]):
+    if tuple(stream.shape) != shape:
+        raise SidecarError(f"sidecar stream {stream.name!r} has shape {stream.shape}, the graph expects {shape}")
+    if stream.alphabet_size > PACK_MAX_K:
+        raise SidecarError(f"sidecar stream {stream.name!r} has {stream.alphabet_size} symbols; the graph packs "
+                           f"it 4 bits per index, which holds at most {PACK_MAX_K}")
+    array = pack4(stream.indices)
+    if array.shape != want:
+        raise SidecarError(f"sidecar stream {stream.name!r} packs into {array.shape[0]} bytes, the graph "
+                           f"declares {want}")
+    return array
 
 
 def load(path: str | os.PathLike, *, dequantize: bool = False) -> onnx.ModelProto:

@@ -2,19 +2,20 @@
 
 The compressed graph (``<stem>.onnx``) holds structure, codebooks, unquantized tensors and the
 dequantize nodes. Its index tensors are declared as graph inputs (so the file stays a valid ONNX
-model) and their values live Huffman-coded in the sidecar (``<stem>.onnxhq``), whose file name the
-graph records in ``metadata_props["onnxhq.sidecar"]``. `decode.join_artifacts` reverses this.
+model), packed ones as the uint8 (ceil(n/2),) tensor the graph reads, and their values live
+Huffman-coded in the sidecar (``<stem>.onnxhq``), one symbol per weight, whose file name the graph
+records in ``metadata_props["onnxhq.sidecar"]``. `decode.join_artifacts` reverses this.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from . import naming
+from .rewrite import node_codes
 from .sidecar import IndexStream, encode_sidecar
 
 FORMAT_VERSION = "1"
@@ -35,17 +36,16 @@ class Artifacts:
 
 
 def index_streams(model: onnx.ModelProto, zero_symbols: dict[str, int | None] | None = None) -> list[IndexStream]:
-    """One stream per dequantize node's index initializer, in graph order."""
+    """One stream per dequantize node's index initializer, in graph order; packed indices are unpacked
+    (the sidecar keeps one symbol per weight, of the weight's shape)."""
     inits = {t.name: t for t in model.graph.initializer}
     zero_symbols = zero_symbols or {}
     streams = []
     for node in model.graph.node:
         if node.domain != naming.DOMAIN:
             continue
-        book, idx = inits[node.input[0]], inits[node.input[1]]
-        k = int(numpy_helper.to_array(inits[node.input[2]])) if len(node.input) > 2 else int(np.prod(book.dims))
-        indices = numpy_helper.to_array(idx)
-        streams.append(IndexStream(name=idx.name, shape=tuple(indices.shape), alphabet_size=k, indices=indices,
+        _, indices, k, _ = node_codes(node, inits)
+        streams.append(IndexStream(name=node.input[1], shape=tuple(indices.shape), alphabet_size=k, indices=indices,
                                    zero_symbol=zero_symbols.get(node.output[0])))
     return streams
 

@@ -1,16 +1,26 @@
-"""Rewrite weights into codebook-plus-index form behind custom ``onnxhq.Dequantize`` nodes.
+"""Rewrite weights into codebook-plus-index form behind custom ``onnxhq`` dequantize nodes.
 
-Each quantized initializer ``W`` (float, shape S) is replaced by
+Each quantized initializer ``W`` (float, shape S, n elements) is replaced by one of
 
-    W = onnxhq.Dequantize(codebook, W.onnxhq_indices)
+    W = onnxhq.Dequantize(codebook, W.onnxhq_indices)                      indices uint8/uint16, shape S
+    W = onnxhq.DequantizePacked4(codebook, W.onnxhq_indices, shape)         indices uint8, (ceil(n/2),)
+    W = onnxhq.DequantizeGrouped(codebook, W.onnxhq_indices, k)             channel-group codebooks
 
-where ``codebook`` is a float initializer (k,) of W's dtype and the indices are uint8 (k <= 256) or
-uint16, shape S. ``Dequantize`` is a model-local function whose body is ``Cast(indices -> int64)``
-then ``Gather(codebook, axis=0)``, so any ONNX runtime runs it; onnxruntime inlines it and
+where ``codebook`` is a float initializer (k,) of W's dtype. Each op is a model-local function of
+standard operators (Cast, Gather, ...), so any ONNX runtime runs it; onnxruntime inlines it and
 constant-folds it when the session starts. Consumers of ``W`` are untouched.
 
-Channel-group codebooks (G, k) are flattened and indexed with a per-row offset
-(``DequantizeGrouped``, attribute ``group_size``), computed in the graph from ``Range``.
+**Packing.** With k <= 16 and at least `PACK_MIN_SIZE` elements, two indices share a byte: byte j
+holds index 2j in its low nibble and index 2j + 1 in its high nibble (0 pads an odd count). The
+flattened logical shape is an int64 initializer ``shape``. Only the in-graph storage is packed; the
+sidecar keeps one symbol per weight (`pack4`/`unpack4` convert).
+
+**Opsets.** A function's body imports the default-domain opset the *model* imports: the ONNX checker
+accepts another version only where every body operator has the same schema at both, which Cast
+and Gather (changed at 13) do not. The model's opset is never changed; the bodies are written with
+operator forms whose signatures are the same from `MIN_OPSET` up to the newest opset (23). Packing is
+skipped below opset 10 (Slice with inputs); channel groups need opset 15 (Range, Shape slices) and
+are refused below it with the conversion to do.
 """
 
 from __future__ import annotations
@@ -23,9 +33,19 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import naming
 from .errors import ModelError
-from .model import initializer_map
+from .model import default_opset, initializer_map
 
+#: Default opset of the function bodies (used when no model opset is given).
 FUNCTION_OPSET = 17
+GROUPED_OP = "DequantizeGrouped"
+PACKED_OP = "DequantizePacked4"
+#: Lowest default-domain opset each function body is valid at.
+MIN_OPSET = {naming.DEQUANTIZE_OP: 6, PACKED_OP: 10, GROUPED_OP: 15}
+#: Pack 4-bit indices for codebooks of at most this many entries ...
+PACK_MAX_K = 16
+#: ... in tensors of at least this many elements (below it the shape initializer and the longer
+#: body outweigh the bytes saved).
+PACK_MIN_SIZE = 64
 
 
 def index_dtype(alphabet_size: int) -> np.dtype:
@@ -37,20 +57,84 @@ def index_dtype(alphabet_size: int) -> np.dtype:
     raise ModelError(f"codebooks of {alphabet_size} entries exceed the 65,536 that onnxhq stores")
 
 
-def dequantize_function() -> onnx.FunctionProto:
-    """``onnxhq.Dequantize(codebook (k,), indices uint S) -> codebook[indices] of shape S``."""
+def pack4(indices: np.ndarray) -> np.ndarray:
+    """Indices in [0, 16), flattened, two per byte (low nibble first): uint8 array (ceil(n/2),)."""
+    flat = np.asarray(indices).reshape(-1)
+    if flat.size and (flat.min() < 0 or flat.max() > 15):
+        raise ModelError(f"4-bit packing needs indices in [0, 16), got values from {flat.min()} to {flat.max()}")
+    flat = flat.astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `pack4`: the uint8 indices of logical ``shape`` held in ``packed``."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    n = int(np.prod(shape, dtype=np.int64))
+    if packed.size != (n + 1) // 2:
+        raise ModelError(f"{packed.size} packed bytes cannot hold a tensor of shape {tuple(shape)} "
+                         f"({n} indices need {(n + 1) // 2})")
+    flat = np.empty(2 * packed.size, np.uint8)
+    flat[0::2] = packed & 15
+    flat[1::2] = packed >> 4
+    return flat[:n].reshape(tuple(int(d) for d in shape))
+
+
+def _function(name: str, inputs: list[str], nodes: list[onnx.NodeProto], opset: int,
+              attributes: tuple[str, ...] = ()) -> onnx.FunctionProto:
+    if opset < MIN_OPSET[name]:
+        raise ModelError(f"onnxhq.{name} needs default-domain opset >= {MIN_OPSET[name]}, got {opset}; convert the "
+                         f"model first (onnx.version_converter.convert_version(model, {FUNCTION_OPSET}))")
+    return helper.make_function(naming.DOMAIN, name, inputs, ["weight"], nodes, [helper.make_opsetid("", opset)],
+                                attributes=list(attributes))
+
+
+def _const(output: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [output], value=numpy_helper.from_array(value, output))
+
+
+def dequantize_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
+    """``onnxhq.Dequantize(codebook (k,), indices uint S) -> codebook[indices] of shape S``; opset >= 6."""
     nodes = [
         helper.make_node("Cast", ["indices"], ["idx64"], to=TensorProto.INT64),
         helper.make_node("Gather", ["codebook", "idx64"], ["weight"], axis=0),
     ]
-    return helper.make_function(naming.DOMAIN, naming.DEQUANTIZE_OP, ["codebook", "indices"], ["weight"], nodes,
-                                [helper.make_opsetid("", FUNCTION_OPSET)])
+    return _function(naming.DEQUANTIZE_OP, ["codebook", "indices"], nodes, opset)
 
 
-def dequantize_grouped_function() -> onnx.FunctionProto:
+def dequantize_packed4_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
+    """``onnxhq.DequantizePacked4(codebook (k,), packed uint8 (ceil(n/2),), shape int64 (r,))``; opset >= 10.
+
+    Returns ``codebook[unpack4(packed, shape)]``. No bit operators (BitShift, BitwiseAnd): a constant
+    table maps each byte value to its two nibbles, so one Gather turns the codebook into the
+    (256, 2) values of every byte and a second Gather reads the weights' pairs from it. The
+    codebook is tiled to 16k entries first, so every nibble is a valid index even when k < 16.
+    Slice drops the odd padding; its inputs form (opset 10) is why packing needs opset 10 (Compress,
+    valid at 9, is not constant-folded by recent onnxruntime releases).
+    """
+    byte = np.arange(256, dtype=np.int32)
+    nodes = [
+        _const("nibbles", np.stack([byte & 15, byte >> 4], axis=1)),
+        _const("sixteen", np.array([16], np.int64)),
+        _const("flat", np.array([-1], np.int64)),
+        _const("zero", np.array([0], np.int64)),
+        helper.make_node("Tile", ["codebook", "sixteen"], ["book16"]),
+        helper.make_node("Gather", ["book16", "nibbles"], ["table"], axis=0),
+        helper.make_node("Cast", ["packed"], ["bytes"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["table", "bytes"], ["pairs"], axis=0),
+        helper.make_node("Reshape", ["pairs", "flat"], ["padded"]),
+        helper.make_node("ReduceProd", ["shape"], ["n"], keepdims=1),
+        helper.make_node("Slice", ["padded", "zero", "n"], ["values"]),
+        helper.make_node("Reshape", ["values", "shape"], ["weight"]),
+    ]
+    return _function(PACKED_OP, ["codebook", "packed", "shape"], nodes, opset)
+
+
+def dequantize_grouped_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
     """``onnxhq.DequantizeGrouped(codebook (G*k,), indices S, k) -> codebook[(row // group_size) * k + idx]``.
 
-    Rows are axis 0 of the weight; ``k`` is an int64 scalar input, ``group_size`` an attribute.
+    Rows are axis 0 of the weight; ``k`` is an int64 scalar input, ``group_size`` an attribute. Opset >= 15.
     """
     group_size = helper.make_node("Constant", [], ["gs"])
     group_size.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name="group_size",
@@ -78,8 +162,11 @@ def dequantize_grouped_function() -> onnx.FunctionProto:
         helper.make_node("Gather", ["codebook", "flat_idx"], ["values"], axis=0),
         helper.make_node("Reshape", ["values", "shape"], ["weight"]),
     ]
-    return helper.make_function(naming.DOMAIN, "DequantizeGrouped", ["codebook", "indices", "k"], ["weight"],
-                                nodes, [helper.make_opsetid("", FUNCTION_OPSET)], attributes=["group_size"])
+    return _function(GROUPED_OP, ["codebook", "indices", "k"], nodes, opset, attributes=("group_size",))
+
+
+_FUNCTIONS = {naming.DEQUANTIZE_OP: dequantize_function, PACKED_OP: dequantize_packed4_function,
+              GROUPED_OP: dequantize_grouped_function}
 
 
 def dequantized_value(codebook: np.ndarray, indices: np.ndarray, k: int | None = None,
@@ -92,61 +179,98 @@ def dequantized_value(codebook: np.ndarray, indices: np.ndarray, k: int | None =
     return codebook[(idx.reshape(idx.shape[0], -1) + rows[:, None])].reshape(idx.shape)
 
 
-def rewrite(model: onnx.ModelProto, codebooks: Mapping[str, np.ndarray], tensors: Mapping[str, "TensorCodesLike"]
-            ) -> onnx.ModelProto:
+def node_codes(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
+               ) -> tuple[np.ndarray, np.ndarray, int, int | None]:
+    """``(codebook, logical indices, k, group_size)`` of a dequantize node whose inputs are initializers."""
+    book = numpy_helper.to_array(inits[node.input[0]])
+    stored = numpy_helper.to_array(inits[node.input[1]])
+    if node.op_type == PACKED_OP:
+        shape = tuple(int(d) for d in numpy_helper.to_array(inits[node.input[2]]))
+        return book, unpack4(stored, shape), int(book.size), None
+    if node.op_type == GROUPED_OP:
+        group = next(a.i for a in node.attribute if a.name == "group_size")
+        return book, stored, int(numpy_helper.to_array(inits[node.input[2]])), int(group)
+    return book, stored, int(book.size), None
+
+
+def rewrite(model: onnx.ModelProto, codebooks: Mapping[str, np.ndarray], tensors: Mapping[str, "TensorCodesLike"],
+            *, pack: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with each weight in ``tensors`` in codebook + index form.
 
     ``codebooks``: key -> (k,) or (G, k) float values. ``tensors``: weight name -> object with
     ``codebook`` (key), ``indices`` (int array of the weight's shape) and ``group_size`` (None or
-    rows per codebook row). Index tensors are initializers of the returned model.
+    rows per codebook row). Index tensors are initializers of the returned model; with ``pack``,
+    those of k <= 16 and at least `PACK_MIN_SIZE` elements hold two indices per byte (model opset >= 10).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    opset = default_opset(out)
     inits = initializer_map(out)
-    grouped = False
-    used_codebooks: dict[str, int] = {}
-    new_nodes, new_inits = [], []
+    used_ops: set[str] = set()
+    new_inits: dict[str, onnx.TensorProto] = {}
+    new_nodes = []
     for name, codes in tensors.items():
         if name not in inits:
             raise ModelError(f"cannot rewrite {name!r}: it is not an initializer of the model")
         weight = inits[name]
-        dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
-        book = np.asarray(codebooks[codes.codebook])
         if tuple(codes.indices.shape) != tuple(weight.dims):
             raise ModelError(f"indices of {name!r} have shape {codes.indices.shape}, the weight {tuple(weight.dims)}")
+        dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
+        book = np.asarray(codebooks[codes.codebook])
         cb_name = naming.codebook_tensor(codes.codebook) + ("" if dtype == np.float32 else f".{np.dtype(dtype).name}")
-        if cb_name not in used_codebooks:
-            used_codebooks[cb_name] = book.shape[-1]
-            new_inits.append(numpy_helper.from_array(book.reshape(-1).astype(dtype), cb_name))
-        idx_name = naming.index_tensor(name)
-        new_inits.append(numpy_helper.from_array(codes.indices.astype(index_dtype(book.shape[-1])), idx_name))
-        if codes.group_size is None or book.ndim == 1:
-            node = helper.make_node(naming.DEQUANTIZE_OP, [cb_name, idx_name], [name], domain=naming.DOMAIN,
-                                    name=naming.dequantize_node(name))
-        else:
-            grouped = True
-            k_name = f"{cb_name}.k"
-            if k_name not in {t.name for t in new_inits}:
-                new_inits.append(numpy_helper.from_array(np.array(book.shape[-1], np.int64), k_name))
-            node = helper.make_node("DequantizeGrouped", [cb_name, idx_name, k_name], [name], domain=naming.DOMAIN,
-                                    name=naming.dequantize_node(name), group_size=int(codes.group_size))
+        if cb_name not in new_inits:
+            new_inits[cb_name] = numpy_helper.from_array(book.reshape(-1).astype(dtype), cb_name)
+        node = _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits)
+        used_ops.add(node.op_type)
         new_nodes.append(node)
+    clash = sorted(set(new_inits) & (set(inits) - set(tensors)))
+    if clash:
+        raise ModelError(f"the model already has an initializer named {clash[0]!r}; rename it before compressing")
     keep = [t for t in out.graph.initializer if t.name not in tensors]
     del out.graph.initializer[:]
-    out.graph.initializer.extend(keep + new_inits)
+    out.graph.initializer.extend(keep + list(new_inits.values()))
     nodes = new_nodes + list(out.graph.node)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    _add_functions(out, grouped)
+    _add_functions(out, used_ops, opset)
     return out
 
 
-def _add_functions(model: onnx.ModelProto, grouped: bool) -> None:
+def _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits) -> onnx.NodeProto:
+    """The node computing weight ``name``; adds its index (and shape or k) initializers to ``new_inits``."""
+    idx_name, k, size = naming.index_tensor(name), book.shape[-1], codes.indices.size
+    node_name = naming.dequantize_node(name)
+    if codes.group_size is not None and book.ndim > 1:
+        if opset < MIN_OPSET[GROUPED_OP]:
+            raise ModelError(f"channel-group codebooks need opset >= {MIN_OPSET[GROUPED_OP]} and the model imports "
+                             f"opset {opset}; convert it (onnx.version_converter.convert_version(model, "
+                             f"{FUNCTION_OPSET})) or use scope 'network' or 'layer'")
+        new_inits[idx_name] = numpy_helper.from_array(codes.indices.astype(index_dtype(k)), idx_name)
+        k_name = f"{cb_name}.k"
+        new_inits.setdefault(k_name, numpy_helper.from_array(np.array(k, np.int64), k_name))
+        return helper.make_node(GROUPED_OP, [cb_name, idx_name, k_name], [name], domain=naming.DOMAIN, name=node_name,
+                                group_size=int(codes.group_size))
+    if pack and k <= PACK_MAX_K and size >= PACK_MIN_SIZE and opset >= MIN_OPSET[PACKED_OP]:
+        shape = tuple(int(d) for d in codes.indices.shape)
+        shape_name = _shape_tensor(shape)
+        new_inits[idx_name] = numpy_helper.from_array(pack4(codes.indices), idx_name)
+        new_inits.setdefault(shape_name, numpy_helper.from_array(np.array(shape, np.int64), shape_name))
+        return helper.make_node(PACKED_OP, [cb_name, idx_name, shape_name], [name], domain=naming.DOMAIN,
+                                name=node_name)
+    new_inits[idx_name] = numpy_helper.from_array(codes.indices.astype(index_dtype(k)), idx_name)
+    return helper.make_node(naming.DEQUANTIZE_OP, [cb_name, idx_name], [name], domain=naming.DOMAIN, name=node_name)
+
+
+def _shape_tensor(shape: tuple[int, ...]) -> str:
+    """Name of the int64 initializer holding a packed weight's shape (shared by weights of one shape)."""
+    return "onnxhq.shape." + "x".join(str(d) for d in shape)
+
+
+def _add_functions(model: onnx.ModelProto, ops: set[str], opset: int) -> None:
     have = {(f.domain, f.name) for f in model.functions}
-    wanted = [dequantize_function()] + ([dequantize_grouped_function()] if grouped else [])
-    for fn in wanted:
-        if (fn.domain, fn.name) not in have:
-            model.functions.append(fn)
+    for op in sorted(ops):
+        if (naming.DOMAIN, op) not in have:
+            model.functions.append(_FUNCTIONS[op](opset))
     if not any(op.domain == naming.DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(naming.DOMAIN, 1))
     model.ir_version = max(model.ir_version, 8)  # model-local functions need IR >= 8
@@ -160,19 +284,19 @@ def dequantize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     dq_nodes = [n for n in out.graph.node if n.domain == naming.DOMAIN]
     values = {}
     for node in dq_nodes:
-        book, idx = (numpy_helper.to_array(inits[i]) for i in node.input[:2])
-        k = int(numpy_helper.to_array(inits[node.input[2]])) if len(node.input) > 2 else None
-        group = next((a.i for a in node.attribute if a.name == "group_size"), None)
+        book, idx, k, group = node_codes(node, inits)
         values[node.output[0]] = dequantized_value(book, idx, k, group)
     others = [n for n in out.graph.node if n.domain != naming.DOMAIN]
     still_used = {i for n in others for i in n.input} | {o.name for o in out.graph.output}
     dq_inputs = {i for n in dq_nodes for i in n.input}
     keep = [t for t in out.graph.initializer if t.name not in dq_inputs or t.name in still_used]
     del out.graph.initializer[:]
-    out.graph.initializer.extend(keep + [numpy_helper.from_array(v, k) for k, v in values.items()])
+    out.graph.initializer.extend(keep + [numpy_helper.from_array(v, name) for name, v in values.items()])
     del out.graph.node[:]
     out.graph.node.extend(others)
+    functions = [f for f in out.functions if f.domain != naming.DOMAIN]
     del out.functions[:]
+    out.functions.extend(functions)
     opsets = [o for o in out.opset_import if o.domain != naming.DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(opsets)
