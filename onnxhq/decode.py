@@ -10,8 +10,9 @@ from onnx import numpy_helper
 
 from . import naming
 from .errors import ModelError, SidecarError
+from .encode import FORMAT_VERSION
 from .model import load_model, save_model
-from .rewrite import PACK_MAX_K, PACKED_OP, dequantize_model, index_dtype, pack4
+from .rewrite import PACK_MAX_K, PACKED_OP, attach_functions, dequantize_model, index_dtype, pack4
 from .sidecar import IndexStream, decode_sidecar, read_sidecar
 
 
@@ -30,6 +31,10 @@ def sidecar_path(graph_path: str | os.PathLike, graph: onnx.ModelProto) -> Path:
 def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.ModelProto:
     """The runnable model: each index graph input of ``graph`` replaced by its decoded initializer
     (packed two per byte where a ``DequantizePacked4`` node reads it)."""
+    version = {p.key: p.value for p in graph.metadata_props}.get(naming.METADATA_VERSION, FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise ModelError(f"the graph was written in onnxhq graph format {version}; this onnxhq reads format "
+                         f"{FORMAT_VERSION}: upgrade onnxhq")
     model = onnx.ModelProto()
     model.CopyFrom(graph)
     by_name = {s.name: s for s in streams}
@@ -58,6 +63,7 @@ def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.M
     props = [p for p in model.metadata_props if p.key != naming.METADATA_SIDECAR]
     del model.metadata_props[:]
     model.metadata_props.extend(props)
+    attach_functions(model)
     return model
 
 

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from . import naming
-from .rewrite import node_codes
+from .rewrite import detach_functions, node_codes
 from .sidecar import IndexStream, encode_sidecar
 
 FORMAT_VERSION = "1"
@@ -64,6 +64,7 @@ def split_artifacts(model: onnx.ModelProto, stem: str, *, zero_symbols: dict[str
     for s in streams:
         t = by_name[s.name]
         graph.graph.input.append(helper.make_tensor_value_info(s.name, t.data_type, list(t.dims)))
+    detach_functions(graph)  # decode re-attaches onnxhq's own definitions, fixed by FORMAT_VERSION
     set_metadata(graph, {naming.METADATA_SIDECAR: sidecar_name, naming.METADATA_VERSION: FORMAT_VERSION})
     sidecar = encode_sidecar(streams, metadata={"graph": graph_name})
     return Artifacts(graph_name, graph.SerializeToString(), sidecar_name, sidecar)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 DOMAIN = "onnxhq"
 DEQUANTIZE_OP = "Dequantize"
+GROUPED_OP = "DequantizeGrouped"
+PACKED_OP = "DequantizePacked4"
 METADATA_SIDECAR = "onnxhq.sidecar"
 METADATA_VERSION = "onnxhq.version"
 GRAPH_SUFFIX = ".onnx"
@@ -18,6 +20,16 @@ def index_tensor(weight: str) -> str:
 def codebook_tensor(key: str) -> str:
     """Name of codebook ``key`` ("shared" for one network-wide codebook, else a weight name)."""
     return f"onnxhq.codebook.{key}"
+
+
+def codebook_size_tensor(codebook: str) -> str:
+    """Name of the int64 scalar holding the row length k of grouped codebook tensor ``codebook``."""
+    return f"{codebook}.k"
+
+
+def shape_tensor(shape: tuple[int, ...]) -> str:
+    """Name of the int64 initializer holding a packed weight's shape (shared by weights of one shape)."""
+    return "onnxhq.shape." + "x".join(str(d) for d in shape)
 
 
 def dequantize_node(weight: str) -> str:

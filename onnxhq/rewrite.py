@@ -37,8 +37,8 @@ from .model import default_opset, initializer_map
 
 #: Default opset of the function bodies (used when no model opset is given).
 FUNCTION_OPSET = 17
-GROUPED_OP = "DequantizeGrouped"
-PACKED_OP = "DequantizePacked4"
+GROUPED_OP = naming.GROUPED_OP
+PACKED_OP = naming.PACKED_OP
 #: Lowest default-domain opset each function body is valid at.
 MIN_OPSET = {naming.DEQUANTIZE_OP: 6, PACKED_OP: 10, GROUPED_OP: 15}
 #: Pack 4-bit indices for codebooks of at most this many entries ...
@@ -246,24 +246,19 @@ def _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits) -> onnx
                              f"opset {opset}; convert it (onnx.version_converter.convert_version(model, "
                              f"{FUNCTION_OPSET})) or use scope 'network' or 'layer'")
         new_inits[idx_name] = numpy_helper.from_array(codes.indices.astype(index_dtype(k)), idx_name)
-        k_name = f"{cb_name}.k"
+        k_name = naming.codebook_size_tensor(cb_name)
         new_inits.setdefault(k_name, numpy_helper.from_array(np.array(k, np.int64), k_name))
         return helper.make_node(GROUPED_OP, [cb_name, idx_name, k_name], [name], domain=naming.DOMAIN, name=node_name,
                                 group_size=int(codes.group_size))
     if pack and k <= PACK_MAX_K and size >= PACK_MIN_SIZE and opset >= MIN_OPSET[PACKED_OP]:
         shape = tuple(int(d) for d in codes.indices.shape)
-        shape_name = _shape_tensor(shape)
+        shape_name = naming.shape_tensor(shape)
         new_inits[idx_name] = numpy_helper.from_array(pack4(codes.indices), idx_name)
         new_inits.setdefault(shape_name, numpy_helper.from_array(np.array(shape, np.int64), shape_name))
         return helper.make_node(PACKED_OP, [cb_name, idx_name, shape_name], [name], domain=naming.DOMAIN,
                                 name=node_name)
     new_inits[idx_name] = numpy_helper.from_array(codes.indices.astype(index_dtype(k)), idx_name)
     return helper.make_node(naming.DEQUANTIZE_OP, [cb_name, idx_name], [name], domain=naming.DOMAIN, name=node_name)
-
-
-def _shape_tensor(shape: tuple[int, ...]) -> str:
-    """Name of the int64 initializer holding a packed weight's shape (shared by weights of one shape)."""
-    return "onnxhq.shape." + "x".join(str(d) for d in shape)
 
 
 def _add_functions(model: onnx.ModelProto, ops: set[str], opset: int) -> None:
@@ -274,6 +269,23 @@ def _add_functions(model: onnx.ModelProto, ops: set[str], opset: int) -> None:
     if not any(op.domain == naming.DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(naming.DOMAIN, 1))
     model.ir_version = max(model.ir_version, 8)  # model-local functions need IR >= 8
+
+
+def attach_functions(model: onnx.ModelProto) -> None:
+    """Add, in place, the onnxhq function definitions that the model's nodes use and it lacks.
+
+    The compressed graph file leaves them out (they are onnxhq's own, fixed for a format version,
+    and would cost ~3 kB per file); `decode` puts them back.
+    """
+    ops = {n.op_type for n in model.graph.node if n.domain == naming.DOMAIN}
+    _add_functions(model, ops, default_opset(model))
+
+
+def detach_functions(model: onnx.ModelProto) -> None:
+    """Remove, in place, the onnxhq function definitions (the inverse of `attach_functions`)."""
+    keep = [f for f in model.functions if f.domain != naming.DOMAIN]
+    del model.functions[:]
+    model.functions.extend(keep)
 
 
 def dequantize_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -64,3 +64,20 @@ def test_saved_artifacts_load_as_session(kmeans_result, tmp_path, sample):
     assert not plain.functions
     np.testing.assert_array_equal(make_session(plain).run(None, sample)[0],
                                   make_session(kmeans_result.model()).run(None, sample)[0])
+
+
+def test_graph_file_leaves_out_function_bodies_and_decode_restores_them(kmeans_result):
+    graph = onnx.load_from_string(kmeans_result.artifacts.graph_bytes)
+    assert not graph.functions and any(n.domain == "onnxhq" for n in graph.graph.node)
+    decoded = kmeans_result.model()
+    assert {f.name for f in decoded.functions} == {n.op_type for n in decoded.graph.node if n.domain == "onnxhq"}
+
+
+def test_a_newer_graph_format_is_refused(kmeans_result):
+    from onnxhq.decode import load_from_bytes
+    from onnxhq.encode import set_metadata
+
+    graph = onnx.load_from_string(kmeans_result.artifacts.graph_bytes)
+    set_metadata(graph, {"onnxhq.version": "99"})
+    with pytest.raises(onnxhq.ModelError, match="format 99"):
+        load_from_bytes(graph.SerializeToString(), kmeans_result.artifacts.sidecar_bytes)
