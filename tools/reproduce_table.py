@@ -45,6 +45,8 @@ METHODS = {  # label -> (quantizer, Hessian)
 }
 KMEANS_RATES = [("k", k) for k in (2, 3, 4, 6, 8, 12, 16, 24, 32)]
 ENTROPY_RATES = [("target_bits", b) for b in (0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)]
+# A 95%-pruned network spends ~0.29 bits/weight on where its weights are; rates above ~1 are unreachable.
+PRUNED_ENTROPY_RATES = [("target_bits", b) for b in (0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8)]
 
 
 @dataclass
@@ -61,11 +63,16 @@ class Net:
     augment: Callable | None = None
     criterion: str = "saliency"
     polish_epochs: float = 0.0     # masked retraining after the last pruning step
+    finetune_lr: float = 1e-4
     kmeans_rates: tuple = tuple(KMEANS_RATES)
     entropy_rates: tuple = tuple(ENTROPY_RATES)
 
-    def rates(self, label: str) -> list[tuple[str, float]]:
-        return list(self.kmeans_rates if METHODS[label][0] in ("kmeans", "hkmeans") else self.entropy_rates)
+    pruned_entropy_rates: tuple = tuple(PRUNED_ENTROPY_RATES)
+
+    def rates(self, label: str, tag: str = "pruned") -> list[tuple[str, float]]:
+        if METHODS[label][0] in ("kmeans", "hkmeans"):
+            return list(self.kmeans_rates)
+        return list(self.pruned_entropy_rates if tag == "pruned" else self.entropy_rates)
 
 
 def mnist(split: str) -> Dataset:
@@ -202,12 +209,12 @@ def hessians(net: Net, model, tag: str, calib: Dataset, cache: Cache) -> dict[st
     return out
 
 
-def run(model, diag, label: str, rate: tuple[str, float], test: Dataset, *, train=None, epochs=0.0):
+def run(model, diag, label: str, rate: tuple[str, float], test: Dataset, *, train=None, epochs=0.0, lr=1e-4):
     method, hessian = METHODS[label]
     h = "none" if hessian == "none" else diag[hessian]
     t0 = time.time()
     result = onnxhq.compress(model, method=method, hessian=h, include_biases=True, eval_data=None,
-                             finetune_epochs=epochs, train_data=train, **{rate[0]: rate[1]})
+                             finetune_epochs=epochs, finetune_lr=lr, train_data=train, **{rate[0]: rate[1]})
     rep = result.report
     quantized_bits = 8 * sum(r.coded_bytes for r in rep.layers) / max(rep.quantized_params, 1)
     acc = accuracy(result.model(), test)
@@ -215,12 +222,12 @@ def run(model, diag, label: str, rate: tuple[str, float], test: Dataset, *, trai
                     "paper_ratio": rep.paper_ratio, "bits_per_weight": quantized_bits, "seconds": time.time() - t0}
 
 
-def curves_stage(net: Net, cache: Cache, models: dict, diags: dict, test: Dataset) -> None:
+def curves_stage(net: Net, cache: Cache, models: dict, diags: dict, test: Dataset, methods) -> None:
     for tag, model in models.items():
-        for label in METHODS:
+        for label in methods:
             if METHODS[label][1] not in ("none",) and METHODS[label][1] not in diags[tag]:
                 continue
-            for rate in net.rates(label):
+            for rate in net.rates(label, tag):
                 key = f"curve/{tag}/{label}/{rate[0]}={rate[1]}"
                 if cache.get(key) is None:
                     try:
@@ -231,7 +238,8 @@ def curves_stage(net: Net, cache: Cache, models: dict, diags: dict, test: Datase
                 log(f"{net.name} {key}: {cache.get(key)}")
 
 
-def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test: Dataset, float_acc: float) -> None:
+def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test: Dataset, float_acc: float,
+                methods) -> None:
     """Per method: walk down the rates from the curve's first passing one, fine-tuning each, keep the lowest that passes.
 
     Passing means within 0.1 point of the float model; where the pruned model itself is further
@@ -240,31 +248,38 @@ def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test
     pruned_acc = (cache.get("polished") or cache.get("pruned"))["accuracy"]
     threshold = float_acc - 0.001 if pruned_acc >= float_acc - 0.001 else pruned_acc - 0.001
     cache.put("threshold", {"accuracy": threshold, "relative_to": "float" if threshold == float_acc - 0.001 else "pruned"})
-    best_overall = None
-    for label in METHODS:
+    for label in methods:
         if METHODS[label][1] != "none" and METHODS[label][1] not in diags["pruned"]:
             continue
         rates = net.rates(label)
         curve = [(r, cache.get(f"curve/pruned/{label}/{r[0]}={r[1]}")) for r in rates]
         ok = [i for i, (_, row) in enumerate(curve) if row and "accuracy" in row and row["accuracy"] >= threshold - 0.002]
         start = ok[0] if ok else len(rates) - 1
-        chosen = None
-        for i in range(start, -1, -1):
+        def finetuned(i: int):
             rate = rates[i]
             key = f"table/{label}/{rate[0]}={rate[1]}"
             row = cache.get(key)
             if row is None:
-                result, row = run(model, diags["pruned"], label, rate, test, train=train, epochs=net.finetune_epochs)
+                result, row = run(model, diags["pruned"], label, rate, test, train=train, epochs=net.finetune_epochs,
+                                  lr=net.finetune_lr)
                 result.save(cache.dir / "artifacts" / key.replace("/", "_").replace(" ", "-"))
                 cache.put(key, row)
             log(f"{net.name} {key}: {row}")
-            if row["accuracy"] >= threshold:
-                chosen = (key, row)
-            elif chosen is not None or i < start:
+            return (key, row) if row["accuracy"] >= threshold else None
+
+        # From the curve's first passing rate, go down while fine-tuned models pass; if it fails, go up.
+        chosen, i = finetuned(start), start
+        while chosen and i > 0:
+            lower = finetuned(i - 1)
+            if not lower:
                 break
+            chosen, i = lower, i - 1
+        while not chosen and i < min(len(rates) - 1, start + 2):
+            i += 1
+            chosen = finetuned(i)
         cache.put(f"best/{label}", chosen and {"key": chosen[0], **chosen[1]})
-        if chosen and (best_overall is None or chosen[1]["ratio"] > best_overall[1]["ratio"]):
-            best_overall = chosen
+    bests = [(b["key"], b) for b in (cache.get(f"best/{label}") for label in METHODS) if b]
+    best_overall = max(bests, key=lambda kb: kb[1]["ratio"], default=None)
     if best_overall:
         src = cache.dir / "artifacts" / best_overall[0].replace("/", "_").replace(" ", "-")
         dst = ROOT / "models" / "compressed" / net.name
@@ -342,6 +357,9 @@ def main() -> int:
     ap.add_argument("--nets", nargs="+", default=["lenet5", "lenet300", "resnet32"])
     ap.add_argument("--stages", nargs="+", default=["prune", "curves", "table", "report"])
     ap.add_argument("--calib", type=int, default=1000, help="training images for the Fisher")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--tags", nargs="+", default=["dense", "pruned"], choices=["dense", "pruned"],
+                    help="which models the curves cover")
     args = ap.parse_args()
     if not (SHARED / "datasets").is_dir():
         print(f"error: {SHARED} is missing; this benchmark needs the shared data sets", file=sys.stderr)
@@ -361,9 +379,9 @@ def main() -> int:
             models["pruned"] = prune_stage(net, cache, train, test)
         diags = {tag: hessians(net, m, tag, calib, cache) for tag, m in models.items()}
         if "curves" in args.stages:
-            curves_stage(net, cache, models, diags, test)
+            curves_stage(net, cache, {t: m for t, m in models.items() if t in args.tags}, diags, test, args.methods)
         if "table" in args.stages and "pruned" in models:
-            table_stage(net, cache, models["pruned"], diags, train, test, float_acc)
+            table_stage(net, cache, models["pruned"], diags, train, test, float_acc, args.methods)
         if "report" in args.stages:
             report_stage(net, cache)
     return 0
