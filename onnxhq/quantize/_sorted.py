@@ -36,6 +36,8 @@ class SortedWeights:
     shift : float, subtracted from the values inside the moments.
     block : int, positions between stored prefix sums.
     cum : (3, m // block + 1) float64 ndarray, ``S0, S1, S2`` of ``values[:j * block]``.
+    order : (m,) intp ndarray with ``values == w[order]``, kept up to FULL_PREFIX_MAX weights
+        (then labels are a scatter, cheaper than a search); None beyond.
     """
 
     values: np.ndarray
@@ -43,6 +45,7 @@ class SortedWeights:
     shift: float
     block: int
     cum: np.ndarray
+    order: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -60,7 +63,9 @@ class SortedWeights:
         inside = lane[None, :] < offset[:, None]
         idx = np.where(inside, blk[:, None] * self.block + lane[None, :], 0)
         v = self.values[idx].astype(np.float64) - self.shift
-        h = inside.astype(np.float64) if self.weights is None else np.where(inside, self.weights[idx], 0.0)
+        h = inside.astype(np.float64)
+        if self.weights is not None:
+            h *= self.weights[idx]
         hv = h * v
         return out + np.stack([h.sum(axis=1), hv.sum(axis=1), (hv * v).sum(axis=1)])
 
@@ -70,70 +75,120 @@ class SortedWeights:
 
     def distinct(self) -> int:
         """Number of distinct values."""
-        v = self.values
-        return int(np.count_nonzero(v[1:] != v[:-1])) + 1 if v.size else 0
+        v, last = self.values, self.values.size - 1
+        return 1 + sum(int(np.count_nonzero(v[s + 1:min(s + CHUNK, last) + 1] != v[s:min(s + CHUNK, last)]))
+                       for s in range(0, last, CHUNK)) if v.size else 0
+
+    def lossless_bits(self, extra: int = 0) -> float:
+        """Entropy in bits of the distinct values' multiplicities, plus one symbol of ``extra`` counts.
+
+        Runs of equal values are counted chunk by chunk, so no array of all run lengths is made.
+        """
+        v, total, carry = self.values, 0.0, 0
+        for s in range(0, v.size, CHUNK):
+            e = min(s + CHUNK, v.size)
+            starts = np.flatnonzero(v[s + 1:e] != v[s:e - 1]) + 1
+            runs = np.diff(np.concatenate([[0], starts, [e - s]])).astype(np.float64)
+            runs[0] += carry
+            carry = 0
+            if e < v.size and v[e] == v[e - 1]:
+                carry, runs = int(runs[-1]), runs[:-1]
+            total += float(np.dot(runs, np.log2(runs)))
+        n = v.size + extra
+        total += extra * np.log2(extra) if extra else 0.0
+        return max(float(np.log2(n) - total / n), 0.0) if n else 0.0
 
 
 def sort_weights(w: np.ndarray, h: np.ndarray | None) -> SortedWeights:
     """Sort ``w`` (1-D float32/float64, finite) with importances ``h`` (same length, or None)."""
-    if h is None:
+    order = None
+    if w.dtype == np.float32 and w.size <= FULL_PREFIX_MAX:  # carry the index: labels become a scatter
+        values, order = _sort_f32(w, np.arange(w.size, dtype=np.uint32))
+        order = order.astype(np.intp)
+        weights = None if h is None else h[order]
+    elif w.dtype == np.float32 and h is None:
         values, weights = np.sort(w), None
-    elif w.dtype == np.float32 and h.dtype == np.float32:
-        values, weights = _sort_pairs_f32(w, h)
+    elif w.dtype == np.float32:  # carry the importance's bits: no permutation, no gather (float64 h rounds)
+        values, bits = _sort_f32(w, h.astype(np.float32, copy=False).view(np.uint32))
+        weights = bits.view(np.float32).astype(h.dtype, copy=False)
     else:
         order = np.argsort(w, kind="stable")
-        values, weights = w[order], h[order]
+        values, weights = w[order], None if h is None else h[order]
+        order = order if w.size <= FULL_PREFIX_MAX else None
     m = values.size
     shift = float(values[m // 2]) if m else 0.0
     block = 1 if m <= FULL_PREFIX_MAX else BLOCK
-    return SortedWeights(values, weights, shift, block, _block_prefix(values, weights, shift, block))
+    return SortedWeights(values, weights, shift, block, _block_prefix(values, weights, shift, block), order)
 
 
-def _sort_pairs_f32(w: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort float32 pairs by ``w`` as one uint64 key: order-preserving bits of w, then h's bits.
+def _sort_f32(w: np.ndarray, tag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort float32 ``w`` carrying a 32-bit ``tag`` (an index, or the bits of an importance) along.
 
-    numpy's vectorised sort of uint64 is several times faster than an argsort followed by two
-    random-access gathers, and needs no int64 permutation array.
+    Both go into one uint64 key, order-preserving bits of w above the tag: numpy's vectorised sort
+    of uint64 is several times faster than an argsort, and a tag of importance bits saves the
+    random-access gather of the importances (which matters at tens of millions of weights).
     """
     n = w.size
-    wb, hb = w.view(np.uint32), h.view(np.uint32)
+    wb = w.view(np.uint32)
     key = np.empty(n, dtype=np.uint64)
+    halves = key.view(np.uint32).reshape(n, 2)
+    lo, hi = (0, 1) if np.little_endian else (1, 0)
+    buf = np.empty(min(n, CHUNK), dtype=np.uint32)
     for s in range(0, n, CHUNK):
-        b = wb[s:s + CHUNK]
-        flip = np.where(b >> np.uint32(31), np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
-        k = (b ^ flip).astype(np.uint64)
-        k <<= np.uint64(32)
-        k |= hb[s:s + CHUNK]
-        key[s:s + CHUNK] = k
+        b, t = wb[s:s + CHUNK], buf[:min(CHUNK, n - s)]
+        # Negative floats: flip all bits; positive: flip the sign bit. Then unsigned order = float order.
+        np.right_shift(b, np.uint32(31), out=t)
+        t *= np.uint32(0x7FFFFFFF)
+        t += np.uint32(0x80000000)
+        np.bitwise_xor(b, t, out=halves[s:s + CHUNK, hi])
+        halves[s:s + CHUNK, lo] = tag[s:s + CHUNK]
     key.sort()
-    values = np.empty(n, dtype=np.float32)
-    weights = np.empty(n, dtype=np.float32)
-    vb, wt = values.view(np.uint32), weights.view(np.uint32)
+    values, tags = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.uint32)
+    vb = values.view(np.uint32)
     for s in range(0, n, CHUNK):
-        k = key[s:s + CHUNK]
-        hi = (k >> np.uint64(32)).astype(np.uint32)
-        vb[s:s + CHUNK] = hi ^ np.where(hi >> np.uint32(31), np.uint32(0x80000000), np.uint32(0xFFFFFFFF))
-        wt[s:s + CHUNK] = k.astype(np.uint32)
-    return values, weights
+        k, t = halves[s:s + CHUNK, hi], buf[:min(CHUNK, n - s)]
+        np.right_shift(k, np.uint32(31), out=t)
+        np.subtract(np.uint32(1), t, out=t)
+        t *= np.uint32(0x7FFFFFFF)
+        t += np.uint32(0x80000000)
+        np.bitwise_xor(k, t, out=vb[s:s + CHUNK])
+        tags[s:s + CHUNK] = halves[s:s + CHUNK, lo]
+    return values, tags
 
 
 def _block_prefix(values: np.ndarray, weights: np.ndarray | None, shift: float, block: int) -> np.ndarray:
+    """Prefix sums of ``h, h (v - shift), h (v - shift)^2`` at block boundaries, in reused buffers."""
     nb = values.size // block
-    cum = np.zeros((3, nb + 1))
-    step = max(1, CHUNK // block)
-    for s in range(0, nb, step):
-        e = min(nb, s + step)
-        v = values[s * block:e * block].astype(np.float64).reshape(-1, block)
-        v -= shift
+    cum = np.empty((3, nb + 1))
+    cum[:, 0] = 0.0
+    if block == 1:
+        x = values.astype(np.float64)
+        x -= shift
         if weights is None:
-            h = np.ones_like(v)
+            cum[0, 1:] = 1.0
         else:
-            h = weights[s * block:e * block].astype(np.float64).reshape(-1, block)
-        hv = h * v
-        cum[0, s + 1:e + 1] = h.sum(axis=1)
-        cum[1, s + 1:e + 1] = hv.sum(axis=1)
-        cum[2, s + 1:e + 1] = (hv * v).sum(axis=1)
-    np.cumsum(cum, axis=1, out=cum)
+            np.copyto(cum[0, 1:], weights)
+        np.multiply(cum[0, 1:], x, out=cum[1, 1:])
+        np.multiply(cum[1, 1:], x, out=cum[2, 1:])
+    else:
+        step = max(1, CHUNK // block) * block
+        x, h, p = np.empty(step), np.empty(step), np.empty(step)
+        for s in range(0, nb * block, step):
+            e = min(nb * block, s + step)
+            xs, hs, ps, rows = x[:e - s], h[:e - s], p[:e - s], slice(s // block + 1, e // block + 1)
+            np.copyto(xs, values[s:e])
+            xs -= shift
+            if weights is None:
+                hs.fill(1.0)
+            else:
+                np.copyto(hs, weights[s:e])
+            cum[0, rows] = hs.reshape(-1, block).sum(axis=1)
+            np.multiply(hs, xs, out=ps)
+            cum[1, rows] = ps.reshape(-1, block).sum(axis=1)
+            ps *= xs
+            cum[2, rows] = ps.reshape(-1, block).sum(axis=1)
+    for row in cum:
+        np.cumsum(row, out=row)
     return cum
 
 

@@ -3,7 +3,8 @@
 **k-means.** ``F[j][b] = min_a F[j-1][a] + D(a, b)``, where ``D(a, b)`` is the weighted squared
 error of units ``a..b-1`` around their weighted mean. ``D`` obeys the quadrangle inequality, so
 the best ``a`` is nondecreasing in ``b`` and each layer is solved by divide and conquer in
-O(m log m), vectorised across all subproblems of one recursion depth: O(k m log m) in all.
+O(m log m), vectorised across all subproblems of one recursion depth: O(k m log m) in all. Up to
+``DENSE_UNITS`` units a layer is instead one vectorised minimum over all pairs (fewer numpy calls).
 
 **ECSQ.** ``F[b] = min_a F[a] + D(a, b) + lam * n_ab * log2(N / n_ab)``: the entropy term breaks the
 quadrangle inequality, so this one is the plain O(m^2) recursion (run on at most
@@ -16,10 +17,12 @@ narrow and light. Restricting boundaries to bin edges costs at most (see `make_u
 
     bound = (max w - min w) * max_b (r_b * H_b)
 
-with ``r_b`` the value range and ``H_b`` the importance of bin ``b``: move each boundary of the
-true optimum inside a bin to the cheaper side of that bin; the moved weights lie within ``r_b``
-of the midpoint between the two centers, so each costs at most ``(c_B - c_A) r_b h`` more, and the
-center gaps sum to at most the range of the weights.
+with ``r_b`` the value range and ``H_b`` the importance of bin ``b``. Take the true optimum and
+move each boundary that falls inside a bin to that bin's cheaper edge, keeping the centers. The
+two possible moves cost ``2 (c_B - c_A) sum_bin h |w - mid|`` together (``mid`` between the
+centers ``c_A < c_B`` lies in the bin, so ``|w - mid| <= r_b``), hence the cheaper one at most
+``(c_B - c_A) r_b H_b``; the gaps ``c_B - c_A`` sum to at most the range of the weights. The
+result respects bin edges and costs at most ``bound`` more, and the DP finds the best such.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from ._sorted import SortedWeights
 
 #: Default number of DP units for k-means (bins beyond this many weights).
 KMEANS_UNITS = 1 << 16
+#: Up to this many units, each k-means layer is one dense (u x u) minimum instead of divide and conquer.
+DENSE_UNITS = 512
 #: Default number of DP units for the O(m^2) ECSQ recursion.
 ECSQ_UNITS = 1 << 12
 
@@ -90,10 +95,16 @@ def kmeans_dp(units: Units, k: int) -> np.ndarray:
     idx = np.arange(u + 1)
     f = _sse(cum, np.zeros_like(idx), idx)
     f[0] = 0.0
-    opt = np.zeros((k + 1, u + 1), dtype=np.int64)
+    opt = np.zeros((k + 1, u + 1), dtype=np.int32)
+    dense = _dense_costs(cum, u) if u <= DENSE_UNITS else None
     for j in range(2, k + 1):
         g = np.full(u + 1, np.inf)
-        if j == k:
+        if dense is not None and j < k:
+            val = dense[j:, j - 1:] + f[j - 1:]  # val[b - j, a - j + 1] = F[j-1][a] + D(a, b)
+            best = np.argmin(val, axis=1)
+            opt[j, j:] = best + j - 1
+            g[j:] = val[np.arange(best.size), best]
+        elif j == k:
             a = np.arange(k - 1, u)
             val = f[a] + _sse(cum, a, np.full_like(a, u))
             best = int(np.argmin(val))
@@ -106,6 +117,14 @@ def kmeans_dp(units: Units, k: int) -> np.ndarray:
         out.append(int(opt[j, out[-1]]))
     out.append(0)
     return np.array(out[::-1], dtype=np.int64)
+
+
+def _dense_costs(cum: np.ndarray, u: int) -> np.ndarray:
+    """``out[b, a] = D(a, b)`` for all unit pairs, ``inf`` where ``a >= b``; shape (u + 1, u + 1)."""
+    b, a = np.tril_indices(u + 1, k=-1)
+    out = np.full((u + 1, u + 1), np.inf)
+    out[b, a] = _sse(cum, a, b)
+    return out
 
 
 def _layer(f: np.ndarray, g: np.ndarray, opt: np.ndarray, cum: np.ndarray, j: int, u: int) -> None:
@@ -147,8 +166,3 @@ def ecsq_dp(units: Units, lam: float, n_total: int) -> np.ndarray:
     while out[-1] > 0:
         out.append(int(arg[out[-1]]))
     return np.array(out[::-1], dtype=np.int64)
-
-
-def cut_positions(units: Units, cuts: np.ndarray) -> np.ndarray:
-    """Positions in the sorted weights of the unit boundaries ``cuts``."""
-    return units.bounds[cuts]

@@ -5,7 +5,8 @@ assignment step is one ``searchsorted`` of the k - 1 midpoints and an update ste
 intervals' moments from prefix sums: O(k log n) per iteration however many weights there are.
 Seeding is greedy k-means++ (as scikit-learn's): each new center is the best of a few candidates
 drawn with probability proportional to ``h_i D(w_i)^2``; drawing and scoring a candidate also
-use the prefix sums.
+use the prefix sums. (`quantize` starts Lloyd from a coarse DP partition by default instead, see
+``init`` there: in one dimension that is as cheap and lands much nearer the optimum.)
 """
 
 from __future__ import annotations
@@ -28,19 +29,14 @@ class LloydResult:
     centers : (k,) float64 ndarray, ascending: the clusters' weighted means.
     objective : float, ``sum h (w - center)^2`` of the partition.
     iterations : int, assignment steps run.
+    counts : (k,) int64 ndarray, weights per cluster.
     """
 
     thresholds: np.ndarray
     centers: np.ndarray
     objective: float
     iterations: int
-
-
-def assign_sorted(sw: SortedWeights, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest-center partition: thresholds at the midpoints (empty intervals dropped) and bounds."""
-    c = np.asarray(centers, dtype=np.float64)
-    t = drop_empty(sw, (c[1:] + c[:-1]) / 2)
-    return t, bounds_from_thresholds(sw, t)
+    counts: np.ndarray
 
 
 def lloyd(sw: SortedWeights, centers: np.ndarray, *, max_iter: int, tol: float) -> LloydResult:
@@ -50,13 +46,17 @@ def lloyd(sw: SortedWeights, centers: np.ndarray, *, max_iter: int, tol: float) 
     one step, or after ``max_iter`` steps. Clusters that empty out are refilled by splitting the
     interval with the largest error, so the result keeps ``len(centers)`` clusters.
     """
-    k = len(centers)
+    k, m, dtype = len(centers), sw.size, sw.values.dtype
     c = np.sort(np.asarray(centers, dtype=np.float64))
     prev_bounds, prev_obj = None, np.inf
     for it in range(1, max_iter + 1):
-        t, bounds = assign_sorted(sw, c)
-        if len(t) < k - 1:
-            t, bounds = _refill(sw, t, k)
+        t = ((c[1:] + c[:-1]) / 2).astype(dtype)
+        bounds = np.empty(k + 1, dtype=np.int64)
+        bounds[0], bounds[-1] = 0, m
+        bounds[1:-1] = np.searchsorted(sw.values, t, side="left")
+        if np.any(bounds[1:] == bounds[:-1]):
+            t, bounds = _refill(sw, drop_empty(sw, t), k)
+            k = len(bounds) - 1
         sums = interval_sums(sw, bounds)
         c = means(sw, bounds, sums)
         obj = float(sse(sw, sums, c).sum())
@@ -65,7 +65,7 @@ def lloyd(sw: SortedWeights, centers: np.ndarray, *, max_iter: int, tol: float) 
         if np.isfinite(prev_obj) and prev_obj - obj <= tol * prev_obj:
             break
         prev_bounds, prev_obj = bounds, obj
-    return LloydResult(t, c, obj, it)
+    return LloydResult(t, c, obj, it, np.diff(bounds))
 
 
 def _refill(sw: SortedWeights, thresholds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,23 +148,26 @@ def _gain(sw: SortedWeights, c: np.ndarray, bounds: np.ndarray, pot: np.ndarray,
 
 
 def _search(sw: SortedWeights, lo: np.ndarray, hi: np.ndarray, c: np.ndarray, target: np.ndarray, *,
-            weight_only: bool = False) -> np.ndarray:
+            weight_only: bool = False, fan: int = 64) -> np.ndarray:
     """Per query, the position p in [lo, hi) where the running potential of ``[lo, p]`` passes target.
 
     The running potential is ``sum h (w - c)^2`` (or ``sum h`` with ``weight_only``) from ``lo``;
-    it is nondecreasing in p, so a vectorised bisection over all queries finds p.
+    it is nondecreasing in p, so a vectorised search over all queries finds p, narrowing each
+    bracket ``fan``-fold per round (log_fan n rounds of prefix lookups).
     """
-    lo = np.asarray(lo, np.int64)
-    a, b = lo.copy(), np.asarray(hi, np.int64).copy()
-    d = np.asarray(c, np.float64) - sw.shift
-    base = sw.prefix(lo)
-
-    def running(p):
-        s = sw.prefix(p) - base
-        return s[0] if weight_only else s[2] - 2 * d * s[1] + d * d * s[0]
-
+    a = np.asarray(lo, np.int64).copy()
+    b = np.asarray(hi, np.int64).copy()
+    d = (np.asarray(c, np.float64) - sw.shift)[:, None]
+    base = sw.prefix(a)[:, :, None]
+    steps = np.arange(1, fan)[None, :]
+    target = np.asarray(target, np.float64)[:, None]
     while np.any(b - a > 1):
-        mid = (a + b) // 2
-        go = running(mid) <= target
-        a, b = np.where(go, mid, a), np.where(go, b, mid)
+        p = a[:, None] + ((b - a)[:, None] * steps) // fan
+        s = sw.prefix(p.ravel()).reshape(3, *p.shape) - base
+        run = s[0] if weight_only else s[2] - 2 * d * s[1] + d * d * s[0]
+        n_go = np.count_nonzero(run <= target, axis=1)
+        a_new = np.where(n_go > 0, p[np.arange(len(a)), np.maximum(n_go - 1, 0)], a)
+        b = np.where(n_go < fan - 1, p[np.arange(len(a)), np.minimum(n_go, fan - 2)], b)
+        a = np.maximum(a_new, a)
+        b = np.where(b <= a, a + 1, b)
     return a

@@ -11,7 +11,8 @@ it is within ``tol`` bits below the target.
 from __future__ import annotations
 
 import logging
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,6 +22,9 @@ log = logging.getLogger(__name__)
 
 #: Default tolerance of a target rate, bits per weight.
 RATE_TOL = 0.01
+#: A search stops when its bracket is this narrow in log(knob): rates are step functions, and
+#: below this the steps are the data's, not the knob's.
+MIN_LOG_WIDTH = 1e-4
 
 P = TypeVar("P")
 Fit = Callable[[float], tuple[float, P]]
@@ -67,13 +71,15 @@ def search_k(fit: Callable[[int], tuple[float, P]], target: float, k_min: int, k
 def search_falling(fit: Fit, target: float, start: float, *, tol: float = RATE_TOL, max_steps: int = 60) -> P:
     """A knob value ``x > 0`` whose rate is at most ``target``, within ``tol`` of it if it can (rate falls with x).
 
-    Starts at ``start``, moves by factors of 4 until the target is bracketed, then bisects in log
-    space. Raises ConfigError when no knob value tried reaches the target.
+    Starts at ``start`` and moves by factors of 4 until the target is bracketed, then narrows the
+    bracket by false position on ``(log x, rate)`` (rates are close to linear in ``log x`` for both
+    the grid step and lambda), falling back to bisection when a step would land near an end.
+    Raises ConfigError when no knob value tried reaches the target.
     """
     x = start
     bits, payload = fit(x)
-    good = (x, bits, payload) if bits <= target else None
-    bad = None if bits <= target else x
+    good = (np.log(x), bits, payload) if bits <= target else None
+    bad = None if bits <= target else (np.log(x), bits)
     lowest = bits
     for _ in range(max_steps):
         if (good is not None and bad is not None) or (good is not None and good[1] >= target - tol):
@@ -82,22 +88,25 @@ def search_falling(fit: Fit, target: float, start: float, *, tol: float = RATE_T
         bits, payload = fit(x)
         lowest = min(lowest, bits)
         if bits <= target:
-            good = (x, bits, payload)
+            good = (np.log(x), bits, payload)
         else:
-            bad = x
+            bad = (np.log(x), bits)
     if good is None:
         raise ConfigError(f"target_bits={target:g} is not reached: the lowest rate found was {lowest:.4f} "
                           "bits/weight; ask for more bits")
     for _ in range(max_steps):
-        if bad is None or good[1] >= target - tol:
+        if bad is None or good[1] >= target - tol or good[0] - bad[0] < MIN_LOG_WIDTH:
             break
-        x = float(np.sqrt(bad * good[0]))
-        if not bad < x < good[0]:
+        (ug, fg), (ub, fb) = good[:2], bad
+        width = ug - ub
+        u = ug - (fg - target) * (ub - ug) / (fb - fg) if fb > fg else ug - width / 2
+        u = min(max(u, ub + 0.1 * width), ug - 0.1 * width)
+        if not ub < u < ug:
             break
-        bits, payload = fit(x)
+        bits, payload = fit(float(np.exp(u)))
         if bits <= target:
-            good = (x, bits, payload)
+            good = (u, bits, payload)
         else:
-            bad = x
-    log.debug("target %.4f bits: knob %.6g gives %.4f bits", target, good[0], good[1])
+            bad = (u, bits)
+    log.debug("target %.4f bits: knob %.6g gives %.4f bits", target, np.exp(good[0]), good[1])
     return good[2]

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def quantize_weights(weights: Mapping[str, np.ndarray], importances: Mapping[str
     elif group_size is not None:
         raise ConfigError(f"group_size={group_size} applies to scope 'channel-group' only, not {scope!r}")
     task = check_task(method=method, k=k, bits=bits, lam=lam, target_bits=target_bits, exact=exact, seed=seed,
-                      max_iter=100, tol=1e-7, cell_value="mean")
+                      max_iter=100, tol=1e-7, cell_value="mean", init="dp")
     tensors = _check_mappings(weights, importances, pruned)
     notes = {"capped": 0, "unit": 0, "codebooks": 0}
     if scope == "network":
