@@ -175,12 +175,14 @@ def _add_compress(sub) -> None:
     p.add_argument("model", help="input .onnx model")
     p.add_argument("--data", help=".npz of model inputs (for the Hessian estimate)")
     p.add_argument("--eval", dest="eval_data", help="labelled .npz: measure accuracy before and after")
-    p.add_argument("--method", default="hkmeans", choices=["kmeans", "hkmeans", "uniform", "ecsq"])
+    p.add_argument("--method", default="uniform", choices=["kmeans", "hkmeans", "uniform", "ecsq"],
+                   help="quantizer (default uniform, the best accuracy per bit measured)")
     rate = p.add_mutually_exclusive_group()
-    rate.add_argument("--k", type=int, help="number of clusters (default 32)")
+    rate.add_argument("--k", type=int, help="number of clusters (default 32 for k-means)")
     rate.add_argument("--bits", type=float, help="bits per index: k = 2**bits")
     rate.add_argument("--lambda", dest="lam", type=float, help="rate weight of ECSQ")
-    rate.add_argument("--target-bits", type=float, help="target average code length, bits per weight")
+    rate.add_argument("--target-bits", type=float,
+                      help="target entropy of the indices, bits per weight (default 3 for uniform and ECSQ)")
     p.add_argument("--scope", default="network", choices=["network", "layer", "channel-group"])
     p.add_argument("--group-size", type=int, help="output channels per codebook with --scope channel-group")
     p.add_argument("--hessian", default="fisher",
@@ -307,7 +309,8 @@ def _add_sweep(sub) -> None:
     rate.add_argument("--k", type=int, nargs="+", help="cluster counts, e.g. --k 8 16 32")
     rate.add_argument("--lambda", dest="lam", type=float, nargs="+", help="ECSQ rate weights")
     rate.add_argument("--target-bits", type=float, nargs="+", help="target bits per weight, e.g. 2 3 4")
-    p.add_argument("--method", default="hkmeans", choices=["kmeans", "hkmeans", "uniform", "ecsq"])
+    p.add_argument("--method", default="uniform", choices=["kmeans", "hkmeans", "uniform", "ecsq"],
+                   help="quantizer (default uniform, the best accuracy per bit measured)")
     p.add_argument("--scope", default="network", choices=["network", "layer"])
     p.add_argument("--hessian", default="fisher",
                    help="estimator (default fisher) or an .npz written by 'onnxhq hessian'")

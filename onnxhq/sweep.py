@@ -83,7 +83,7 @@ class Sweep:
 
 def sweep(model: str | os.PathLike, data: str | os.PathLike | Dataset | None, *,
           eval_data: str | os.PathLike | Dataset, k: Sequence[int] = (), lam: Sequence[float] = (),
-          target_bits: Sequence[float] = (), method: str = "hkmeans", scope: str = "network",
+          target_bits: Sequence[float] = (), method: str = "uniform", scope: str = "network",
           hessian: str | Mapping[str, np.ndarray] = "fisher", hessian_samples: int = 1000,
           output: str | None = None, seed: int = 0, progress: StageProgress | None = None) -> Sweep:
     """Compress ``model`` at each rate of one list and measure size and accuracy; the Hessian once.

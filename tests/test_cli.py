@@ -88,8 +88,8 @@ def hessian_file(tmp_path_factory, bundled_model, bundled_sample):
 def compressed(tmp_path_factory, bundled_model, bundled_sample, hessian_file):
     """`onnxhq compress` reusing the saved Hessian, with --eval and --report-json."""
     out = tmp_path_factory.mktemp("compressed")
-    proc = onnxhq("compress", bundled_model, "--hessian", hessian_file[0], "--eval", bundled_sample,
-                  "-o", out, "--report-json", out / "report.json", tty_stderr=True)
+    proc = onnxhq("compress", bundled_model, "--hessian", hessian_file[0], "--method", "hkmeans", "--k", "32",
+                  "--eval", bundled_sample, "-o", out, "--report-json", out / "report.json", tty_stderr=True)
     assert_ok(proc)
     return out, proc
 
@@ -170,8 +170,8 @@ def test_compress_writes_graph_sidecar_and_report(compressed):
 
 def test_a_saved_hessian_gives_the_same_result_as_estimating_it(compressed, bundled_model, bundled_sample, tmp_path):
     out, _ = compressed
-    proc = onnxhq("compress", bundled_model, "--data", bundled_sample, "--samples", SAMPLES, "-o", tmp_path,
-                  "--report-json", tmp_path / "report.json")
+    proc = onnxhq("compress", bundled_model, "--data", bundled_sample, "--samples", SAMPLES, "--method", "hkmeans",
+                  "--k", "32", "-o", tmp_path, "--report-json", tmp_path / "report.json")
     assert_ok(proc)
     again = json.loads((tmp_path / "report.json").read_text())
     saved = json.loads((out / "report.json").read_text())
