@@ -215,11 +215,12 @@ def hessians(net: Net, model, tag: str, calib: Dataset, cache: Cache) -> dict[st
     return out
 
 
-def run(model, diag, label: str, rate: tuple[str, float], test: Dataset, *, train=None, epochs=0.0, lr=1e-4):
+def run(model, diag, label: str, rate: tuple[str, float], test: Dataset, *, train=None, epochs=0.0, lr=1e-4,
+        scope="network"):
     method, hessian = METHODS[label]
     h = "none" if hessian == "none" else diag[hessian]
     t0 = time.time()
-    result = onnxhq.compress(model, method=method, hessian=h, include_biases=True, eval_data=None,
+    result = onnxhq.compress(model, method=method, hessian=h, include_biases=True, eval_data=None, scope=scope,
                              finetune_epochs=epochs, finetune_lr=lr, train_data=train, **{rate[0]: rate[1]})
     rep = result.report
     quantized_bits = 8 * sum(r.coded_bytes for r in rep.layers) / max(rep.quantized_params, 1)
@@ -228,16 +229,18 @@ def run(model, diag, label: str, rate: tuple[str, float], test: Dataset, *, trai
                     "paper_ratio": rep.paper_ratio, "bits_per_weight": quantized_bits, "seconds": time.time() - t0}
 
 
-def curves_stage(net: Net, cache: Cache, models: dict, diags: dict, test: Dataset, methods) -> None:
+def curves_stage(net: Net, cache: Cache, models: dict, diags: dict, test: Dataset, methods, scope="network") -> None:
+    """Rate-accuracy points without fine-tuning; keys ``curve/<tag>[@scope]/<method>/<rate>``."""
     for tag, model in models.items():
         for label in methods:
             if METHODS[label][1] not in ("none",) and METHODS[label][1] not in diags[tag]:
                 continue
             for rate in net.rates(label, tag):
-                key = f"curve/{tag}/{label}/{rate[0]}={rate[1]}"
+                where = tag if scope == "network" else f"{tag}@{scope}"
+                key = f"curve/{where}/{label}/{rate[0]}={rate[1]}"
                 if cache.get(key) is None:
                     try:
-                        _, row = run(model, diags[tag], label, rate, test)
+                        _, row = run(model, diags[tag], label, rate, test, scope=scope)
                     except onnxhq.OnnxhqError as exc:
                         row = {"error": str(exc)}
                     cache.put(key, row)
@@ -365,6 +368,7 @@ def main() -> int:
     ap.add_argument("--stages", nargs="+", default=["prune", "curves", "table", "report"])
     ap.add_argument("--calib", type=int, default=1000, help="training images for the Fisher")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--scope", default="network", choices=["network", "layer"], help="codebook scope of the curves")
     ap.add_argument("--tags", nargs="+", default=["dense", "pruned"], choices=["dense", "pruned"],
                     help="which models the curves cover")
     args = ap.parse_args()
@@ -386,7 +390,8 @@ def main() -> int:
             models["pruned"] = prune_stage(net, cache, train, test)
         diags = {tag: hessians(net, m, tag, calib, cache) for tag, m in models.items()}
         if "curves" in args.stages:
-            curves_stage(net, cache, {t: m for t, m in models.items() if t in args.tags}, diags, test, args.methods)
+            curves_stage(net, cache, {t: m for t, m in models.items() if t in args.tags}, diags, test, args.methods,
+                         args.scope)
         if "table" in args.stages and "pruned" in models:
             table_stage(net, cache, models["pruned"], diags, train, test, float_acc, args.methods)
         if "report" in args.stages:
