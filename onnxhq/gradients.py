@@ -110,6 +110,12 @@ def forward_model(model: onnx.ModelProto, params: Iterable[str], logits: str) ->
     return m
 
 
+def default_params(model: onnx.ModelProto) -> list[str]:
+    """Every float32 initializer except those read only by BatchNormalization (which stay frozen)."""
+    frozen = batchnorm_params(model)
+    return [t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and t.name not in frozen]
+
+
 def batchnorm_params(model: onnx.ModelProto) -> set[str]:
     """Initializers read only as BatchNormalization scale, bias, mean or variance."""
     bn_inputs = {i for n in model.graph.node if n.op_type == "BatchNormalization" for i in n.input[1:5]}
@@ -229,11 +235,7 @@ class GradientEngine:
     _forward_session: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.params is None:
-            frozen = batchnorm_params(self.model)
-            self.params = [t.name for t in self.model.graph.initializer
-                           if t.data_type == TensorProto.FLOAT and t.name not in frozen]
-        self.params = list(self.params)
+        self.params = default_params(self.model) if self.params is None else list(self.params)
         self.values = read_initializers(self.model, self.params)
         self.inputs = [i.name for i in runtime_inputs(self.model)]
         training = build_training_model(self.model, self.params, output=self.output)

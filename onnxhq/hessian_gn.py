@@ -20,7 +20,7 @@ import onnx.inliner
 from onnx import TensorProto, helper
 
 from .errors import ModelError
-from .gradients import (LOSS, add_gradient_outputs, batchnorm_params, build_gradient_model,
+from .gradients import (LOSS, add_gradient_outputs, build_gradient_model, default_params,
                         frozen_batchnorm_as_affine, grad_name)
 from .model import initializer_map, read_initializers, runtime_inputs
 from .runtime import make_session
@@ -100,11 +100,7 @@ class ProjectionEngine:
     _forward_session: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.params is None:
-            frozen = batchnorm_params(self.model)
-            self.params = [t.name for t in self.model.graph.initializer
-                           if t.data_type == TensorProto.FLOAT and t.name not in frozen]
-        self.params = list(self.params)
+        self.params = default_params(self.model) if self.params is None else list(self.params)
         self.output, _ = projection_output(self.model, self.output)
         self.values = read_initializers(self.model, self.params)
         self.inputs = [i.name for i in runtime_inputs(self.model)]

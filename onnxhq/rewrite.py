@@ -25,7 +25,7 @@ are refused below it with the conversion to do.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import onnx
@@ -34,6 +34,9 @@ from onnx import TensorProto, helper, numpy_helper
 from . import naming
 from .errors import ModelError
 from .model import default_opset, initializer_map
+
+if TYPE_CHECKING:
+    from .quantize import TensorCodes
 
 #: Default opset of the function bodies (used when no model opset is given).
 FUNCTION_OPSET = 17
@@ -193,7 +196,7 @@ def node_codes(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
     return book, stored, int(book.size), None
 
 
-def rewrite(model: onnx.ModelProto, codebooks: Mapping[str, np.ndarray], tensors: Mapping[str, "TensorCodesLike"],
+def rewrite(model: onnx.ModelProto, codebooks: Mapping[str, np.ndarray], tensors: Mapping[str, "TensorCodes"],
             *, pack: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` with each weight in ``tensors`` in codebook + index form.
 
