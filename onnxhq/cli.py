@@ -182,7 +182,7 @@ def _add_compress(sub) -> None:
     rate.add_argument("--bits", type=float, help="bits per index: k = 2**bits")
     rate.add_argument("--lambda", dest="lam", type=float, help="rate weight of ECSQ")
     rate.add_argument("--target-bits", type=float,
-                      help="target entropy of the indices, bits per weight (default 3 for uniform and ECSQ)")
+                      help="target entropy of the indices, bits per weight (default 4 for uniform and ECSQ)")
     p.add_argument("--scope", default="network", choices=["network", "layer", "channel-group"])
     p.add_argument("--group-size", type=int, help="output channels per codebook with --scope channel-group")
     p.add_argument("--hessian", default="fisher",

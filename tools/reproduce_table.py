@@ -119,11 +119,12 @@ def nets() -> dict[str, Net]:
                       adam_state=ROOT / "models" / "lenet5_mnist_adam.npz", augment=random_shift, polish_epochs=5.0),
         # Saliency pruning cuts LeNet-300-100's first layer too hard, and shifted images hurt the
         # sparse MLP (measured: 97.19 % saliency+shifts, 98.14 % magnitude, at 92 % sparsity).
-        "lenet300": Net("lenet300", lambda: load_model(ROOT / "models" / "lenet300_mnist.onnx"), lambda: mnist("train"),
+        # 95 % sparsity left the MLP 0.23 point below its float model even after polishing: kept
+        # for the record as lenet300_95; the table uses 92 % (Deep Compression's) below.
+        "lenet300_95": Net("lenet300_95", lambda: load_model(ROOT / "models" / "lenet300_mnist.onnx"), lambda: mnist("train"),
                         lambda: mnist("test"), sparsity=0.95, prune_steps=4, retrain_epochs=3.0, finetune_epochs=1.0,
                         adam_state=ROOT / "models" / "lenet300_mnist_adam.npz", criterion="magnitude", polish_epochs=10.0),
-        # A gentler variant: 92 % sparsity (Deep Compression's) with longer polishing.
-        "lenet300_92": Net("lenet300_92", lambda: load_model(ROOT / "models" / "lenet300_mnist.onnx"),
+        "lenet300": Net("lenet300", lambda: load_model(ROOT / "models" / "lenet300_mnist.onnx"),
                            lambda: mnist("train"), lambda: mnist("test"), sparsity=0.92, prune_steps=4,
                            retrain_epochs=3.0, finetune_epochs=1.0,
                            adam_state=ROOT / "models" / "lenet300_mnist_adam.npz", criterion="magnitude",
@@ -322,11 +323,15 @@ def report_stage(net: Net, cache: Cache) -> None:
         best = cache.get(f"best/{label}")
         paper = PAPER.get(net.name, {}).get(label)
         paper_txt = f"{paper[0]:.2f} %, {paper[1]:.2f}x" if paper else "n/a"
-        if not best:
-            print(f"| {label} | none passed | | | | | | {paper_txt} |")
-            continue
+        mark = ""
+        if not best:  # show the most accurate fine-tuned attempt, marked as failing
+            tried = [dict(row, key=key) for key, row in cache.data.items() if key.startswith(f"table/{label}/")]
+            if not tried:
+                print(f"| {label} | not run | | | | | | {paper_txt} |")
+                continue
+            best, mark = max(tried, key=lambda r: (r["accuracy"], r["ratio"])), " ✗"
         rate = best["key"].split("/")[-1]
-        print(f"| {label} | {rate} | {best['accuracy']:.2%} | {best['bits_per_weight']:.3f} | {best['bytes']:,} | "
+        print(f"| {label} | {rate} | {best['accuracy']:.2%}{mark} | {best['bits_per_weight']:.3f} | {best['bytes']:,} | "
               f"{best['ratio']:.2f}x | {best['paper_ratio']:.2f}x | {paper_txt} |")
     plot_curves(net, cache)
 
@@ -340,21 +345,27 @@ def plot_curves(net: Net, cache: Cache) -> None:
     except ImportError:
         print("(matplotlib missing: pip install -e '.[bench]' for the plot)")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    tags = [t for t in ("dense", "dense@layer", "pruned", "pruned@layer")
+            if any(key.startswith(f"curve/{t}/") for key in cache.data)]
+    fig, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
     float_acc = cache.get("float")["accuracy"]
-    for ax, tag in zip(axes, ("dense", "pruned")):
+    for ax, tag in zip(axes, tags):
         for label in METHODS:
             pts = sorted((row["bits_per_weight"], row["accuracy"]) for key, row in cache.data.items()
                          if key.startswith(f"curve/{tag}/{label}/") and "accuracy" in row)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.axhline(float_acc, color="gray", ls="--", lw=1, label="float model")
-        ax.set_title(f"{net.name}, {tag} (no fine-tuning)")
+        scope = "one codebook per layer" if tag.endswith("@layer") else "one codebook"
+        ax.set_title(f"{net.name}, {tag.split('@')[0]}, {scope} (no fine-tuning)")
         ax.set_xlabel("coded bits per weight (Huffman, all quantized weights)")
         ax.set_ylim(max(0.0, float_acc - 0.05), min(1.0, float_acc + 0.01))
+        if tag.startswith("pruned"):
+            ax.set_xlim(0.2, 1.0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy (test set)")
-    axes[1].legend(loc="lower right")
+    axes[-1].legend(loc="lower right")
     fig.tight_layout()
     out = ROOT / "tools" / f"curves_{net.name}.png"
     fig.savefig(out, dpi=110)
@@ -364,7 +375,7 @@ def plot_curves(net: Net, cache: Cache) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nets", nargs="+", default=["lenet5", "lenet300", "resnet32"],
-                    choices=["lenet5", "lenet300", "lenet300_92", "resnet32"])
+                    choices=["lenet5", "lenet300", "lenet300_95", "resnet32"])
     ap.add_argument("--stages", nargs="+", default=["prune", "curves", "table", "report"])
     ap.add_argument("--calib", type=int, default=1000, help="training images for the Fisher")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
