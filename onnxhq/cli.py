@@ -193,6 +193,10 @@ def _add_compress(sub) -> None:
     p.add_argument("--include-biases", action="store_true", help="quantize biases too")
     p.add_argument("--extra-ops", nargs="+", default=(), metavar="OP",
                    help="also quantize the weights of these op types (Gather, LSTM, GRU, RNN, Einsum)")
+    p.add_argument("--finetune-epochs", type=float, default=0,
+                   help="fine-tune the codebook values (indices fixed) for this many epochs over --train")
+    p.add_argument("--train", dest="train_data", help="labelled .npz for --finetune-epochs")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="peak Adam learning rate (default 1e-4)")
     _add_common(p)
     p.add_argument("-o", "--outdir", required=True, help="folder for the compressed artifacts")
     p.add_argument("--report-json", help="also write the report as JSON to this file")
@@ -205,12 +209,14 @@ def _run_compress(args) -> int:
     outdir = Path(args.outdir)
     stem = Path(args.model).stem
     targets = [outdir / f"{stem}.onnx", outdir / f"{stem}.onnxhq"] + ([Path(args.report_json)] if args.report_json else [])
-    refuse_overwriting_inputs(targets, _existing(args.model, args.data, args.eval_data, args.hessian, args.adam_state))
+    refuse_overwriting_inputs(targets, _existing(args.model, args.data, args.eval_data, args.hessian, args.adam_state,
+                                                 args.train_data))
     hessian = _hessian_option(args.hessian, args.model, args.adam_state)
     result = compress(args.model, args.data, method=args.method, k=args.k, bits=args.bits, lam=args.lam,
                       target_bits=args.target_bits, scope=args.scope, group_size=args.group_size, hessian=hessian,
                       hessian_samples=args.samples, include_biases=args.include_biases,
                       extra_ops=tuple(args.extra_ops), output=args.output_name,
+                      finetune_epochs=args.finetune_epochs, train_data=args.train_data, finetune_lr=args.finetune_lr,
                       eval_data=args.eval_data, seed=args.seed, progress=args.progress)
     result.save(outdir)
     print(result.report.to_text())

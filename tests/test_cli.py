@@ -384,3 +384,12 @@ def test_usage_errors_exit_2(args, capsys):
 def test_usage_errors_exit_2_from_the_shell_too():
     proc = onnxhq("frobnicate")
     assert proc.returncode == 2 and "invalid choice: 'frobnicate'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compress_fine_tunes_the_codebook_on_request(bundled_model, bundled_sample, tmp_path):
+    proc = onnxhq("compress", bundled_model, "--method", "kmeans", "--k", "8", "--finetune-epochs", "0.2",
+                  "--train", bundled_sample, "-o", tmp_path, "--report-json", tmp_path / "r.json")
+    assert_ok(proc)
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["finetune_epochs"] == 0.2
+    assert_one_line_error(onnxhq("compress", bundled_model, "--method", "kmeans", "--finetune-epochs", "1",
+                                 "-o", tmp_path / "x"), "--train")
