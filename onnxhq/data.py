@@ -48,7 +48,7 @@ class Dataset:
 def load_data(source: str | os.PathLike | dict, model: onnx.ModelProto, *, need_labels: bool = False) -> Dataset:
     """Read and validate a data file (or dict of arrays) against ``model``'s runtime inputs."""
     where = "data" if isinstance(source, dict) else str(source)
-    arrays = dict(source) if isinstance(source, dict) else _read_npz(Path(source))
+    arrays = dict(source) if isinstance(source, dict) else read_npz(source)
     specs = runtime_inputs(model)
     if not specs:
         raise DataError("the model has no runtime inputs to feed")
@@ -81,26 +81,32 @@ def load_data(source: str | os.PathLike | dict, model: onnx.ModelProto, *, need_
     return Dataset(inputs, labels)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` archive, read with ``allow_pickle=False``; ``what`` names it in errors.
+
+    Anything that is not a zip is refused before numpy sees it: ``np.load`` would try to unpickle it.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"{what} {path} does not exist")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # np.load would fall back to unpickling anything that is not a zip or .npy
-        raise DataError(f"{path} is not an .npz archive (it does not start like a zip file)")
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{what} {path} is a single .npy array; use an .npz archive keyed by name")
+    if not magic.startswith(b"PK"):
+        raise DataError(f"{what} {path} is not a readable .npz archive (it does not start like a zip file)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise DataError(f"{path} is a single .npy array; use an .npz archive keyed by input names")
-            return {k: npz[k] for k in npz.files}
-    except DataError:
-        raise
+            arrays = {k: npz[k] for k in npz.files}
     except ValueError as exc:
         if "pickle" in str(exc):
-            raise DataError(f"{path} holds pickled objects; onnxhq reads plain numeric arrays only") from None
-        raise DataError(f"{path} is not a readable .npz archive ({exc})") from None
+            raise DataError(f"{what} {path} holds pickled objects; onnxhq reads plain numeric arrays only") from None
+        raise DataError(f"{what} {path} is not a readable .npz archive ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npz archive ({type(exc).__name__})") from None
+        raise DataError(f"{what} {path} is not a readable .npz archive ({type(exc).__name__})") from None
+    if not arrays:
+        raise DataError(f"{what} {path} holds no arrays")
+    return arrays
 
 
 def _check_input(where: str, key: str, array: np.ndarray, spec: onnx.ValueInfoProto) -> np.ndarray:

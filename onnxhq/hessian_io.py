@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import onnx
 
 from ._io import atomic_write_bytes
+from .data import read_npz
 from .errors import DataError, NumericalError
 from .model import FLOAT_TYPES, initializer_map
 
@@ -59,7 +59,7 @@ def load_hessian(path: str | os.PathLike, reference: onnx.ModelProto | Shapes) -
     -------
     dict name -> float32 array shaped like the weight; finite and nonnegative.
     """
-    arrays = _read_npz(Path(path), "Hessian file")
+    arrays = read_npz(path, "Hessian file")
     return _validated(arrays, reference, where=f"Hessian file {path}")
 
 
@@ -72,7 +72,7 @@ def read_second_moment(source: str | os.PathLike | Mapping[str, np.ndarray], sha
     if isinstance(source, Mapping):
         arrays, where = {k: np.asarray(v) for k, v in source.items()}, "the Adam state"
     else:
-        arrays, where = _read_npz(Path(source), "Adam state file"), f"Adam state file {source}"
+        arrays, where = read_npz(source, "Adam state file"), f"Adam state file {source}"
     return _validated(arrays, shapes, where=where, dtype=np.float64)
 
 
@@ -122,26 +122,3 @@ def _some(names, limit: int = 5) -> str:
     names = list(names)
     shown = ", ".join(repr(n) for n in names[:limit])
     return (shown + f" and {len(names) - limit} more" if len(names) > limit else shown) or "no entries"
-
-
-def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise DataError(f"{what} {path} does not exist")
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic == b"\x93NUMPY":
-        raise DataError(f"{what} {path} is a single .npy array; use an .npz archive keyed by weight name")
-    if not magic.startswith(b"PK"):  # np.load would try to unpickle anything else
-        raise DataError(f"{what} {path} is not a readable .npz archive (it does not start like a zip file)")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise DataError(f"{what} {path} holds pickled objects; onnxhq reads plain numeric arrays only") from None
-        raise DataError(f"{what} {path} is not a readable .npz archive ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{what} {path} is not a readable .npz archive ({type(exc).__name__})") from None
-    if not arrays:
-        raise DataError(f"{what} {path} holds no arrays")
-    return arrays

@@ -70,5 +70,5 @@ def test_labels_required_when_asked(tmp_path, convnet):
 def test_a_file_that_is_not_a_zip_is_never_unpickled(tmp_path, convnet):
     path = tmp_path / "text.npz"
     path.write_text("just text, which np.load would try to unpickle")
-    with pytest.raises(DataError, match="not an .npz archive"):
+    with pytest.raises(DataError, match="not a readable .npz archive"):
         load_data(path, convnet)
