@@ -140,26 +140,39 @@ def _canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return codes, order, top
 
 
+#: Values packed per step of `pack_bits` (bounds its temporary memory).
+PACK_CHUNK = 1 << 20
+
+
 def pack_bits(values: np.ndarray, widths: np.ndarray) -> tuple[bytes, int]:
-    """Concatenate ``values[i]`` written in ``widths[i]`` bits (<= 32), MSB-first, zero-padded."""
+    """Concatenate ``values[i]`` written in ``widths[i]`` bits (<= 32), MSB-first, zero-padded.
+
+    Works through the values in chunks of `PACK_CHUNK`, so the temporaries stay a few tens of MB
+    however long the stream (tens of millions of weights).
+    """
     values = np.asarray(values, dtype=np.int64).ravel()
     widths = np.broadcast_to(np.asarray(widths, dtype=np.int64), values.shape)
     if values.size and (widths.min() < 0 or widths.max() > 32 or values.min() < 0 or np.any(values >> widths)):
         raise ConfigError("pack_bits needs widths in [0, 32] and 0 <= values < 2**widths")
-    ends = np.cumsum(widths)
-    n_bits = int(ends[-1]) if ends.size else 0
+    n_bits = int(widths.sum())
     n_bytes = (n_bits + 7) // 8
     if n_bytes == 0:
         return b"", n_bits
-    starts = ends - widths
-    shift = starts & 7
     spill = (7 + int(widths.max()) + 7) // 8  # bytes one value can touch
-    aligned = values << (8 * spill - widths - shift)  # value placed in a `spill`-byte window
-    first = starts >> 3
     out = np.zeros(n_bytes + spill, dtype=np.float64)
-    for k in range(spill):  # values occupy disjoint bits, so summing bytes is OR-ing them
-        part = (aligned >> (8 * (spill - 1 - k))) & 0xFF
-        out += np.bincount(first + k, weights=part, minlength=out.size)
+    offset = 0
+    for begin in range(0, values.size, PACK_CHUNK):
+        v, w = values[begin:begin + PACK_CHUNK], widths[begin:begin + PACK_CHUNK]
+        ends = np.cumsum(w) + offset
+        starts = ends - w
+        aligned = v << (8 * spill - w - (starts & 7))  # value placed in a `spill`-byte window
+        first = starts >> 3
+        low = int(first[0])
+        for k in range(spill):  # values occupy disjoint bits, so summing bytes is OR-ing them
+            part = (aligned >> (8 * (spill - 1 - k))) & 0xFF
+            counts = np.bincount(first - low + k, weights=part)
+            out[low:low + counts.size] += counts
+        offset = int(ends[-1])
     return out[:n_bytes].astype(np.uint8).tobytes(), n_bits
 
 
