@@ -81,6 +81,12 @@ def build_training_model(model: onnx.ModelProto, params: Iterable[str], *, outpu
     missing = [p for p in params if p not in inits]
     if missing:
         raise ModelError(f"cannot differentiate {missing[0]!r}: it is not an initializer of the model")
+    not_f32 = [p for p in params if inits[p].data_type != TensorProto.FLOAT]
+    if not_f32:
+        kind = TensorProto.DataType.Name(inits[not_f32[0]].data_type)
+        raise ModelError(f"weight {not_f32[0]!r} is {kind}; the gradient engine (Hessian, pruning, fine-tuning) "
+                         "needs float32 weights: convert the model to float32, or use --method kmeans, which "
+                         "needs no gradients")
     keep = [t for t in m.graph.initializer if t.name not in set(params)]
     moved = [inits[p] for p in params]
     del m.graph.initializer[:]

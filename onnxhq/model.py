@@ -91,6 +91,7 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto, *, convert_o
         raise ModelError("the model has no nodes; is this an ONNX model file?")
     model = _check_opset(model, convert=convert_opset)
     materialize_constants(model)
+    drop_initializer_inputs(model)
     return model
 
 
@@ -130,6 +131,23 @@ def _check_opset(model: onnx.ModelProto, *, convert: bool) -> onnx.ModelProto:
                          f"onnxhq's onnxruntime runs ({type(exc).__name__}: {str(exc)[:200]}); re-export it "
                          f"with opset {MAX_OPSET}") from None
     return converted
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> int:
+    """Remove graph inputs that an initializer of the same name backs, in place; returns how many.
+
+    Old exporters (IR < 4) list every weight as a graph input too. As inputs they could be fed at
+    run time, so they are not constants to quantize; in practice nobody feeds them.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    dropped = len(model.graph.input) - len(keep)
+    if dropped:
+        log.info("treating %d initializers that are also graph inputs as constants", dropped)
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.ir_version = max(model.ir_version, 4)  # IR 3 required initializers to be inputs
+    return dropped
 
 
 def materialize_constants(model: onnx.ModelProto) -> int:

@@ -124,3 +124,13 @@ def test_logits_follow_the_current_parameter_values(convnet, convnet_inputs):
     before = engine.logits({"input": x})
     engine.with_values({"fc.bias": engine.values["fc.bias"] + 1.0})
     np.testing.assert_allclose(engine.logits({"input": x}), before + 1.0, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_weights_are_refused_with_a_way_out():
+    from onnx import numpy_helper as nh
+
+    model = small_convnet()
+    for t in model.graph.initializer:
+        t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
+    with pytest.raises(ModelError, match="FLOAT16.*float32.*--method kmeans"):
+        GradientEngine(model, params=["conv.weight"])

@@ -11,6 +11,8 @@ from onnxhq.errors import ModelError
 from onnxhq.model import (MAX_OPSET, load_model, materialize_constants, quantizable_weights, read_initializers,
                           replace_initializers, save_model)
 
+from onnxhq.runtime import make_session
+
 from conftest import small_convnet
 
 
@@ -102,3 +104,17 @@ def test_replace_initializers_checks_shapes_and_copies(convnet):
     assert np.any(read_initializers(convnet, ["fc.bias"])["fc.bias"] != 0)
     with pytest.raises(ModelError, match="shape"):
         replace_initializers(convnet, {"fc.bias": np.zeros(5, np.float32)})
+
+
+def test_weights_also_listed_as_graph_inputs_are_quantizable():
+    model = small_convnet()
+    for t in model.graph.initializer:  # the IR < 4 convention of old exporters
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    model.ir_version = 3
+    loaded = load_model(model)
+    assert [i.name for i in loaded.graph.input] == ["input"]
+    assert {w.name for w in quantizable_weights(loaded)} == {"conv.weight", "fc.weight"}
+    onnx.checker.check_model(loaded, full_check=True)
+    x = np.ones((1, 1, 6, 6), np.float32)
+    np.testing.assert_array_equal(make_session(loaded).run(None, {"input": x})[0],
+                                  make_session(small_convnet()).run(None, {"input": x})[0])
