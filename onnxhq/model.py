@@ -92,6 +92,7 @@ def load_model(source: str | os.PathLike | bytes | onnx.ModelProto, *, convert_o
     model = _check_opset(model, convert=convert_opset)
     materialize_constants(model)
     drop_initializer_inputs(model)
+    bypass_initializer_identities(model)
     return model
 
 
@@ -148,6 +149,30 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> int:
         model.graph.input.extend(keep)
         model.ir_version = max(model.ir_version, 4)  # IR 3 required initializers to be inputs
     return dropped
+
+
+def bypass_initializer_identities(model: onnx.ModelProto) -> int:
+    """Let consumers of ``Identity(initializer)`` read the initializer itself, in place.
+
+    Some exporters route weights through Identity nodes, which would hide them from the weight
+    slots of Conv/Gemm/MatMul. Identities that produce a graph output are kept. Returns how many
+    were removed.
+    """
+    inits = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.input and n.input[0] in inits
+             and n.output[0] not in outputs}
+    if not alias:
+        return 0
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    for node in keep:
+        for pos, name in enumerate(node.input):
+            if name in alias:
+                node.input[pos] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(alias)
 
 
 def materialize_constants(model: onnx.ModelProto) -> int:

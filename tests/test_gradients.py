@@ -134,3 +134,14 @@ def test_fp16_weights_are_refused_with_a_way_out():
         t.CopyFrom(nh.from_array(nh.to_array(t).astype(np.float16), t.name))
     with pytest.raises(ModelError, match="FLOAT16.*float32.*--method kmeans"):
         GradientEngine(model, params=["conv.weight"])
+
+
+def test_an_output_without_recorded_shape_can_hold_the_scores(convnet, convnet_inputs):
+    from onnxhq.gradients import class_score_output
+
+    model = small_convnet()
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    assert class_score_output(model) == ("logits", False)
+    x, y = convnet_inputs
+    loss, _ = GradientEngine(model).loss_and_gradients({"input": x}, y)
+    assert loss == pytest.approx(GradientEngine(convnet).loss_and_gradients({"input": x}, y)[0], rel=1e-6)

@@ -118,3 +118,15 @@ def test_weights_also_listed_as_graph_inputs_are_quantizable():
     x = np.ones((1, 1, 6, 6), np.float32)
     np.testing.assert_array_equal(make_session(loaded).run(None, {"input": x})[0],
                                   make_session(small_convnet()).run(None, {"input": x})[0])
+
+
+def test_weights_behind_identity_nodes_are_found():
+    model = small_convnet()
+    model.graph.node.insert(0, helper.make_node("Identity", ["fc.weight"], ["onnx::Gemm_7"]))
+    model.graph.node[-1].input[1] = "onnx::Gemm_7"
+    loaded = load_model(model)
+    assert "Identity" not in {n.op_type for n in loaded.graph.node}
+    assert {w.name for w in quantizable_weights(loaded)} == {"conv.weight", "fc.weight"}
+    x = np.ones((1, 1, 6, 6), np.float32)
+    np.testing.assert_array_equal(make_session(loaded).run(None, {"input": x})[0],
+                                  make_session(small_convnet()).run(None, {"input": x})[0])
