@@ -48,9 +48,11 @@ def class_score_output(model: onnx.ModelProto, output: str | None = None) -> tup
             raise ModelError(f"the model has no output {output!r}; its outputs are {', '.join(outputs)}")
         chosen = output
     else:
-        ranked = [o.name for o in model.graph.output if len(static_shape(o)) == 2]
+        floats = [o for o in model.graph.output if o.type.HasField("tensor_type")
+                  and o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)]
+        ranked = [o.name for o in floats if len(static_shape(o)) == 2]
         # Outputs whose rank the file does not record may be the scores too; the loss checks the rank.
-        ranked = ranked or [o.name for o in model.graph.output if not o.type.tensor_type.HasField("shape")]
+        ranked = ranked or [o.name for o in floats if not o.type.tensor_type.HasField("shape")]
         if not ranked:
             raise ModelError(f"no output of rank 2 (N, classes) among {', '.join(outputs)}; "
                              "name the class-score output explicitly")
