@@ -52,8 +52,12 @@ def index_streams(model: onnx.ModelProto, zero_symbols: dict[str, int | None] | 
     return streams
 
 
-def split_artifacts(model: onnx.ModelProto, stem: str, *, zero_symbols: dict[str, int | None] | None = None) -> Artifacts:
-    """Serialize ``model`` (output of `rewrite.rewrite`) as graph + sidecar named after ``stem``."""
+def split_artifacts(model: onnx.ModelProto, stem: str, *, zero_symbols: dict[str, int | None] | None = None,
+                    original_bytes: int | None = None) -> Artifacts:
+    """Serialize ``model`` (output of `rewrite.rewrite`) as graph + sidecar named after ``stem``.
+
+    ``original_bytes`` (the input model's size) is recorded so `report` can give the same ratio later.
+    """
     graph_name, sidecar_name = naming.artifact_names(stem)
     streams = index_streams(model, zero_symbols)
     moved = {s.name for s in streams}
@@ -67,7 +71,8 @@ def split_artifacts(model: onnx.ModelProto, stem: str, *, zero_symbols: dict[str
         t = by_name[s.name]
         graph.graph.input.append(helper.make_tensor_value_info(s.name, t.data_type, list(t.dims)))
     detach_functions(graph)  # decode re-attaches onnxhq's own definitions, fixed by FORMAT_VERSION
-    set_metadata(graph, {naming.METADATA_SIDECAR: sidecar_name, naming.METADATA_VERSION: FORMAT_VERSION})
+    set_metadata(graph, {naming.METADATA_SIDECAR: sidecar_name, naming.METADATA_VERSION: FORMAT_VERSION,
+                         **({} if original_bytes is None else {naming.METADATA_ORIGINAL_BYTES: str(original_bytes)})})
     sidecar = encode_sidecar(streams, metadata={"graph": graph_name})
     return Artifacts(graph_name, graph.SerializeToString(), sidecar_name, sidecar)
 

@@ -8,6 +8,7 @@ GROUPED_OP = "DequantizeGrouped"
 PACKED_OP = "DequantizePacked4"
 METADATA_SIDECAR = "onnxhq.sidecar"
 METADATA_VERSION = "onnxhq.version"
+METADATA_ORIGINAL_BYTES = "onnxhq.original_bytes"
 GRAPH_SUFFIX = ".onnx"
 SIDECAR_SUFFIX = ".onnxhq"
 

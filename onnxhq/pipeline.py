@@ -130,7 +130,7 @@ def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.
         quantized = replace(quantized, codebooks={key: tuned[naming.codebook_tensor(key)].reshape(book.shape)
                                                   for key, book in quantized.codebooks.items()})
     zero_symbols = {n: _zero_symbol(quantized, n) for n in pruned}
-    artifacts = split_artifacts(rewritten, stem, zero_symbols=zero_symbols)
+    artifacts = split_artifacts(rewritten, stem, zero_symbols=zero_symbols, original_bytes=original_bytes)
     report = _report(stem, proto, quantized, artifacts, original_bytes,
                      settings=dict(method=method, scope=scope, k=k, bits=bits, lam=lam, target_bits=target_bits,
                                    hessian=hessian if isinstance(hessian, str) else "supplied",

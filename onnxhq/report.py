@@ -186,8 +186,9 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
     """The report of a compressed graph and the sidecar beside it, from those two files alone.
 
     Exposed as ``onnxhq.report``. Layers, clusters used, entropy, coded bits per weight and the
-    codebooks come from the files; ``original_bytes`` is the size of the float model they decode to
-    (``original_source="decoded"``), and there are no accuracies or settings.
+    codebooks come from the files; ``original_bytes`` is the input size `compress` recorded in the
+    graph, or for graphs without it the size of the float model they decode to
+    (``original_source="decoded"``); there are no accuracies or settings.
 
     Raises
     ------
@@ -200,6 +201,7 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
 
     import numpy as np
 
+    from . import naming
     from .decode import join_artifacts
     from .rewrite import dequantize_model
 
@@ -211,11 +213,13 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
     unquantized = sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.graph.initializer
                       if t.data_type in _FLOAT_TENSOR_TYPES and t.name not in books)
     graph_bytes = graph_path.stat().st_size
-    return Report(model=graph_path.stem, original_bytes=dequantize_model(decoded).ByteSize(),
+    recorded = {p.key: p.value for p in graph.metadata_props}.get(naming.METADATA_ORIGINAL_BYTES, "")
+    original, source = (int(recorded), "input") if recorded.isdigit() else (dequantize_model(decoded).ByteSize(), "decoded")
+    return Report(model=graph_path.stem, original_bytes=original,
                   files={str(graph_path.resolve()): graph_bytes, str(side_path.resolve()): len(sidecar)},
                   layers=rows, codebook_bytes=sum(c.entries * np.dtype(c.dtype).itemsize for c in codebooks),
                   unquantized_params=unquantized, graph_bytes=graph_bytes, sidecar_bytes=len(sidecar),
-                  codebooks=codebooks, original_source="decoded")
+                  codebooks=codebooks, original_source=source)
 
 
 def _read_artifacts(graph_path):

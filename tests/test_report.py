@@ -67,9 +67,29 @@ def test_artifacts_give_back_the_compress_report(saved):
     rebuilt = describe_artifacts(paths[0])
     original = result.report
     assert rebuilt.layers == original.layers
-    for field in ("files", "graph_bytes", "sidecar_bytes", "codebook_bytes", "unquantized_params"):
+    for field in ("files", "graph_bytes", "sidecar_bytes", "codebook_bytes", "unquantized_params",
+                  "original_bytes", "compression_ratio"):
         assert getattr(rebuilt, field) == getattr(original, field), field
-    assert rebuilt.accuracy_original is None and rebuilt.original_source == "decoded"
+    assert rebuilt.accuracy_original is None and rebuilt.original_source == "input"
+
+
+def test_artifacts_without_the_recorded_size_report_against_the_decoded_model(saved, tmp_path):
+    import onnx
+
+    from onnxhq import naming
+
+    _, paths = saved
+    graph = onnx.load(str(paths[0]))
+    kept = [p for p in graph.metadata_props if p.key != naming.METADATA_ORIGINAL_BYTES]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(tmp_path / paths[0].name))
+    (tmp_path / paths[1].name).write_bytes(paths[1].read_bytes())
+    rebuilt = describe_artifacts(tmp_path / paths[0].name)
+    from onnxhq.decode import load
+
+    assert rebuilt.original_source == "decoded"
+    assert rebuilt.original_bytes == load(tmp_path / paths[0].name, dequantize=True).ByteSize()
 
 
 def test_codebooks_hold_the_quantized_values_and_who_reads_them(saved):
