@@ -32,10 +32,6 @@ class Artifacts:
     sidecar_name: str
     sidecar_bytes: bytes
 
-    @property
-    def total_bytes(self) -> int:
-        return len(self.graph_bytes) + len(self.sidecar_bytes)
-
 
 def index_streams(model: onnx.ModelProto, zero_symbols: dict[str, int | None] | None = None) -> list[IndexStream]:
     """One stream per dequantize node's index initializer, in graph order; packed indices are unpacked

@@ -229,13 +229,9 @@ def _native_stderr_silenced():
 
 
 @dataclass
-class GradientEngine:
-    """Loss and gradients of ``model`` with respect to ``params`` (initializer names).
-
-    ``params`` default to every float initializer. Values of the parameters are those of the model
-    unless overridden per call. The engine holds two onnxruntime sessions: forward (for sampling
-    labels and logits) and forward+backward.
-    """
+class SessionEngine:
+    """What the gradient views share: the model, the parameters they differentiate (initializer
+    names; default `default_params`), their current values, and a forward and a backward session."""
 
     model: onnx.ModelProto
     params: list[str] | None = None
@@ -244,10 +240,23 @@ class GradientEngine:
     _grad_session: object = field(init=False, repr=False)
     _forward_session: object = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def _bind_params(self) -> None:
         self.params = default_params(self.model) if self.params is None else list(self.params)
         self.values = read_initializers(self.model, self.params)
         self.inputs = [i.name for i in runtime_inputs(self.model)]
+
+
+@dataclass
+class GradientEngine(SessionEngine):
+    """Loss and gradients of ``model`` with respect to ``params``.
+
+    Values of the parameters are those of the model unless overridden per call. The forward
+    session gives logits (for sampling labels), the backward one the mean cross-entropy and its
+    gradients.
+    """
+
+    def __post_init__(self) -> None:
+        self._bind_params()
         training = build_training_model(self.model, self.params, output=self.output)
         grad_model = build_gradient_model(training, self.params)
         self._grad_outputs = [LOSS] + [grad_name(p) for p in self.params]
@@ -287,12 +296,6 @@ class GradientEngine:
     def with_values(self, values: Mapping[str, np.ndarray]) -> None:
         """Make ``values`` the default parameter values for later calls (e.g. after training)."""
         self.values = {**self.values, **{k: np.asarray(v) for k, v in values.items()}}
-
-
-def check_finite(grads: Mapping[str, np.ndarray], what: str = "gradient") -> None:
-    for name, g in grads.items():
-        if not np.isfinite(g).all():
-            raise NumericalError(f"the {what} of {name!r} has {np.size(g) - np.isfinite(g).sum()} non-finite entries")
 
 
 # --- a small Adam, for training reference models and fine-tuning ------------------------------------

@@ -11,7 +11,7 @@ there because the residual is zero.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -20,9 +20,9 @@ import onnx.inliner
 from onnx import TensorProto, helper
 
 from .errors import ModelError
-from .gradients import (LOSS, add_gradient_outputs, build_gradient_model, default_params,
+from .gradients import (LOSS, SessionEngine, add_gradient_outputs, build_gradient_model,
                         frozen_batchnorm_as_affine, grad_name)
-from .model import initializer_map, read_initializers, runtime_inputs
+from .model import initializer_map
 from .runtime import make_session
 
 log = logging.getLogger(__name__)
@@ -85,25 +85,16 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 @dataclass
-class ProjectionEngine:
+class ProjectionEngine(SessionEngine):
     """Gradients ``J^T r`` of ``sum(r * y)`` for output ``y`` of ``model``, w.r.t. ``params``.
 
-    ``params`` default to every float initializer not read only by BatchNormalization, as in
-    `onnxhq.gradients.GradientEngine`; ``output`` defaults to the first float graph output.
+    ``params`` default as in `onnxhq.gradients.GradientEngine`; ``output`` defaults to the first
+    float graph output.
     """
 
-    model: onnx.ModelProto
-    params: list[str] | None = None
-    output: str | None = None
-    threads: int = 0
-    _grad_session: object = field(init=False, repr=False)
-    _forward_session: object = field(init=False, repr=False)
-
     def __post_init__(self) -> None:
-        self.params = default_params(self.model) if self.params is None else list(self.params)
+        self._bind_params()
         self.output, _ = projection_output(self.model, self.output)
-        self.values = read_initializers(self.model, self.params)
-        self.inputs = [i.name for i in runtime_inputs(self.model)]
         view = build_projection_model(self.model, self.params, output=self.output)
         self._grad_session = make_session(build_gradient_model(view, self.params), threads=self.threads)
         self._grad_outputs = [grad_name(p) for p in self.params]

@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 
 #: Highest default-domain opset the bundled onnxruntime-training build runs.
 MAX_OPSET = 21
-#: Opset that onnxhq writes when it adds nodes.
-TARGET_OPSET = 17
 
 #: op type -> positions of its inputs that are weights (the ones onnxhq quantizes by default).
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {

@@ -22,9 +22,9 @@ from .decode import load_from_bytes
 from .encode import Artifacts, split_artifacts
 from .errors import ConfigError, DataError
 from .evaluate import accuracy
-from .finetune import finetune_codebooks
+from .finetune import codebook_names, finetune_codebooks
 from .gradients import GradientEngine
-from .model import initializer_map, load_model, quantizable_weights, read_initializers
+from .model import FLOAT_TYPES, initializer_map, load_model, quantizable_weights, read_initializers
 from .quantize import METHODS, SCOPES, QuantizedWeights, quantize_weights
 from .report import LayerRow, Report
 from .rewrite import rewrite
@@ -131,7 +131,7 @@ def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.
                                                   for key, book in quantized.codebooks.items()})
     zero_symbols = {n: _zero_symbol(quantized, n) for n in pruned}
     artifacts = split_artifacts(rewritten, stem, zero_symbols=zero_symbols, original_bytes=original_bytes)
-    report = _report(stem, proto, quantized, artifacts, original_bytes,
+    report = _report(stem, proto, rewritten, quantized, artifacts, original_bytes,
                      settings=dict(method=method, scope=scope, k=k, bits=bits, lam=lam, target_bits=target_bits,
                                    hessian=hessian if isinstance(hessian, str) else "supplied",
                                    include_biases=include_biases, finetune_epochs=finetune_epochs))
@@ -264,7 +264,7 @@ def _original_bytes(model, proto) -> int:
     return proto.ByteSize()
 
 
-def _report(stem, proto, quantized, artifacts, original_bytes, *, settings) -> Report:
+def _report(stem, proto, rewritten, quantized, artifacts, original_bytes, *, settings) -> Report:
     layouts = {s.name: s for s in describe_sidecar(artifacts.sidecar_bytes)}
     rows = []
     for name, codes in quantized.tensors.items():
@@ -272,10 +272,11 @@ def _report(stem, proto, quantized, artifacts, original_bytes, *, settings) -> R
         rows.append(LayerRow(name=name, params=int(codes.indices.size), clusters=int(np.unique(codes.indices).size),
                              coded_bytes=lay.payload_bytes + lay.table_bytes,
                              bits_per_weight=lay.coded_bits_per_weight, entropy_bits=lay.entropy_bits))
-    codebook_bytes = sum(int(np.asarray(c).size) * 4 for c in quantized.codebooks.values())
+    # What the graph stores: codebooks in the weights' dtype (float16 models keep float16 ones).
+    codebook_bytes = sum(a.nbytes for a in read_initializers(rewritten, codebook_names(rewritten)).values())
     quantized_names = set(quantized.tensors)
     unquantized = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
-                      if t.name not in quantized_names and t.data_type in (1, 10, 11, 16))
+                      if t.name not in quantized_names and t.data_type in FLOAT_TYPES)
     files = {artifacts.graph_name: len(artifacts.graph_bytes), artifacts.sidecar_name: len(artifacts.sidecar_bytes)}
     return Report(model=stem, original_bytes=original_bytes, files=files, layers=tuple(rows),
                   codebook_bytes=codebook_bytes, unquantized_params=unquantized,

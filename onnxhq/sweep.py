@@ -17,14 +17,12 @@ from .report import Report
 
 if TYPE_CHECKING:  # the heavy modules load on first use (see onnxhq/__init__.py)
     import numpy as np
-    import onnx
 
     from .data import Dataset
 
 log = logging.getLogger(__name__)
 
 #: Rate settings a sweep can vary, as `compress` keywords.
-RATES = ("k", "lam", "target_bits")
 StageProgress = Callable[[str, int, int], None]
 
 

@@ -39,6 +39,20 @@ def small_convnet(seed: int = 0, activation: str = "Tanh", classes: int = 4) -> 
     return model
 
 
+def with_dequantized_weights(model: onnx.ModelProto, books, tensors) -> onnx.ModelProto:
+    """``model`` with each coded weight replaced by its float values: the reference a rewritten graph
+    must compute. ``books``: key -> (k,) or (G, k); ``tensors``: name -> codes (codebook, indices,
+    group_size), as `onnxhq.rewrite.rewrite` takes them."""
+    from onnxhq.model import replace_initializers
+    from onnxhq.rewrite import dequantized_value
+
+    values = {}
+    for name, c in tensors.items():
+        book = np.asarray(books[c.codebook])
+        values[name] = dequantized_value(book.reshape(-1), c.indices, book.shape[-1], c.group_size)
+    return replace_initializers(model, values)
+
+
 @pytest.fixture
 def convnet() -> onnx.ModelProto:
     return small_convnet()

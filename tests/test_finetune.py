@@ -14,9 +14,9 @@ from onnxhq.errors import DataError, ModelError
 from onnxhq.finetune import codebook_names, finetune_codebooks
 from onnxhq.gradients import GradientEngine
 from onnxhq.model import read_initializers, replace_initializers
-from onnxhq.rewrite import dequantized_value, rewrite
+from onnxhq.rewrite import rewrite
 
-from conftest import small_convnet
+from conftest import small_convnet, with_dequantized_weights
 
 WEIGHTS = ["conv.weight", "fc.weight"]
 
@@ -46,14 +46,6 @@ def nearest_codes(model, k=6, grouped=False):
     return books, tensors
 
 
-def dequantized(model, books, tensors):
-    values = {}
-    for name, c in tensors.items():
-        book = books[c.codebook]
-        values[name] = dequantized_value(book.reshape(-1), c.indices, book.shape[-1], c.group_size)
-    return replace_initializers(model, values)
-
-
 def teacher_data(n=256, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 1, 6, 6)).astype(np.float32)
@@ -77,7 +69,7 @@ def test_codebook_gradient_is_the_per_cluster_sum_of_weight_gradients(grouped, c
     x, y = convnet_inputs
     names = codebook_names(rewritten)
     _, book_grads = GradientEngine(rewritten, params=names).loss_and_gradients({"input": x}, y)
-    _, weight_grads = GradientEngine(dequantized(model, books, tensors), params=WEIGHTS).loss_and_gradients({"input": x}, y)
+    _, weight_grads = GradientEngine(with_dequantized_weights(model, books, tensors), params=WEIGHTS).loss_and_gradients({"input": x}, y)
     want = {n: np.zeros(book_grads[n].shape, np.float64) for n in names}
     for weight, c in tensors.items():
         book = books[c.codebook]

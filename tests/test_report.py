@@ -125,3 +125,16 @@ def test_a_missing_or_foreign_sidecar_is_a_sidecar_error(saved, tmp_path, data):
     (tmp_path / "convnet.onnxhq").write_bytes(other.artifacts.sidecar_bytes)
     with pytest.raises(SidecarError):
         describe_artifacts(graph)
+
+
+def test_codebook_bytes_count_what_is_stored_for_float16_weights(tmp_path):
+    from onnx import numpy_helper
+
+    model = small_convnet()
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    result = compress(model, method="kmeans", k=4, name="half")
+    entries = sum(np.asarray(b).size for b in result.quantized.codebooks.values())
+    assert result.report.codebook_bytes == 2 * entries
+    paths = result.save(tmp_path)
+    assert describe_artifacts(paths[0]).codebook_bytes == result.report.codebook_bytes

@@ -21,11 +21,13 @@ from onnxhq import naming
 from onnxhq.decode import join_artifacts, load_from_bytes
 from onnxhq.encode import index_streams, split_artifacts
 from onnxhq.errors import ModelError, SidecarError
-from onnxhq.model import load_model, read_initializers, replace_initializers
-from onnxhq.rewrite import (PACK_MIN_SIZE, PACKED_OP, dequantize_model, dequantized_value, index_dtype, pack4, rewrite,
+from onnxhq.model import load_model, read_initializers
+from onnxhq.rewrite import (PACK_MIN_SIZE, PACKED_OP, dequantize_model, index_dtype, pack4, rewrite,
                             unpack4)
 from onnxhq.runtime import make_session
 from onnxhq.sidecar import IndexStream
+
+from conftest import with_dequantized_weights
 
 
 def codes_for(model, k, rng, grouped=False):
@@ -44,21 +46,13 @@ def codes_for(model, k, rng, grouped=False):
     return books, tensors
 
 
-def reference_model(model, books, tensors):
-    values = {}
-    for name, c in tensors.items():
-        book = books[c.codebook]
-        values[name] = dequantized_value(book.reshape(-1), c.indices, book.shape[-1], c.group_size)
-    return replace_initializers(model, values)
-
-
 @pytest.mark.parametrize("k, grouped", [(4, False), (32, False), (300, False), (8, True)])
 def test_outputs_equal_the_numpy_reference(convnet, convnet_inputs, k, grouped):
     books, tensors = codes_for(convnet, k, np.random.default_rng(k), grouped)
     model = rewrite(convnet, books, tensors)
     onnx.checker.check_model(model, full_check=True)
     x, _ = convnet_inputs
-    want = make_session(reference_model(convnet, books, tensors)).run(None, {"input": x})[0]
+    want = make_session(with_dequantized_weights(convnet, books, tensors)).run(None, {"input": x})[0]
     np.testing.assert_array_equal(make_session(model).run(None, {"input": x})[0], want)
     got_ref = ReferenceEvaluator(model).run(None, {"input": x})[0]
     np.testing.assert_allclose(got_ref, want, rtol=1e-5, atol=1e-6)
@@ -158,7 +152,7 @@ def test_packed_graph_computes_what_the_unpacked_one_does(opset, k):
         assert [(o.domain, o.version) for o in m.opset_import] == [("", opset), ("onnxhq", 1)]  # model opset kept
         assert all([(o.domain, o.version) for o in f.opset_import] == [("", opset)] for f in m.functions)
     x = {"x": np.random.default_rng(0).normal(size=(5, 13)).astype(np.float32)}
-    want = make_session(reference_model(model, books, tensors)).run(None, x)[0]
+    want = make_session(with_dequantized_weights(model, books, tensors)).run(None, x)[0]
     np.testing.assert_array_equal(make_session(packed).run(None, x)[0], want)
     # Unfolded, both graphs compute their weights at run time, through the same kernels.
     np.testing.assert_array_equal(make_session(packed, optimize=False).run(None, x)[0],

@@ -58,11 +58,6 @@ def cell_centers(sw: SortedWeights, cells: np.ndarray, thresholds: np.ndarray, s
     return np.where(sums[0] > 0, c, grid), sums
 
 
-def cell_counts(sw: SortedWeights, thresholds: np.ndarray) -> np.ndarray:
-    """Number of weights in each occupied cell."""
-    return np.diff(bounds_from_thresholds(sw, thresholds))
-
-
 def step_for_levels(vmin: float, vmax: float, levels: int) -> float:
     """Smallest step whose grid spans ``[vmin, vmax]`` with at most ``levels`` cells.
 
