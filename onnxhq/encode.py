@@ -33,29 +33,26 @@ class Artifacts:
     sidecar_bytes: bytes
 
 
-def index_streams(model: onnx.ModelProto, zero_symbols: dict[str, int | None] | None = None) -> list[IndexStream]:
+def index_streams(model: onnx.ModelProto) -> list[IndexStream]:
     """One stream per dequantize node's index initializer, in graph order; packed indices are unpacked
     (the sidecar keeps one symbol per weight, of the weight's shape)."""
     inits = {t.name: t for t in model.graph.initializer}
-    zero_symbols = zero_symbols or {}
     streams = []
     for node in model.graph.node:
         if node.domain != naming.DOMAIN:
             continue
         _, indices, k, _ = node_codes(node, inits)
-        streams.append(IndexStream(name=node.input[1], shape=tuple(indices.shape), alphabet_size=k, indices=indices,
-                                   zero_symbol=zero_symbols.get(node.output[0])))
+        streams.append(IndexStream(name=node.input[1], shape=tuple(indices.shape), alphabet_size=k, indices=indices))
     return streams
 
 
-def split_artifacts(model: onnx.ModelProto, stem: str, *, zero_symbols: dict[str, int | None] | None = None,
-                    original_bytes: int | None = None) -> Artifacts:
+def split_artifacts(model: onnx.ModelProto, stem: str, *, original_bytes: int | None = None) -> Artifacts:
     """Serialize ``model`` (output of `rewrite.rewrite`) as graph + sidecar named after ``stem``.
 
     ``original_bytes`` (the input model's size) is recorded so `report` can give the same ratio later.
     """
     graph_name, sidecar_name = naming.artifact_names(stem)
-    streams = index_streams(model, zero_symbols)
+    streams = index_streams(model)
     moved = {s.name for s in streams}
     graph = onnx.ModelProto()
     graph.CopyFrom(model)

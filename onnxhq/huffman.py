@@ -9,6 +9,10 @@ vectorised across *blocks*: the symbols are cut into blocks of ``block_size`` sy
 the bit length of every block, all blocks are decoded at once, one symbol per block per step,
 with a ``2**max(lengths)`` lookup table. The sidecar stores the block bit lengths for this; without
 them :func:`decode` finds the block starts itself by pointer doubling, slower but still vectorised.
+
+A symbol may carry *extra bits* (``extra_widths[symbol]`` of them, written right after its code
+word, as DEFLATE does for match lengths): the decode table advances over code and extra bits in one
+step, and the extra values are read afterwards, all at once.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ MAX_LENGTH = 20
 """Longest code length supported: the decode table has ``2**max_length`` entries."""
 MAX_PAYLOAD = 1 << 29
 """Largest payload of one stream in bytes (bit positions must fit in uint32)."""
+MAX_EXTRA = 31
+"""Most extra bits one symbol may carry (code + extra bits stay below 2**_LEN_BITS)."""
 
-_LEN_BITS = 5  # decode-table entries are (symbol << 5) | length; length 0 marks an invalid code
+_LEN_BITS = 6  # decode-table entries are (symbol << 6) | (length + extra bits); 0 marks an invalid code
 _LEN_MASK = np.uint32((1 << _LEN_BITS) - 1)
 _FALLBACK_BLOCK = 64
 
@@ -188,21 +194,31 @@ def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
     if len(data) != (n_bits + 7) // 8:
         need = (n_bits + 7) // 8
         raise SidecarError(f"packed field has {len(data)} bytes, expected {need} for {count} x {width} bits")
-    if width == 0 or count == 0:
-        return np.zeros(count, dtype=np.int64)
-    buf = np.frombuffer(bytes(data) + bytes(5), dtype=np.uint8).astype(np.uint64)
-    pos = np.arange(count, dtype=np.int64) * width
-    at = pos >> 3
-    word = np.zeros(count, dtype=np.uint64)
-    for k in range(5):  # 40 bits cover any 32-bit field at any bit offset
-        word = (word << np.uint64(8)) | buf[at + k]
-    word = (word << (pos & 7).astype(np.uint64)) & np.uint64((1 << 40) - 1)
     if n_bits % 8 and data[-1] & ((1 << (8 - n_bits % 8)) - 1):
         raise SidecarError("non-zero padding bits after the last packed field")
-    return (word >> np.uint64(40 - width)).astype(np.int64)
+    return read_bits(data, np.arange(count, dtype=np.int64) * width, np.full(count, width))
 
 
-def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
+def read_bits(data: bytes, positions: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The ``widths[i]``-bit (0..32) MSB-first value starting at bit ``positions[i]`` of ``data``; int64.
+
+    Bits past the end of ``data`` read as zero; callers check lengths themselves.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    widths = np.asarray(widths, dtype=np.uint64)
+    if positions.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    buf = np.frombuffer(bytes(data) + bytes(5), dtype=np.uint8).astype(np.uint64)
+    at = np.minimum(positions >> 3, len(data))
+    word = np.zeros(positions.size, dtype=np.uint64)
+    for k in range(5):  # 40 bits cover any 32-bit field at any bit offset
+        word = (word << np.uint64(8)) | buf[at + k]
+    word = (word << (positions & 7).astype(np.uint64)) & np.uint64((1 << 40) - 1)
+    return (word >> (np.uint64(40) - widths)).astype(np.int64)
+
+
+def encode(symbols: np.ndarray, lengths: np.ndarray, extra: np.ndarray | None = None,
+           extra_widths: np.ndarray | None = None) -> tuple[bytes, int]:
     """Canonical Huffman code of ``symbols``, MSB-first; returns ``(payload, n_bits)``.
 
     Parameters
@@ -211,6 +227,8 @@ def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
         Integer symbols, each with a non-zero code length.
     lengths : ndarray, shape (k,)
         Code lengths, e.g. from :func:`code_lengths`.
+    extra, extra_widths : ndarray, shapes (n,) and (k,), optional
+        Each symbol's code word is followed by ``extra[i]`` in ``extra_widths[symbols[i]]`` bits.
     """
     try:
         lengths = _check_lengths(lengths)
@@ -224,12 +242,27 @@ def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
     if symbols.min() < 0 or symbols.max() >= lengths.size or np.any(lengths[symbols] == 0):
         raise ConfigError(f"symbols must lie in [0, {lengths.size}) and have a non-zero code length")
     codes, _, _ = _canonical(lengths)
-    return pack_bits(codes[symbols], lengths[symbols])
+    if extra_widths is None:
+        return pack_bits(codes[symbols], lengths[symbols])
+    widths = _check_extra_widths(extra_widths, lengths.size, ConfigError)
+    values = np.stack([codes[symbols], np.asarray(extra, dtype=np.int64).ravel()], axis=1)
+    return pack_bits(values.ravel(), np.stack([lengths[symbols], widths[symbols]], axis=1).ravel())
 
 
-def block_bits(symbols: np.ndarray, lengths: np.ndarray, block_size: int) -> np.ndarray:
-    """Bit length of each block of ``block_size`` consecutive symbols (the last may be shorter)."""
-    bits = np.asarray(lengths, dtype=np.int64)[np.asarray(symbols).ravel()]
+def _check_extra_widths(extra_widths, size: int, error) -> np.ndarray:
+    widths = np.asarray(extra_widths)
+    if widths.shape != (size,) or widths.dtype.kind not in "iu" or (size and not 0 <= widths.min() <= widths.max() <= MAX_EXTRA):
+        raise error(f"extra_widths must be {size} integers in [0, {MAX_EXTRA}]")
+    return widths.astype(np.int64)
+
+
+def block_bits(symbols: np.ndarray, lengths: np.ndarray, block_size: int,
+               extra_widths: np.ndarray | None = None) -> np.ndarray:
+    """Bit length (code words and extra bits) of each block of ``block_size`` consecutive symbols."""
+    per_symbol = np.asarray(lengths, dtype=np.int64)
+    if extra_widths is not None:
+        per_symbol = per_symbol + np.asarray(extra_widths, dtype=np.int64)
+    bits = per_symbol[np.asarray(symbols).ravel()]
     starts = np.arange(0, bits.size, block_size)
     return np.add.reduceat(bits, starts) if bits.size else np.zeros(0, dtype=np.int64)
 
@@ -241,31 +274,37 @@ def decode(
     *,
     block_size: int = _FALLBACK_BLOCK,
     block_bits: np.ndarray | None = None,
-) -> np.ndarray:
+    extra_widths: np.ndarray | None = None,
+):
     """Inverse of :func:`encode`: ``count`` symbols as an int32 array of shape (count,).
 
     ``block_bits`` (shape ``(ceil(count / block_size),)``), when given, must be the bit length of
     each block of ``block_size`` symbols (see :func:`block_bits`); it makes decoding several times
-    faster. Raises SidecarError when the payload is too short, holds an unused code, or disagrees
-    with ``block_bits``.
+    faster. With ``extra_widths`` (as given to :func:`encode`) the result is ``(symbols, extra)``,
+    both of shape (count,). Raises SidecarError when the payload is too short, holds an unused code,
+    or disagrees with ``block_bits``.
     """
     lengths = _check_lengths(lengths)
+    widths = None if extra_widths is None else _check_extra_widths(extra_widths, lengths.size, SidecarError)
     _check_count(count, "count")
     _check_count(block_size, "block_size", low=1)
     count, block_size = int(count), int(block_size)
     if len(payload) > MAX_PAYLOAD:
         raise SidecarError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit of one stream")
     if count == 0:
-        return np.zeros(0, dtype=np.int32)
+        empty = np.zeros(0, dtype=np.int32)
+        return empty if widths is None else (empty, np.zeros(0, dtype=np.int64))
     if not lengths.any():
         raise SidecarError(f"{count} symbols to decode but no symbol has a code length")
     _, order, top = _canonical(lengths)
     span = np.left_shift(1, top - lengths[order])
     table = np.zeros(1 << top, dtype=np.uint32)  # unused (incomplete-code) windows stay 0: invalid
-    table[: int(span.sum())] = np.repeat((order << _LEN_BITS) | lengths[order], span)
+    advance = lengths[order] if widths is None else lengths[order] + widths[order]
+    table[: int(span.sum())] = np.repeat((order << _LEN_BITS) | advance, span)
     n_blocks = -(-count // block_size)
     steps = min(block_size, count)
-    raw = np.frombuffer(bytes(payload) + bytes((steps * top + 7) // 8 + 4), dtype=np.uint8).astype(np.uint32)
+    longest = top + (0 if widths is None else int(widths.max()))
+    raw = np.frombuffer(bytes(payload) + bytes((steps * longest + 7) // 8 + 4), dtype=np.uint8).astype(np.uint32)
     words = (raw[:-3] << 24) | (raw[1:-2] << 16) | (raw[2:-1] << 8) | raw[3:]
     if block_bits is None:
         starts = _find_block_starts(words, table, top, 8 * len(payload), n_blocks, block_size)
@@ -279,6 +318,9 @@ def decode(
             raise SidecarError(f"payload of {len(payload)} bytes is shorter than its {n_bits} coded bits")
         starts = np.concatenate(([0], np.cumsum(block_bits)[:-1]))
     entries, ends = _decode_blocks(words, table, top, starts, steps)
+    if widths is not None:  # where each symbol starts: its block's start plus the advances before it
+        steps_before = np.cumsum(entries & _LEN_MASK, axis=0, dtype=np.int64) - (entries & _LEN_MASK)
+        positions = (starts[None, :] + steps_before).T.ravel()[:count]
     entries = entries.T.ravel()[:count]
     if entries.min() == 0:  # a valid entry has a length >= 1
         raise SidecarError(f"payload holds a bit pattern that is no code word at symbol {int(np.argmin(entries))}")
@@ -288,7 +330,10 @@ def decode(
         where = f"block {int(bad[0])}" if bad.size else "the last block"
         raise SidecarError(f"payload is too short or inconsistent with its block index at {where}")
     entries >>= _LEN_BITS
-    return entries.view(np.int32)  # symbols < 2**27: the same bits read as int32
+    symbols = entries.view(np.int32)  # symbols < 2**26: the same bits read as int32
+    if widths is None:
+        return symbols
+    return symbols, read_bits(payload, positions + lengths[symbols], widths[symbols])
 
 
 def _decode_blocks(words, table, top, starts, steps):

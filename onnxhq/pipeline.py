@@ -129,8 +129,7 @@ def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.
         tuned = read_initializers(rewritten, [naming.codebook_tensor(key) for key in quantized.codebooks])
         quantized = replace(quantized, codebooks={key: tuned[naming.codebook_tensor(key)].reshape(book.shape)
                                                   for key, book in quantized.codebooks.items()})
-    zero_symbols = {n: _zero_symbol(quantized, n) for n in pruned}
-    artifacts = split_artifacts(rewritten, stem, zero_symbols=zero_symbols, original_bytes=original_bytes)
+    artifacts = split_artifacts(rewritten, stem, original_bytes=original_bytes)
     report = _report(stem, proto, rewritten, quantized, artifacts, original_bytes,
                      settings=dict(method=method, scope=scope, k=k, bits=bits, lam=lam, target_bits=target_bits,
                                    hessian=hessian if isinstance(hessian, str) else "supplied",
@@ -238,12 +237,6 @@ def _biases(proto, infos) -> list[str]:
             if node.input[2] not in out and node.input[2] not in weight_names:
                 out.append(node.input[2])
     return out
-
-
-def _zero_symbol(quantized: QuantizedWeights, name: str) -> int | None:
-    book = np.asarray(quantized.codebooks[quantized.tensors[name].codebook])
-    hits = np.flatnonzero(book.reshape(-1)[: book.shape[-1]] == 0)
-    return int(hits[0]) if hits.size else None
 
 
 def _stem(model, proto) -> str:

@@ -1,18 +1,24 @@
 """The sidecar file: quantization indices of several tensors, Huffman-coded, safetensors-style.
 
-Layout (all integers little-endian)::
+Layout (all integers little-endian; the README's "Sidecar format" is the full description)::
 
-    magic b"ONNXHQSC" | u32 version (1) | u32 crc32(header) | u64 header length | header | buffer
+    magic b"ONNXHQSC" | u32 version (2) | u32 crc32(header) | u64 header length | header | buffer
 
-The header is ASCII JSON, at most 16 MiB: an optional ``"__metadata__"`` object of strings and,
-per stream name, an object with the fields of ``_FIELDS``. Streams are stored in name order; their
-``data_offsets`` ``[begin, end)`` into the buffer tile it exactly. A stream's bytes are three
-zero-padded, MSB-first bit fields: the 5-bit code lengths of its symbols, the ``block_width``-bit
-values ``bits(block) - block_base`` for every ``block_size``-symbol block but the last, then the
-canonical Huffman payload of ``bits`` bits (see :mod:`.huffman`). With ``run_limit = 0`` the
-``alphabet_size`` symbols are the indices in C order. Otherwise, with k = ``alphabet_size`` and
-R = ``run_limit``, symbol ``r * k + i`` (r < R) means r zero symbols then index i, symbol ``R * k``
-means R zero symbols, and the fewer than R zero symbols left at the end are implied.
+The header is zlib-compressed ASCII JSON (at most 16 MiB either way): an optional ``"__metadata__"``
+object of strings and, per stream name, an object with the fields of ``_FIELDS``. Streams are stored
+in name order; their ``data_offsets`` ``[begin, end)`` tile the buffer exactly. A stream's bytes are
+three zero-padded, MSB-first bit fields: the code table (which symbols have a code, as a bit per
+group of 8 symbols and an 8-bit mask per marked group, then their lengths minus 1), the ``block_width``-bit values ``bits(block) -
+block_base`` for every ``block_size``-symbol block but the last, and the canonical Huffman payload of
+``bits`` bits (see :mod:`.huffman`).
+
+With ``run_symbol`` null the symbols are the indices in C order. Otherwise the writer joins each
+run of ``run_symbol`` (usually the most frequent index: the zero of pruned weights, or the zero
+cell of a coarse uniform grid) to the index after it, JPEG-style: with k = ``alphabet_size``,
+symbol ``c * (k + 1) + i`` is a run of class c followed by index i, or for i = k by the end of the
+stream. Class 0 is no run; class c >= 1 is a run of ``2**(c-1) + e`` copies, e being the c - 1
+extra bits after the code word. So a long run costs one symbol and about twice its log2 in bits,
+and a stream of one repeated index costs a few bits in all.
 """
 
 from __future__ import annotations
@@ -36,20 +42,22 @@ from .errors import ConfigError, SidecarError
 logger = logging.getLogger(__name__)
 
 MAGIC = b"ONNXHQSC"
-VERSION = 1
-MAX_HEADER = 16 << 20
+VERSION = 2
+MAX_HEADER = 16 << 20  # bytes of the stored header, and of its JSON once inflated
 MAX_ALPHABET = 1 << 16
 MAX_CODED = 1 << 17  # most symbols one Huffman code may have: code lengths stay <= 17
-MAX_RUN_LIMIT = 4096  # bounds how many indices one coded bit can expand to
+MAX_COUNT = 1 << 31  # most indices in one stream (bounds what a small file can expand to)
+MAX_RUN_CLASSES = 33  # class 32 holds runs up to 2**32 - 1
 BLOCK_SIZES = (32, 256)  # symbols per decode block; see _block_size
-LENGTH_BITS = 5
+GROUP = 8  # code-table symbols per presence group
+MAX_TABLE_BITS = MAX_CODED // GROUP + MAX_CODED + 5 * MAX_CODED
 _PREFIX = struct.Struct("<8sIIQ")
 _META = "__metadata__"
 _FIELDS = {  # field -> (lowest, highest) for the integer fields
-    "shape": None, "data_offsets": None, "zero_symbol": None,
-    "alphabet_size": (1, MAX_ALPHABET), "run_limit": (0, MAX_RUN_LIMIT), "symbols": (0, 8 * huffman.MAX_PAYLOAD),
-    "bits": (0, 8 * huffman.MAX_PAYLOAD), "block_size": (1, 1 << 16), "block_width": (0, 32),
-    "block_base": (0, 8 * huffman.MAX_PAYLOAD), "crc32": (0, 2**32 - 1),
+    "shape": None, "data_offsets": None, "run_symbol": None,
+    "alphabet_size": (1, MAX_ALPHABET), "run_classes": (0, MAX_RUN_CLASSES), "table_bits": (0, MAX_TABLE_BITS),
+    "symbols": (0, 8 * huffman.MAX_PAYLOAD), "bits": (0, 8 * huffman.MAX_PAYLOAD), "block_size": (1, 1 << 16),
+    "block_width": (0, 32), "block_base": (0, 8 * huffman.MAX_PAYLOAD), "crc32": (0, 2**32 - 1),
 }
 
 
@@ -67,8 +75,6 @@ class IndexStream:
         k, 1..65536; every index lies in [0, k).
     indices : ndarray, shape ``shape``
         Integer indices; stored as a read-only view.
-    zero_symbol : int or None
-        The index of pruned weights; its runs may be coded as run-length symbols.
 
     Equality compares all fields, the indices by value (not dtype).
     """
@@ -77,7 +83,6 @@ class IndexStream:
     shape: tuple[int, ...]
     alphabet_size: int
     indices: np.ndarray
-    zero_symbol: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or self.name == _META:
@@ -88,28 +93,25 @@ class IndexStream:
         k = self.alphabet_size
         if not _is_int(k) or not 1 <= k <= MAX_ALPHABET:
             raise ConfigError(f"stream {self.name!r}: alphabet_size={k!r} must be an int in [1, {MAX_ALPHABET}]")
-        z = self.zero_symbol
-        if z is not None and not (_is_int(z) and 0 <= z < k):
-            raise ConfigError(f"stream {self.name!r}: zero_symbol={z!r} must be None or an int in [0, {k})")
         shape, indices = tuple(int(d) for d in shape), np.asarray(self.indices).view()
         if indices.dtype.kind not in "iu" or indices.shape != shape:
             got = f"dtype {indices.dtype} shape {indices.shape}"
             raise ConfigError(f"stream {self.name!r}: indices must be an integer array of shape {shape}, got {got}")
+        if indices.size > MAX_COUNT:
+            raise ConfigError(f"stream {self.name!r}: {indices.size} indices exceed the {MAX_COUNT} one stream holds")
         if indices.size and (indices.min() < 0 or indices.max() >= k):
             span = f"[{indices.min()}, {indices.max()}]"
             raise ConfigError(f"stream {self.name!r}: indices span {span}, outside [0, {k})")
         indices.flags.writeable = False
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "alphabet_size", int(k))
-        object.__setattr__(self, "zero_symbol", None if z is None else int(z))
         object.__setattr__(self, "indices", indices)
 
     def __eq__(self, other):
         if not isinstance(other, IndexStream):
             return NotImplemented
-        return (self.name, self.shape, self.alphabet_size, self.zero_symbol) == (
-            other.name, other.shape, other.alphabet_size, other.zero_symbol
-        ) and np.array_equal(self.indices, other.indices)
+        return (self.name, self.shape, self.alphabet_size) == (other.name, other.shape, other.alphabet_size) and (
+            np.array_equal(self.indices, other.indices))
 
 
 @dataclass(frozen=True)
@@ -119,12 +121,12 @@ class StreamLayout:
     name: str
     count: int
     alphabet_size: int
-    payload_bytes: int
-    table_bytes: int  # code lengths and block index
-    header_bytes: int  # this stream's JSON entry plus an equal share of the fixed overhead
+    payload_bytes: int  # code words and the runs' extra bits
+    table_bytes: int  # code table and block index
+    header_bytes: int  # this stream's share of the prefix and the compressed header
     entropy_bits: float  # empirical (order-0) entropy of the indices, bits per weight
     coded_bits_per_weight: float  # (payload_bytes + table_bytes) * 8 / count
-    run_limit: int = 0  # 0: plain coding; otherwise runs of zeros are joined with the next index
+    run_symbol: int | None = None  # None: plain coding; otherwise the index whose runs are joined
 
 
 def _is_int(value) -> bool:
@@ -159,28 +161,70 @@ def encode_sidecar(streams: Sequence[IndexStream], *, metadata: Mapping[str, str
     text = _dump(header)
     if len(text) > MAX_HEADER:
         raise ConfigError(f"sidecar header of {len(text)} bytes exceeds {MAX_HEADER}; use fewer streams")
-    return _PREFIX.pack(MAGIC, VERSION, zlib.crc32(text), len(text)) + text + b"".join(blobs)
+    packed = zlib.compress(text, 9)
+    return _PREFIX.pack(MAGIC, VERSION, zlib.crc32(packed), len(packed)) + packed + b"".join(blobs)
 
 
 def _dump(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
+@dataclass(frozen=True)
+class _Coding:
+    """One way to code a stream: its symbols, their extra bits, and the code."""
+
+    run_symbol: int | None
+    run_classes: int
+    symbols: np.ndarray  # (n,) int64
+    extra: np.ndarray  # (n,) int64 extra-bit values
+    extra_widths: np.ndarray  # (table size,) int64
+    lengths: np.ndarray  # (table size,) uint8 code lengths
+
+    @property
+    def bits(self) -> int:
+        """Payload plus code-table bits."""
+        per_symbol = self.lengths.astype(np.int64) + self.extra_widths
+        return int(per_symbol[self.symbols].sum()) + _table_bits(self.lengths)
+
+
+def _length_bits(table_size: int) -> int:
+    """Bits per stored code length: lengths are at most 16 while the table has <= 65536 symbols."""
+    return 4 if table_size <= 1 << 16 else 5
+
+
+def _pack_table(lengths: np.ndarray) -> tuple[bytes, int]:
+    """The code-table field of ``lengths`` (table size,): presence bits per group, group masks, lengths - 1."""
+    has_code = np.concatenate([lengths > 0, np.zeros(-lengths.size % GROUP, dtype=bool)]).reshape(-1, GROUP)
+    marked = has_code.any(axis=1)
+    coded = lengths[lengths > 0].astype(np.int64) - 1
+    values = np.concatenate([marked, has_code[marked].ravel(), coded])
+    widths = np.concatenate([np.ones(marked.size + GROUP * int(marked.sum()), np.int64),
+                             np.full(coded.size, _length_bits(lengths.size))])
+    return huffman.pack_bits(values, widths)
+
+
+def _table_bits(lengths: np.ndarray) -> int:
+    has_code = lengths > 0
+    groups = -(-lengths.size // GROUP)
+    marked = np.add.reduceat(has_code, np.arange(0, lengths.size, GROUP)) > 0 if lengths.size else has_code
+    return groups + GROUP * int(marked.sum()) + _length_bits(lengths.size) * int(has_code.sum())
+
+
 def _encode_stream(stream: IndexStream) -> tuple[dict, bytes]:
     flat = stream.indices.ravel().astype(np.int64)
-    run_limit, symbols, lengths = _choose_coding(flat, stream.alphabet_size, stream.zero_symbol)
-    payload, n_bits = huffman.encode(symbols, lengths)
+    coding = _choose_coding(flat, stream.alphabet_size)
+    payload, n_bits = huffman.encode(coding.symbols, coding.lengths, coding.extra, coding.extra_widths)
     if len(payload) > huffman.MAX_PAYLOAD:
         raise ConfigError(f"stream {stream.name!r} needs {len(payload)} bytes, over {huffman.MAX_PAYLOAD}")
-    block_size = _block_size(symbols.size)
-    blocks = huffman.block_bits(symbols, lengths, block_size)[:-1]
+    block_size = _block_size(coding.symbols.size)
+    blocks = huffman.block_bits(coding.symbols, coding.lengths, block_size, coding.extra_widths)[:-1]
     base = int(blocks.min()) if blocks.size else 0
     width = int(blocks.max() - base).bit_length() if blocks.size else 0
-    table, _ = huffman.pack_bits(lengths, LENGTH_BITS)
+    table, table_bits = _pack_table(coding.lengths)
     index, _ = huffman.pack_bits(blocks - base, width)
     entry = {
-        "shape": list(stream.shape), "alphabet_size": stream.alphabet_size,
-        "zero_symbol": stream.zero_symbol, "run_limit": run_limit, "symbols": int(symbols.size),
+        "shape": list(stream.shape), "alphabet_size": stream.alphabet_size, "run_symbol": coding.run_symbol,
+        "run_classes": coding.run_classes, "table_bits": table_bits, "symbols": int(coding.symbols.size),
         "bits": n_bits, "block_size": block_size, "block_base": base, "block_width": width,
     }
     return entry, table + index + payload
@@ -191,49 +235,41 @@ def _block_size(n_symbols: int) -> int:
     return min(BLOCK_SIZES[1], max(BLOCK_SIZES[0], 1 << max(0, -(-n_symbols // 64) - 1).bit_length()))
 
 
-def _choose_coding(flat: np.ndarray, k: int, zero: int | None) -> tuple[int, np.ndarray, np.ndarray]:
-    """``(run_limit, symbols, code lengths)`` of the smallest coding: plain, or runs with limit 2, 4, ..."""
+def _choose_coding(flat: np.ndarray, k: int) -> _Coding:
+    """The smaller of plain coding and run coding of the most frequent index."""
     counts = np.bincount(flat, minlength=k)
-    best = (_cost(counts), 0)
-    if zero is not None and counts[zero]:
-        keep = np.flatnonzero(flat != zero)
-        levels = flat[keep]
-        runs = np.diff(np.concatenate(([-1], keep, [flat.size]))) - 1  # zeros before each kept index; tail last
-        limit, longest = 2, int(runs.max())
-        while limit <= MAX_RUN_LIMIT and limit * k < MAX_CODED:
-            best = min(best, (_cost(_run_counts(levels, runs, k, limit)), limit))
-            if limit > longest:  # longer limits only grow the table
-                break
-            limit *= 2
-    limit = best[1]
-    if limit == 0:
-        return 0, flat, _lengths(counts)
-    return limit, _run_symbols(levels, runs, k, limit), _lengths(_run_counts(levels, runs, k, limit))
+    plain = _Coding(None, 0, flat, np.zeros(flat.size, np.int64), np.zeros(k, np.int64), _lengths(counts))
+    if flat.size == 0:
+        return plain
+    runs = _run_coding(flat, k, int(np.argmax(counts)))
+    return runs if runs is not None and runs.bits < plain.bits else plain
+
+
+def _run_coding(flat: np.ndarray, k: int, run_symbol: int) -> _Coding | None:
+    """Each maximal run of ``run_symbol`` joined to the index after it (or to the end of the stream)."""
+    keep = np.flatnonzero(flat != run_symbol)
+    runs = np.diff(np.concatenate(([-1], keep, [flat.size]))) - 1  # copies before each kept index; tail last
+    classes = _run_class(runs)
+    n_classes = int(classes.max()) + 1
+    if n_classes * (k + 1) > MAX_CODED:
+        return None
+    levels = np.append(flat[keep], k)  # k: the end of the stream, after the tail run
+    if runs[-1] == 0:  # no tail run: no end symbol
+        levels, classes, runs = levels[:-1], classes[:-1], runs[:-1]
+    symbols = classes * (k + 1) + levels
+    extra = np.where(classes > 0, runs - (np.int64(1) << np.maximum(classes - 1, 0)), 0)
+    lengths = _lengths(np.bincount(symbols, minlength=n_classes * (k + 1)))
+    return _Coding(run_symbol, n_classes, symbols, extra, _class_extra_widths(n_classes, k), lengths)
+
+
+def _run_class(runs: np.ndarray) -> np.ndarray:
+    """0 for no run, else ``bit_length(run)``: class c holds runs in [2**(c-1), 2**c)."""
+    return np.frexp(np.asarray(runs, dtype=np.float64))[1].astype(np.int64)  # exact below 2**53
 
 
 def _lengths(counts: np.ndarray) -> np.ndarray:
     used = int(np.count_nonzero(counts))
     return huffman.code_lengths(counts, max_length=max(16, (used - 1).bit_length()))
-
-
-def _cost(counts: np.ndarray) -> int:
-    """Payload plus code-length table bits of a histogram."""
-    return int((_lengths(counts).astype(np.int64) * counts).sum()) + LENGTH_BITS * counts.size
-
-
-def _run_counts(levels: np.ndarray, runs: np.ndarray, k: int, limit: int) -> np.ndarray:
-    counts = np.bincount((runs[:-1] % limit) * k + levels, minlength=limit * k + 1)
-    counts[limit * k] += int((runs // limit).sum())
-    return counts
-
-
-def _run_symbols(levels: np.ndarray, runs: np.ndarray, k: int, limit: int) -> np.ndarray:
-    """Per kept index, ``runs // limit`` symbols 'limit zeros' then '(runs % limit) zeros, then the index'."""
-    n_symbols = runs // limit
-    n_symbols[:-1] += 1
-    symbols = np.full(int(n_symbols.sum()), limit * k, dtype=np.int64)
-    symbols[np.cumsum(n_symbols)[:-1] - 1] = (runs[:-1] % limit) * k + levels
-    return symbols
 
 
 # ---------------------------------------------------------------- decoding
@@ -246,7 +282,7 @@ def decode_sidecar(data: bytes) -> tuple[list[IndexStream], dict[str, str]]:
 
 
 def _parse(data: bytes):
-    """Validated ``(entries, metadata, buffer, header length)``; entries sorted by offset."""
+    """Validated ``(entries, metadata, buffer, stored header length)``; entries sorted by offset."""
     data = bytes(data)
     if len(data) < _PREFIX.size:
         raise SidecarError(f"sidecar of {len(data)} bytes is shorter than its {_PREFIX.size}-byte prefix")
@@ -254,18 +290,15 @@ def _parse(data: bytes):
     if magic != MAGIC:
         raise SidecarError(f"not an onnxhq sidecar: magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
-        raise SidecarError(f"sidecar format version {version} is not supported (this reader knows {VERSION})")
+        hint = "; it was written by onnxhq 0.1: decode it with that release, or compress the model again" \
+            if version == 1 else ""
+        raise SidecarError(f"sidecar format version {version} is not supported (this reader knows {VERSION}){hint}")
     if size > MAX_HEADER or _PREFIX.size + size > len(data):
         raise SidecarError(f"header length {size} exceeds {MAX_HEADER} or the {len(data)}-byte file")
-    text = data[_PREFIX.size : _PREFIX.size + size]
-    if zlib.crc32(text) != crc:
-        raise SidecarError(f"header CRC32 mismatch: stored {crc:#010x}, computed {zlib.crc32(text):#010x}")
-    try:
-        header = json.loads(text.decode("ascii"))
-    except (ValueError, RecursionError) as exc:
-        raise SidecarError(f"header is not ASCII JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise SidecarError(f"header must be a JSON object, got {type(header).__name__}")
+    packed = data[_PREFIX.size : _PREFIX.size + size]
+    if zlib.crc32(packed) != crc:
+        raise SidecarError(f"header CRC32 mismatch: stored {crc:#010x}, computed {zlib.crc32(packed):#010x}")
+    header = _load_header(packed)
     metadata = header.pop(_META, {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SidecarError("__metadata__ must be an object of strings")
@@ -286,6 +319,24 @@ def _parse(data: bytes):
     return entries, metadata, buffer, size
 
 
+def _load_header(packed: bytes) -> dict:
+    """The header object from its zlib stream, inflating at most MAX_HEADER bytes."""
+    inflate = zlib.decompressobj()
+    try:
+        text = inflate.decompress(packed, MAX_HEADER)
+    except zlib.error as exc:
+        raise SidecarError(f"header is not a zlib stream: {exc}") from None
+    if inflate.unconsumed_tail or not inflate.eof or inflate.unused_data:
+        raise SidecarError(f"header does not inflate to one complete zlib stream of at most {MAX_HEADER} bytes")
+    try:
+        header = json.loads(text.decode("ascii"))
+    except (ValueError, RecursionError) as exc:
+        raise SidecarError(f"header is not ASCII JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise SidecarError(f"header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
 def _check_entry(name: str, entry) -> dict:
     """The header entry of one stream, with every field type- and range-checked."""
     if not name:
@@ -296,21 +347,25 @@ def _check_entry(name: str, entry) -> dict:
     for key, bounds in _FIELDS.items():
         if bounds is not None and not (type(entry[key]) is int and bounds[0] <= entry[key] <= bounds[1]):
             raise SidecarError(f"stream {name!r}: {key}={entry[key]!r} must be an int in [{bounds[0]}, {bounds[1]}]")
-    shape, offsets, zero, k = entry["shape"], entry["data_offsets"], entry["zero_symbol"], entry["alphabet_size"]
+    shape, offsets, k = entry["shape"], entry["data_offsets"], entry["alphabet_size"]
     if not isinstance(shape, list) or len(shape) > 64 or not all(type(d) is int and d >= 0 for d in shape):
         raise SidecarError(f"stream {name!r}: shape={shape!r} must be a list of non-negative ints")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise SidecarError(f"stream {name!r}: data_offsets={offsets!r} must be [begin, end] with 0 <= begin <= end")
-    if zero is not None and not (type(zero) is int and 0 <= zero < k):
-        raise SidecarError(f"stream {name!r}: zero_symbol={zero!r} must be null or an int in [0, {k})")
-    limit = entry["run_limit"]
-    if limit and (zero is None or _table_size(entry) > MAX_CODED):
-        need = f"a zero_symbol and alphabet_size * run_limit < {MAX_CODED}"
-        raise SidecarError(f"stream {name!r}: run_limit={limit} needs {need}")
+    run, classes = entry["run_symbol"], entry["run_classes"]
+    if run is not None and not (type(run) is int and 0 <= run < k):
+        raise SidecarError(f"stream {name!r}: run_symbol={run!r} must be null or an int in [0, {k})")
+    if (run is None) != (classes == 0) or _table_size(entry) > MAX_CODED:
+        need = f"run_classes = 0 without a run_symbol, else >= 1 with alphabet_size * run_classes < {MAX_CODED}"
+        raise SidecarError(f"stream {name!r}: run_classes={classes} does not fit: {need}")
+    if entry["table_bits"] < -(-_table_size(entry) // GROUP):
+        need = f"the {-(-_table_size(entry) // GROUP)} presence bits of {_table_size(entry)} symbols"
+        raise SidecarError(f"stream {name!r}: table_bits={entry['table_bits']} is less than {need}")
     count, symbols = math.prod(shape), entry["symbols"]
-    if symbols > entry["bits"] or count >= (symbols + 1) * max(1, limit) or (not limit and count != symbols):
-        raise SidecarError(f"stream {name!r}: {symbols} symbols in {entry['bits']} bits cannot hold {count} indices")
+    most = symbols if not classes else symbols << max(classes - 1, 0)  # indices the symbols can cover
+    if count > MAX_COUNT or symbols > count or count > most or (not classes and count != symbols):
+        raise SidecarError(f"stream {name!r}: {symbols} symbols cannot hold the {count} indices of shape {shape}")
     if sum(_field_sizes(entry)) != offsets[1] - offsets[0]:
         need = sum(_field_sizes(entry))
         raise SidecarError(f"stream {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes, fields need {need}")
@@ -318,72 +373,112 @@ def _check_entry(name: str, entry) -> dict:
 
 
 def _table_size(entry: dict) -> int:
-    """Number of coded symbols: the indices, or with runs ``alphabet_size * run_limit + 1``."""
-    limit = entry["run_limit"]
-    return entry["alphabet_size"] * limit + 1 if limit else entry["alphabet_size"]
+    """Number of symbols of the alphabet: the indices, or ``run_classes * (alphabet_size + 1)``."""
+    classes, k = entry["run_classes"], entry["alphabet_size"]
+    return classes * (k + 1) if classes else k
+
+
+def _extra_widths(entry: dict) -> np.ndarray:
+    """Extra bits after each run symbol's code word: ``max(class - 1, 0)``; shape (table size,)."""
+    return _class_extra_widths(entry["run_classes"], entry["alphabet_size"])
+
+
+def _class_extra_widths(n_classes: int, k: int) -> np.ndarray:
+    return np.repeat(np.maximum(np.arange(n_classes, dtype=np.int64) - 1, 0), k + 1)
 
 
 def _field_sizes(entry: dict) -> tuple[int, int, int]:
-    """Bytes of the code-length table, the block index and the payload of a stream."""
+    """Bytes of the code table, the block index and the payload of a stream."""
     n_blocks = -(-entry["symbols"] // entry["block_size"])
     return (
-        (LENGTH_BITS * _table_size(entry) + 7) // 8,
+        (entry["table_bits"] + 7) // 8,
         (entry["block_width"] * max(n_blocks - 1, 0) + 7) // 8,
         (entry["bits"] + 7) // 8,
     )
 
 
 def _decode_stream(name: str, entry: dict, buffer: bytes) -> IndexStream:
-    k, limit, zero, bits = entry["alphabet_size"], entry["run_limit"], entry["zero_symbol"], entry["bits"]
+    k, bits, size = entry["alphabet_size"], entry["bits"], _table_size(entry)
     at = np.cumsum((entry["data_offsets"][0],) + _field_sizes(entry)).tolist()
     table, index, payload = (buffer[at[i] : at[i + 1]] for i in range(3))
     n_blocks = -(-entry["symbols"] // entry["block_size"])
+    count = math.prod(entry["shape"])
     try:
-        lengths = huffman.unpack_bits(table, LENGTH_BITS, _table_size(entry))
+        lengths = _read_table(table, size, entry["table_bits"])
         blocks = huffman.unpack_bits(index, entry["block_width"], max(n_blocks - 1, 0)) + entry["block_base"]
         blocks = np.append(blocks, bits - blocks.sum()) if n_blocks else blocks
         if blocks.size and blocks[-1] < 0:
             raise SidecarError(f"block index sums to more than the {bits} payload bits")
         if bits % 8 and payload[-1] & ((1 << (8 - bits % 8)) - 1):
             raise SidecarError("non-zero padding bits after the payload")
-        symbols = huffman.decode(payload, lengths, entry["symbols"], block_size=entry["block_size"], block_bits=blocks)
+        decoded = huffman.decode(payload, lengths, entry["symbols"], block_size=entry["block_size"],
+                                 block_bits=blocks, extra_widths=_extra_widths(entry) if entry["run_classes"] else None)
+        symbols = _expand_runs(*decoded, k, entry["run_symbol"], count) if entry["run_classes"] else decoded
     except SidecarError as exc:
         raise SidecarError(f"stream {name!r}: {exc}") from None
     dtype = np.uint8 if k <= 256 else np.uint16
-    if limit:
-        symbols = _expand_runs(name, symbols, k, limit, zero, math.prod(entry["shape"]), dtype)
-    return IndexStream(name, tuple(entry["shape"]), k, symbols.astype(dtype, copy=False).reshape(entry["shape"]), zero)
+    return IndexStream(name, tuple(entry["shape"]), k, symbols.astype(dtype, copy=False).reshape(entry["shape"]))
 
 
-def _expand_runs(name, symbols, k, limit, zero, count, dtype):
-    """Indices from run symbols; the zeros after the last explicit one (fewer than ``limit``) are implied."""
-    is_zrl = symbols == limit * k
-    ends = np.cumsum(np.where(is_zrl, limit, symbols // k + 1))
-    total = int(ends[-1]) if ends.size else 0
-    if not 0 <= count - total < limit:
-        raise SidecarError(f"stream {name!r}: run symbols cover {total} indices, shape needs {count}")
-    out = np.full(count, zero, dtype=dtype)
-    out[ends[~is_zrl] - 1] = symbols[~is_zrl] % k
+def _read_table(table: bytes, size: int, n_bits: int) -> np.ndarray:
+    """Code lengths (size,) from the code-table field of ``n_bits`` bits (see `_pack_table`)."""
+    groups = -(-size // GROUP)
+    marked = huffman.read_bits(table, np.arange(groups, dtype=np.int64), np.ones(groups, np.int64)).astype(bool)
+    n_marked = int(marked.sum())
+    masks = huffman.read_bits(table, groups + GROUP * np.arange(n_marked, dtype=np.int64), np.full(n_marked, GROUP))
+    has_code = np.zeros((groups, GROUP), dtype=bool)
+    has_code[marked] = (masks[:, None] >> np.arange(GROUP - 1, -1, -1)) & 1
+    has_code = has_code.ravel()
+    if (n_marked and masks.min() == 0) or has_code[size:].any():
+        raise SidecarError("code table marks an empty group, or symbols beyond the alphabet")
+    used, width = int(has_code.sum()), _length_bits(size)
+    if groups + GROUP * n_marked + width * used != n_bits:
+        need = groups + GROUP * n_marked + width * used
+        raise SidecarError(f"code table of {used} coded symbols takes {need} bits, header says table_bits={n_bits}")
+    if n_bits % 8 and table[-1] & ((1 << (8 - n_bits % 8)) - 1):
+        raise SidecarError("non-zero padding bits after the code table")
+    lengths = np.zeros(size, dtype=np.int64)
+    start = groups + GROUP * n_marked
+    lengths[has_code[:size]] = 1 + huffman.read_bits(table, start + width * np.arange(used, dtype=np.int64),
+                                                     np.full(used, width))
+    return lengths
+
+
+def _expand_runs(symbols: np.ndarray, extra: np.ndarray, k: int, run_symbol: int, count: int) -> np.ndarray:
+    """Indices (count,) from run-coded symbols; SidecarError unless they cover exactly ``count``."""
+    classes, levels = np.divmod(symbols.astype(np.int64), k + 1)
+    runs = np.where(classes > 0, (np.int64(1) << np.maximum(classes - 1, 0)) + extra, 0)
+    is_end = levels == k
+    if is_end[:-1].any() or (is_end[-1] and classes[-1] == 0):
+        raise SidecarError("an end-of-stream symbol that is not last, or ends no run")
+    covered = runs + (~is_end).astype(np.int64)  # indices each symbol stands for
+    ends = np.cumsum(covered)
+    if int(ends[-1]) != count:
+        raise SidecarError(f"run symbols cover {int(ends[-1])} indices, shape needs {count}")
+    out = np.full(count, run_symbol, dtype=np.int64)
+    out[ends[~is_end] - 1] = levels[~is_end]
     return out
 
 
 def describe_sidecar(data: bytes) -> list[StreamLayout]:
-    """Size accounting of every stream of sidecar ``data`` (decodes it to measure entropy)."""
+    """Size accounting of every stream of sidecar ``data`` (decodes it to measure entropy).
+
+    The prefix and the compressed header are shared out in proportion to each stream's JSON entry.
+    """
     entries, _, buffer, size = _parse(data)
-    shares = [len(_dump({name: entry})) - 1 for name, entry in entries]  # entry text and its comma
-    fixed = _PREFIX.size + size - sum(shares)
+    weights = np.array([len(_dump({name: entry})) for name, entry in entries], dtype=np.int64)
+    shares = np.diff(np.concatenate(([0], (np.cumsum(weights) * (_PREFIX.size + size)) // max(int(weights.sum()), 1))))
     layouts = []
     for i, (name, entry) in enumerate(entries):
         stream = _decode_stream(name, entry, buffer)
         n_table, n_index, n_payload = _field_sizes(entry)
         count = int(stream.indices.size)
-        header = shares[i] + fixed // len(entries) + (i < fixed % len(entries))
         layouts.append(StreamLayout(
             name=name, count=count, alphabet_size=stream.alphabet_size, payload_bytes=n_payload,
-            table_bytes=n_table + n_index, header_bytes=header,
+            table_bytes=n_table + n_index, header_bytes=int(shares[i]),
             entropy_bits=huffman.entropy_bits(np.bincount(stream.indices.ravel(), minlength=stream.alphabet_size)),
             coded_bits_per_weight=8 * (n_payload + n_table + n_index) / count if count else 0.0,
-            run_limit=entry["run_limit"],
+            run_symbol=entry["run_symbol"],
         ))
     return layouts
 

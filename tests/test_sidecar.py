@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxhq import sidecar
+from onnxhq import huffman, sidecar
 from onnxhq.errors import ConfigError, SidecarError
 from onnxhq.sidecar import IndexStream, decode_sidecar, describe_sidecar, encode_sidecar, read_sidecar, write_sidecar
 
@@ -20,40 +20,42 @@ from onnxhq.sidecar import IndexStream, decode_sidecar, describe_sidecar, encode
 def reference_read(data: bytes):
     """A plain reader written from the format description alone: no CRCs, no checks, slow."""
     magic, version, _, size = struct.unpack_from("<8sIIQ", data)
-    assert (magic, version) == (b"ONNXHQSC", 1)
-    header = json.loads(data[24 : 24 + size])
+    assert (magic, version) == (b"ONNXHQSC", 2)
+    header = json.loads(zlib.decompress(data[24 : 24 + size]))
     buffer = data[24 + size :]
     metadata = header.pop("__metadata__", {})
     streams = {}
     for name, e in header.items():
         begin, end = e["data_offsets"]
         bits = "".join(f"{byte:08b}" for byte in buffer[begin:end])
-        k, limit, zero = e["alphabet_size"], e["run_limit"], e["zero_symbol"]
-        n_codes = k * limit + 1 if limit else k
-        lengths = [int(bits[5 * i : 5 * i + 5], 2) for i in range(n_codes)]
+        k, classes, run = e["alphabet_size"], e["run_classes"], e["run_symbol"]
+        n_codes = classes * (k + 1) if classes else k
+        groups = [g for g in range(-(-n_codes // 8)) if bits[g] == "1"]
+        at = -(-n_codes // 8)
+        coded = [8 * g + j for i, g in enumerate(groups) for j in range(8) if bits[at + 8 * i + j] == "1"]
+        at, width = at + 8 * len(groups), 4 if n_codes <= 65536 else 5
+        lengths = {s: 1 + int(bits[at + width * j : at + width * (j + 1)], 2) for j, s in enumerate(coded)}
         n_blocks = -(-e["symbols"] // e["block_size"])
-        at = 8 * -(-5 * n_codes // 8) + 8 * -(-e["block_width"] * max(n_blocks - 1, 0) // 8)  # skip the index
+        at = 8 * -(-e["table_bits"] // 8) + 8 * -(-e["block_width"] * max(n_blocks - 1, 0) // 8)
         codes, code, prev = {}, 0, 0
-        for length, symbol in sorted((n, s) for s, n in enumerate(lengths) if n):
+        for length, symbol in sorted((n, s) for s, n in lengths.items()):
             code <<= length - prev
             codes[format(code, f"0{length}b")] = symbol
             code, prev = code + 1, length
-        symbols, word = [], ""
-        while len(symbols) < e["symbols"]:
+        values, word, n_symbols = [], "", 0
+        while n_symbols < e["symbols"]:
             word, at = word + bits[at], at + 1
-            if word in codes:
-                symbols.append(codes[word])
-                word = ""
-        values = []
-        for s in symbols:
-            if not limit:
+            if word not in codes:
+                continue
+            s, word, n_symbols = codes[word], "", n_symbols + 1
+            if not classes:
                 values.append(s)
-            elif s == limit * k:
-                values += [zero] * limit
-            else:
-                values += [zero] * (s // k) + [s % k]
-        count = int(np.prod(e["shape"]))
-        streams[name] = (tuple(e["shape"]), values + [zero] * (count - len(values)))
+                continue
+            c, i = divmod(s, k + 1)
+            extra = int(bits[at : at + c - 1] or "0", 2) if c > 1 else 0
+            at += max(c - 1, 0)
+            values += [run] * ((1 << (c - 1)) + extra if c else 0) + ([i] if i < k else [])
+        streams[name] = (tuple(e["shape"]), values)
     return streams, metadata
 
 
@@ -61,7 +63,7 @@ def tiny_streams():
     runs = np.zeros(100, dtype=np.uint8)
     runs[50] = 1
     return [
-        IndexStream("b", (100,), 2, runs, zero_symbol=0),
+        IndexStream("b", (100,), 2, runs),
         IndexStream("a", (2, 3), 4, np.array([[0, 1, 2], [3, 0, 0]])),
     ]
 
@@ -79,12 +81,12 @@ def mixed_streams():
     rng = np.random.default_rng(7)
     return [
         IndexStream("conv1.w_idx", (20, 1, 5, 5), 32, laplace_indices(rng, 500).reshape(20, 1, 5, 5)),
-        IndexStream("fc1.w_idx", (300, 100), 17, sparse_indices(rng, 30_000).reshape(300, 100), zero_symbol=0),
-        IndexStream("fc2.w_idx", (64, 64), 17, sparse_indices(rng, 4096, density=0.02).reshape(64, 64), zero_symbol=0),
+        IndexStream("fc1.w_idx", (300, 100), 17, sparse_indices(rng, 30_000).reshape(300, 100)),
+        IndexStream("fc2.w_idx", (64, 64), 17, sparse_indices(rng, 4096, density=0.02).reshape(64, 64)),
         IndexStream("big_k", (3000,), 65536, rng.integers(0, 65536, size=3000).astype(np.uint16)),
-        IndexStream("empty", (0, 4), 8, np.zeros((0, 4), dtype=np.int64), zero_symbol=3),
+        IndexStream("empty", (0, 4), 8, np.zeros((0, 4), dtype=np.int64)),
         IndexStream("constant", (33,), 5, np.full(33, 4)),
-        IndexStream("all_pruned", (1000,), 9, np.full(1000, 2), zero_symbol=2),
+        IndexStream("all_pruned", (1000,), 9, np.full(1000, 2)),
     ]
 
 
@@ -97,15 +99,12 @@ def fuzz_target() -> bytes:
 FUZZ_TARGET = fuzz_target()
 
 GOLDEN = bytes.fromhex(
-    "4f4e4e584851534301000000415ad27287010000000000007b225f5f6d657461646174615f5f223a7b226d6f64656c22"
-    "3a2274696e79227d2c2261223a7b22616c7068616265745f73697a65223a342c2262697473223a31312c22626c6f636b"
-    "5f62617365223a302c22626c6f636b5f73697a65223a33322c22626c6f636b5f7769647468223a302c22637263333222"
-    "3a323133363735313234362c22646174615f6f666673657473223a5b302c355d2c2272756e5f6c696d6974223a302c22"
-    "7368617065223a5b322c335d2c2273796d626f6c73223a362c227a65726f5f73796d626f6c223a6e756c6c7d2c226222"
-    "3a7b22616c7068616265745f73697a65223a322c2262697473223a32352c22626c6f636b5f62617365223a302c22626c"
-    "6f636b5f73697a65223a33322c22626c6f636b5f7769647468223a302c226372633332223a3933333639383133302c22"
-    "646174615f6f666673657473223a5b352c31355d2c2272756e5f6c696d6974223a342c227368617065223a5b3130305d"
-    "2c2273796d626f6c73223a32352c227a65726f5f73796d626f6c223a307d7d08c6206f00000000040008fff7ff80"
+    "4f4e4e584851534302000000bf8e1a0ad30000000000000078da9d8fdd6e83300c85dfc5d7b9884d1b445ea59a220782"
+    "400b50d5a9a6aee2dd1b40fddb76b53b1f9fe39fef0ace0d2171c3899d037b85616a42040ba91f2f302be0a5c9f1d8b1"
+    "0fc949ff1dc0ee14f83e0958c45cc5a9fe749e251bfa2eb75c4177fdd537a95bfdfa541704d6ec3455a62a8d82f5f6d4"
+    "b612969507adcc8782d3797475649120ebd8a2e532f829ff369e6354201d1ff38d03a922e7372f67f3c2c43e06b77d48"
+    "fbcce0ff60a00703fd97010b347b431aab5f104621fea428df29f41301b57e45a07704ace6f9066bf287bdf80110806f"
+    "002300004b10"
 )
 
 
@@ -113,9 +112,11 @@ GOLDEN = bytes.fromhex(
 
 
 def test_golden_bytes_pin_the_format():
-    # Buffer, by hand: stream "a" = lengths 1,3,3,2 as 5-bit fields (08 c6 20), no block index,
-    # codes 0->0 3->10 1->110 2->111 over 0,1,2,3,0,0 (6f 00); stream "b" = run_limit 4, lengths of
-    # its 9 symbols (00 00 00 04 00 08), then 12 x '1' (4 zeros), '0' (2 zeros, then 1), 12 x '1'.
+    # Buffer, by hand. Stream "a" (plain, 4 symbols): code table = group bit 1, mask 11110000,
+    # lengths - 1 = 0,2,2,1 in 4 bits (f8 01 10 80); codes 0->0 3->10 1->110 2->111 over 0,1,2,3,0,0
+    # (6f 00). Stream "b" (runs of 0; 7 classes, so 21 symbols in 3 groups): group bits 001, mask
+    # 00011000 for symbols 19 = class 6 then index 1 and 20 = class 6 then the end, lengths - 1 = 0,0
+    # (23 00 00); payload '0' + the 5 extra bits of 50 - 32 (10010), '1' + those of 49 - 32 (10001): 4b 10.
     assert encode_sidecar(tiny_streams(), metadata={"model": "tiny"}) == GOLDEN
     streams, metadata = decode_sidecar(GOLDEN)
     assert streams == sorted(tiny_streams(), key=lambda s: s.name) and metadata == {"model": "tiny"}
@@ -150,7 +151,7 @@ def test_output_does_not_depend_on_stream_or_metadata_order():
 def test_encoding_does_not_mutate_indices():
     indices = np.array([0, 0, 3, 0, 1])
     before = indices.copy()
-    encode_sidecar([IndexStream("w", (5,), 4, indices, zero_symbol=0)])
+    encode_sidecar([IndexStream("w", (5,), 4, indices)])
     assert np.array_equal(indices, before) and indices.flags.writeable
 
 
@@ -164,34 +165,62 @@ def test_file_round_trip(tmp_path):
 # ------------------------------------------------------------------ coding efficiency
 
 
+def plain_huffman_bits(indices, k):
+    """Payload and code-table bits of plain (one symbol per index) coding, computed independently."""
+    counts = np.bincount(np.ravel(indices), minlength=k)
+    lengths = huffman.code_lengths(counts, max_length=16)
+    groups = np.pad(counts > 0, (0, -k % 8)).reshape(-1, 8).any(axis=1)
+    return int((lengths.astype(np.int64) * counts).sum()) + groups.size + 8 * groups.sum() + 4 * np.count_nonzero(counts)
+
+
 def test_dense_laplacian_stream_codes_within_two_percent_of_entropy():
     indices = laplace_indices(np.random.default_rng(0), 100_000)
     (layout,) = describe_sidecar(encode_sidecar([IndexStream("w", indices.shape, 32, indices)]))
     assert layout.entropy_bits <= 8 * layout.payload_bytes / layout.count <= 1.02 * layout.entropy_bits
     assert layout.coded_bits_per_weight <= 1.03 * layout.entropy_bits  # + code lengths and block index
-    assert layout.run_limit == 0
 
 
 def test_run_coding_of_a_ninety_percent_zero_stream():
     # i.i.d. 90 % zeros and 16 equally likely other indices: entropy 0.469 + 0.1 * 4 = 0.869 bits per
     # weight. Plain Huffman pays >= 1 bit per zero (about 1.4 bits per weight in all); run symbols
-    # (r zeros, then index i) must come within 5 % of the entropy, i.e. far below 1 bit.
+    # (a run of zeros, then index i) must come within 5 % of the entropy, i.e. far below 1 bit.
     indices = sparse_indices(np.random.default_rng(1), 200_000)
-    runs, plain = (
-        describe_sidecar(encode_sidecar([IndexStream("w", indices.shape, 17, indices, zero_symbol=zero)]))[0]
-        for zero in (0, None)
-    )
+    (runs,) = describe_sidecar(encode_sidecar([IndexStream("w", indices.shape, 17, indices)]))
     assert runs.entropy_bits == pytest.approx(0.869, abs=0.01)
-    assert plain.coded_bits_per_weight > 1.3 and plain.run_limit == 0
-    assert runs.run_limit > 0
+    assert runs.run_symbol == 0
     assert runs.coded_bits_per_weight < 1.05 * runs.entropy_bits < 0.95
-    assert runs.coded_bits_per_weight < 0.7 * plain.coded_bits_per_weight
+    assert 8 * (runs.payload_bytes + runs.table_bytes) < 0.7 * plain_huffman_bits(indices, 17)
 
 
-def test_zero_symbol_of_a_dense_stream_keeps_plain_coding():
-    indices = laplace_indices(np.random.default_rng(2), 20_000)
-    (layout,) = describe_sidecar(encode_sidecar([IndexStream("w", indices.shape, 32, indices, zero_symbol=16)]))
-    assert layout.run_limit == 0
+def test_runs_of_any_dominant_index_code_near_the_entropy():
+    # A coarse uniform grid puts most weights of a layer in its zero cell, whatever that cell's
+    # index: 99.5 % index 12 here, entropy ~0.05 bits per weight. Plain Huffman cannot go below
+    # 1 bit per weight; runs of the dominant index must.
+    rng = np.random.default_rng(4)
+    indices = np.where(rng.random(100_000) < 0.995, 12, rng.integers(0, 25, size=100_000))
+    (layout,) = describe_sidecar(encode_sidecar([IndexStream("w", indices.shape, 25, indices)]))
+    assert layout.run_symbol == 12
+    assert layout.entropy_bits < layout.coded_bits_per_weight < 1.15 * layout.entropy_bits + 0.01
+
+
+def test_a_constant_stream_costs_a_few_bytes_however_long():
+    for n in (1_000, 10_000_000):
+        data = encode_sidecar([IndexStream("w", (n,), 7, np.full(n, 3, dtype=np.uint8))])
+        (layout,) = describe_sidecar(data)
+        assert layout.payload_bytes + layout.table_bytes <= 16
+        assert np.all(decode_sidecar(data)[0][0].indices == 3)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.floats(0.0, 1.0))
+@settings(max_examples=60, deadline=None)
+def test_the_coder_never_does_worse_than_plain_huffman(seed, k, dominance):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 3000))
+    indices = np.where(rng.random(n) < dominance, rng.integers(0, k), rng.integers(0, k, size=n))
+    chosen = sidecar._choose_coding(indices.astype(np.int64), k)
+    assert chosen.bits <= plain_huffman_bits(indices, k)
+    (layout,) = describe_sidecar(encode_sidecar([IndexStream("w", (n,), k, indices)]))
+    assert layout.run_symbol == chosen.run_symbol
 
 
 def test_layout_accounts_for_every_byte():
@@ -220,7 +249,6 @@ def test_layout_accounts_for_every_byte():
         ({"indices": np.array([0.0, 1, 2])}, "integer array"),
         ({"indices": np.array([0, 1, 4])}, r"\[0, 4\]"),
         ({"indices": np.array([0, -1, 2])}, "outside"),
-        ({"zero_symbol": 4}, "zero_symbol"),
     ],
 )
 def test_index_stream_rejects_bad_fields(kwargs, match):
@@ -244,10 +272,10 @@ def test_encoder_rejects_duplicates_and_bad_metadata():
 
 def split(data: bytes):
     size = struct.unpack_from("<Q", data, 16)[0]
-    return json.loads(data[24 : 24 + size]), bytearray(data[24 + size :])
+    return json.loads(zlib.decompress(data[24 : 24 + size])), bytearray(data[24 + size :])
 
 
-def join(header, buffer, *, text: bytes | None = None) -> bytes:
+def join(header, buffer, *, text: bytes | None = None, compress: bool = True) -> bytes:
     """A sidecar with valid CRCs around whatever header and buffer it is given."""
     for name, entry in header.items():
         offsets = entry.get("data_offsets") if name != "__metadata__" else None
@@ -255,7 +283,8 @@ def join(header, buffer, *, text: bytes | None = None) -> bytes:
             entry["crc32"] = zlib.crc32(bytes(buffer[offsets[0] : offsets[1]]))
     if text is None:
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return b"ONNXHQSC" + struct.pack("<IIQ", 1, zlib.crc32(text), len(text)) + text + bytes(buffer)
+    packed = zlib.compress(text) if compress else text
+    return b"ONNXHQSC" + struct.pack("<IIQ", 2, zlib.crc32(packed), len(packed)) + packed + bytes(buffer)
 
 
 def edit(fn):
@@ -279,9 +308,13 @@ def _set(path, value):
 HOSTILE = {
     "short file": (lambda d: d[:20], "shorter than"),
     "wrong magic": (lambda d: b"ONNXHQSX" + d[8:], "magic"),
-    "unknown version": (lambda d: d[:8] + struct.pack("<I", 2) + d[12:], "version 2"),
+    "unknown version": (lambda d: d[:8] + struct.pack("<I", 3) + d[12:], "version 3"),
+    "version 1": (lambda d: d[:8] + struct.pack("<I", 1) + d[12:], "onnxhq 0.1"),
     "header too big": (lambda d: d[:16] + struct.pack("<Q", 17 << 20) + d[24:], "header length"),
     "header crc": (lambda d: d[:8 + 4] + b"\0\0\0\0" + d[16:], "header CRC32"),
+    "header not zlib": (edit(lambda h, b: join(h, b, text=b'{"a":1}', compress=False)), "not a zlib stream"),
+    "header bomb": (edit(lambda h, b: join(h, b, text=b" " * (17 << 20))), "at most"),
+    "header with a tail": (edit(lambda h, b: join(h, b, text=zlib.compress(b"{}") + b"x", compress=False)), "one complete"),
     "not json": (edit(lambda h, b: join(h, b, text=b"{nope")), "not ASCII JSON"),
     "not ascii": (edit(lambda h, b: join(h, b, text='{"\u00e9":1}'.encode())), "not ASCII JSON"),
     "deep nesting": (edit(lambda h, b: join(h, b, text=b"[" * 100_000 + b"]" * 100_000)), "not ASCII JSON"),
@@ -297,27 +330,33 @@ HOSTILE = {
     "shape not list": (edit(_set(["a", "shape"], "2x3")), "shape"),
     "offsets not pair": (edit(_set(["a", "data_offsets"], [0])), "data_offsets"),
     "reversed offsets": (edit(_set(["a", "data_offsets"], [5, 0])), "data_offsets"),
-    "hole": (edit(lambda h, b: (b.insert(5, 0), h["b"].update(data_offsets=[6, 16])) and None), "hole or overlap"),
-    "overlap": (edit(_set(["b", "data_offsets"], [4, 14])), "hole or overlap"),
+    "hole": (edit(lambda h, b: (b.insert(6, 0), h["b"].update(data_offsets=[7, 12])) and None), "hole or overlap"),
+    "overlap": (edit(_set(["b", "data_offsets"], [5, 10])), "hole or overlap"),
     "duplicate key": (
         edit(lambda h, b: join(h, b, text=json.dumps(h, sort_keys=True).replace('"b":', '"a":').encode())),
-        "starts at 5, expected 0",
+        "starts at 6, expected 0",
     ),
     "beyond buffer": (edit(lambda h, b: b.__delitem__(slice(-2, None))), "beyond"),
     "trailing bytes": (lambda d: d + b"\0", "trailing"),
     "stream crc": (lambda d: d[:-1] + bytes([d[-1] ^ 0x80]), "CRC32 mismatch"),
     "count mismatch": (edit(_set(["a", "shape"], [7])), "cannot hold"),
-    "runs without zero": (edit(_set(["b", "zero_symbol"], None)), "needs a zero_symbol"),
-    "zero out of range": (edit(_set(["b", "zero_symbol"], 2)), "zero_symbol"),
-    "runs too long": (edit(_set(["b", "run_limit"], 8192)), "run_limit"),
-    "alphabet vs table": (edit(_set(["a", "alphabet_size"], 9)), "fields need"),
+    "expansion bomb": (edit(_set(["b", "shape"], [1 << 20])), "cannot hold"),
+    "runs without run symbol": (edit(_set(["b", "run_symbol"], None)), "run_classes=7 does not fit"),
+    "run symbol out of range": (edit(_set(["b", "run_symbol"], 2)), "run_symbol"),
+    "classes without run symbol": (edit(_set(["a", "run_classes"], 2)), "does not fit"),
+    "too many classes": (edit(_set(["b", "run_classes"], 34)), "run_classes"),
+    "alphabet vs table": (edit(_set(["a", "alphabet_size"], 9)), "code table"),
     "block width vs size": (edit(_set(["c", "block_width"], 31)), "fields need"),
     "block base": (edit(lambda h, b: h["c"].update(block_base=h["c"]["block_base"] + 1)), "block"),
     "runs cover too few": (edit(_set(["b", "shape"], [103])), "run symbols cover"),
-    "over-subscribed code": (edit(lambda h, b: b.__setitem__(slice(0, 3), b"\x08\x42\x10")), "Kraft"),  # 1,1,1,1
-    "payload padding": (edit(lambda h, b: b.__setitem__(4, b[4] | 1)), "padding"),
-    "unused code word": (
-        edit(lambda h, b: b.__setitem__(slice(5, 11), bytes.fromhex("000000040000"))),  # only symbol 5 has a code
+    "table size": (edit(_set(["b", "table_bits"], 20)), "table_bits=20"),
+    "table too short": (edit(_set(["b", "table_bits"], 2)), "presence bits"),
+    "table padding": (edit(lambda h, b: b.__setitem__(8, b[8] | 1)), "padding bits after the code table"),
+    "empty group": (edit(lambda h, b: b.__setitem__(slice(0, 4), bytes.fromhex("80011080"))), "empty group"),
+    "over-subscribed code": (edit(lambda h, b: b.__setitem__(slice(0, 4), bytes.fromhex("f8000000"))), "Kraft"),
+    "payload padding": (edit(lambda h, b: b.__setitem__(5, b[5] | 1)), "padding"),
+    "unused code word": (  # b's two symbols get lengths 1 and 2: code word 11 is unused, and the payload has it
+        edit(lambda h, b: b.__setitem__(slice(6, 9), bytes.fromhex("230020"))),
         "no code word",
     ),
 }

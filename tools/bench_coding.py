@@ -1,11 +1,11 @@
 """Benchmark onnxhq's index coding against entropy, zlib/bz2/lzma and the pure-Python dahuffman.
 
-    python tools/bench_coding.py [--npz FILE [--zero-symbol Z]] [--repeat 20] [--seed 0]
+    python tools/bench_coding.py [--npz FILE] [--repeat 20] [--seed 0]
 
 Without ``--npz`` it codes synthetic index streams shaped like the real ones: Laplacian weights of
 LeNet-5 (431,080) and ResNet-32 (464,154) size on a uniform 32-level grid over [min, max], dense,
-and 90 % pruned (the smallest magnitudes get index 0, the zero_symbol; the rest a 31-level grid over
-the survivors). ``--npz`` codes real index arrays instead (keys = stream names, int values).
+and 90 % pruned (the smallest magnitudes get index 0; the rest a 31-level grid over the survivors).
+``--npz`` codes real index arrays instead (keys = stream names, int values).
 
 Per stream: bits per weight of the order-0 entropy, of the onnxhq payload alone and with its
 tables; of zlib -9, bz2 -9 and lzma (preset 9 | EXTREME) on the same indices as uint8 bytes (uint16
@@ -44,15 +44,15 @@ def synthetic_streams(seed: int) -> list[IndexStream]:
         grid = np.linspace(w[keep].min(), w[keep].max(), 32)
         pruned = np.zeros(n, dtype=np.uint8)
         pruned[keep] = np.clip(np.digitize(w[keep], grid), 1, 31)
-        streams.append(IndexStream(f"{model}_pruned90", (n,), 32, pruned, zero_symbol=0))
+        streams.append(IndexStream(f"{model}_pruned90", (n,), 32, pruned))
     return streams
 
 
-def npz_streams(path: str, zero_symbol: int | None) -> list[IndexStream]:
+def npz_streams(path: str) -> list[IndexStream]:
     with np.load(path, allow_pickle=False) as z:
         arrays = {name: np.asarray(z[name]) for name in z.files}
     return [
-        IndexStream(name, a.shape, int(a.max()) + 1 if a.size else 1, a, zero_symbol)
+        IndexStream(name, a.shape, int(a.max()) + 1 if a.size else 1, a)
         for name, a in sorted(arrays.items())
     ]
 
@@ -84,7 +84,7 @@ def measure(stream: IndexStream, repeat: int, dahuffman) -> dict:
     coded = codec.encode(symbols)
     assert codec.decode(coded) == symbols, "dahuffman round trip failed"
     return {
-        "name": stream.name, "n": n, "k": stream.alphabet_size, "runs": layout.run_limit,
+        "name": stream.name, "n": n, "k": stream.alphabet_size, "runs": layout.run_symbol,
         "entropy": layout.entropy_bits, "payload": 8 * layout.payload_bytes / n,
         "coded": layout.coded_bits_per_weight, "file": 8 * len(data) / n,
         **{key: 8 * size / n for key, size in generic.items()},
@@ -102,7 +102,7 @@ def report(rows: list[dict]) -> str:
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        coding = f"runs<{r['runs']}" if r["runs"] else "plain"
+        coding = "plain" if r["runs"] is None else f"runs of {r['runs']}"
         excess = 100 * (r["coded"] / r["entropy"] - 1) if r["entropy"] else float("nan")
         lines.append(
             f"| {r['name']} | {r['n']:,} | {r['k']} | {coding} | {r['entropy']:.4f} | {r['payload']:.4f} "
@@ -112,8 +112,8 @@ def report(rows: list[dict]) -> str:
         )
     lines += [
         "",
-        "Sizes in bits per weight. 'onnxhq +tables' adds the code lengths and the block index; 'whole file'",
-        "is the one-stream sidecar with its JSON header. 'vs entropy' compares '+tables' with the entropy.",
+        "Sizes in bits per weight. 'onnxhq +tables' adds the code table and the block index; 'whole file'",
+        "is the one-stream sidecar with its prefix and compressed header. 'vs entropy' compares '+tables' with the entropy.",
         "Decode times: least CPU time of the repeats, onnxhq = decode_sidecar of the one-stream file (CRCs, checks,",
         "run expansion included); dahuffman = HuffmanCodec.decode of its own code of the same indices.",
         "Encode times (one run): " + ", ".join(f"{r['name']} {1e3 * r['encode_s']:.0f} ms" for r in rows) + ".",
@@ -124,7 +124,6 @@ def report(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--npz", help="real index arrays: keys = stream names, values = integer arrays")
-    ap.add_argument("--zero-symbol", type=int, default=None, help="zero_symbol of the --npz streams")
     ap.add_argument("--repeat", type=int, default=20, help="decode repeats for onnxhq (best is kept)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -133,7 +132,7 @@ def main() -> int:
     except ImportError:
         print("error: this benchmark needs dahuffman: pip install dahuffman", file=sys.stderr)
         return 1
-    streams = npz_streams(args.npz, args.zero_symbol) if args.npz else synthetic_streams(args.seed)
+    streams = npz_streams(args.npz) if args.npz else synthetic_streams(args.seed)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print("# onnxhq index coding benchmark\n")
     print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
