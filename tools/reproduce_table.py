@@ -64,6 +64,8 @@ class Net:
     criterion: str = "saliency"
     polish_epochs: float = 0.0     # masked retraining after the last pruning step
     finetune_lr: float = 1e-4
+    prune_lr: float = 3e-4         # peak Adam rate of the retraining after each pruning step
+    polish_lr: float = 5e-4        # peak Adam rate of the polish
     kmeans_rates: tuple = tuple(KMEANS_RATES)
     entropy_rates: tuple = tuple(ENTROPY_RATES)
 
@@ -129,8 +131,11 @@ def nets() -> dict[str, Net]:
                            retrain_epochs=3.0, finetune_epochs=1.0,
                            adam_state=ROOT / "models" / "lenet300_mnist_adam.npz", criterion="magnitude",
                            polish_epochs=15.0),
-        "resnet32": Net("resnet32", resnet32, lambda: cifar("train"), lambda: cifar("test"), sparsity=0.5,
-                        prune_steps=2, retrain_epochs=0.15, finetune_epochs=0.1, adam_state=None, augment=cifar_augment,
+        # Sized for a 2-core CPU (one CIFAR-10 epoch of forward + backward is ~20 min): 2 pruning
+        # steps of half an epoch each, one epoch of polish, small Adam rates for an SGD-trained net.
+        "resnet32": Net("resnet32", resnet32, lambda: cifar("train"), lambda: cifar("test"), sparsity=0.6,
+                        prune_steps=2, retrain_epochs=0.5, finetune_epochs=0.2, adam_state=None, augment=cifar_augment,
+                        prune_lr=2e-4, polish_epochs=1.0, polish_lr=2e-4,
                         kmeans_rates=tuple(("k", k) for k in (4, 8, 16, 32)),
                         entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0))),
     }
@@ -166,7 +171,7 @@ def prune_stage(net: Net, cache: Cache, train: Dataset, test: Dataset):
 
         t0 = time.time()
         pruned, masks = prune_model(net.model(), train, sparsity=net.sparsity, criterion=net.criterion, steps=net.prune_steps,
-                                    retrain_epochs=net.retrain_epochs, augment=net.augment, seed=0)
+                                    retrain_epochs=net.retrain_epochs, lr=net.prune_lr, augment=net.augment, seed=0)
         save_model(pruned, path)
         cache.put("pruned", {"sparsity": float(1 - sum(m.sum() for m in masks.values()) / sum(m.size for m in masks.values())),
                              "accuracy": accuracy(pruned, test), "seconds": time.time() - t0})
@@ -188,7 +193,7 @@ def polish(net: Net, cache: Cache, pruned, train: Dataset, test: Dataset):
         engine = GradientEngine(pruned)
         t0 = time.time()
         params, _ = adam_train(engine, train.inputs, train.labels, epochs=net.polish_epochs, batch_size=64,
-                               lr=lambda f: 5e-4 * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * f))), masks=masks,
+                               lr=lambda f: net.polish_lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * f))), masks=masks,
                                augment=net.augment, seed=1)
         polished = replace_initializers(pruned, params)
         save_model(polished, path)
