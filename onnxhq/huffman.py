@@ -205,16 +205,20 @@ def read_bits(data: bytes, positions: np.ndarray, widths: np.ndarray) -> np.ndar
     Bits past the end of ``data`` read as zero; callers check lengths themselves.
     """
     positions = np.asarray(positions, dtype=np.int64)
-    widths = np.asarray(widths, dtype=np.uint64)
-    if positions.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    buf = np.frombuffer(bytes(data) + bytes(5), dtype=np.uint8).astype(np.uint64)
-    at = np.minimum(positions >> 3, len(data))
-    word = np.zeros(positions.size, dtype=np.uint64)
-    for k in range(5):  # 40 bits cover any 32-bit field at any bit offset
+    widths = np.broadcast_to(np.asarray(widths, dtype=np.int64), positions.shape)
+    out = np.zeros(positions.size, dtype=np.int64)
+    wide = np.flatnonzero(widths)  # zero-width fields (most extra-bit fields) need no reading
+    if wide.size == 0:
+        return out
+    pos = positions[wide]
+    buf = np.frombuffer(bytes(data) + bytes(5), dtype=np.uint8)
+    at = np.minimum(pos >> 3, len(data))
+    word = buf[at].astype(np.uint64)
+    for k in range(1, 5):  # 40 bits cover any 32-bit field at any bit offset
         word = (word << np.uint64(8)) | buf[at + k]
-    word = (word << (positions & 7).astype(np.uint64)) & np.uint64((1 << 40) - 1)
-    return (word >> (np.uint64(40) - widths)).astype(np.int64)
+    word = (word << (pos & 7).astype(np.uint64)) & np.uint64((1 << 40) - 1)
+    out[wide] = (word >> (np.uint64(40) - widths[wide].astype(np.uint64))).astype(np.int64)
+    return out
 
 
 def encode(symbols: np.ndarray, lengths: np.ndarray, extra: np.ndarray | None = None,
@@ -318,9 +322,6 @@ def decode(
             raise SidecarError(f"payload of {len(payload)} bytes is shorter than its {n_bits} coded bits")
         starts = np.concatenate(([0], np.cumsum(block_bits)[:-1]))
     entries, ends = _decode_blocks(words, table, top, starts, steps)
-    if widths is not None:  # where each symbol starts: its block's start plus the advances before it
-        steps_before = np.cumsum(entries & _LEN_MASK, axis=0, dtype=np.int64) - (entries & _LEN_MASK)
-        positions = (starts[None, :] + steps_before).T.ravel()[:count]
     entries = entries.T.ravel()[:count]
     if entries.min() == 0:  # a valid entry has a length >= 1
         raise SidecarError(f"payload holds a bit pattern that is no code word at symbol {int(np.argmin(entries))}")
@@ -329,11 +330,19 @@ def decode(
     if bad.size or last > n_bits or (block_bits is not None and last != n_bits):
         where = f"block {int(bad[0])}" if bad.size else "the last block"
         raise SidecarError(f"payload is too short or inconsistent with its block index at {where}")
+    advance = entries & _LEN_MASK if widths is not None else None
     entries >>= _LEN_BITS
     symbols = entries.view(np.int32)  # symbols < 2**26: the same bits read as int32
     if widths is None:
         return symbols
-    return symbols, read_bits(payload, positions + lengths[symbols], widths[symbols])
+    # Blocks are contiguous (checked above), so a symbol starts where the advances before it end.
+    has_extra = np.flatnonzero(widths.astype(np.uint8)[symbols])
+    extra = np.zeros(count, dtype=np.int64)
+    if has_extra.size:
+        coded = symbols[has_extra]
+        starts_of = np.cumsum(advance, dtype=np.int64)[has_extra] - advance[has_extra]
+        extra[has_extra] = read_bits(payload, starts_of + lengths[coded], widths[coded])
+    return symbols, extra
 
 
 def _decode_blocks(words, table, top, starts, steps):

@@ -413,10 +413,10 @@ def _decode_stream(name: str, entry: dict, buffer: bytes) -> IndexStream:
             raise SidecarError("non-zero padding bits after the payload")
         decoded = huffman.decode(payload, lengths, entry["symbols"], block_size=entry["block_size"],
                                  block_bits=blocks, extra_widths=_extra_widths(entry) if entry["run_classes"] else None)
-        symbols = _expand_runs(*decoded, k, entry["run_symbol"], count) if entry["run_classes"] else decoded
+        dtype = np.uint8 if k <= 256 else np.uint16
+        symbols = _expand_runs(*decoded, k, entry["run_symbol"], count, dtype) if entry["run_classes"] else decoded
     except SidecarError as exc:
         raise SidecarError(f"stream {name!r}: {exc}") from None
-    dtype = np.uint8 if k <= 256 else np.uint16
     return IndexStream(name, tuple(entry["shape"]), k, symbols.astype(dtype, copy=False).reshape(entry["shape"]))
 
 
@@ -444,19 +444,23 @@ def _read_table(table: bytes, size: int, n_bits: int) -> np.ndarray:
     return lengths
 
 
-def _expand_runs(symbols: np.ndarray, extra: np.ndarray, k: int, run_symbol: int, count: int) -> np.ndarray:
+def _expand_runs(symbols: np.ndarray, extra: np.ndarray, k: int, run_symbol: int, count: int,
+                 dtype) -> np.ndarray:
     """Indices (count,) from run-coded symbols; SidecarError unless they cover exactly ``count``."""
-    classes, levels = np.divmod(symbols.astype(np.int64), k + 1)
-    runs = np.where(classes > 0, (np.int64(1) << np.maximum(classes - 1, 0)) + extra, 0)
+    classes, levels = np.divmod(symbols, np.int32(k + 1))
+    shortest = np.concatenate(([0], np.left_shift(1, np.arange(MAX_RUN_CLASSES - 1, dtype=np.int64))))
+    runs = shortest[classes] + extra  # class c >= 1: 2**(c-1) + extra bits; class 0: no run
     is_end = levels == k
     if is_end[:-1].any() or (is_end[-1] and classes[-1] == 0):
         raise SidecarError("an end-of-stream symbol that is not last, or ends no run")
-    covered = runs + (~is_end).astype(np.int64)  # indices each symbol stands for
-    ends = np.cumsum(covered)
-    if int(ends[-1]) != count:
-        raise SidecarError(f"run symbols cover {int(ends[-1])} indices, shape needs {count}")
-    out = np.full(count, run_symbol, dtype=np.int64)
-    out[ends[~is_end] - 1] = levels[~is_end]
+    ends = np.cumsum(runs + 1)  # each symbol stands for its run and its index ...
+    total = int(ends[-1]) - int(is_end[-1])  # ... but the end symbol for its run alone
+    if total != count:
+        raise SidecarError(f"run symbols cover {total} indices, shape needs {count}")
+    out = np.full(count, run_symbol, dtype=dtype)
+    if is_end[-1]:
+        ends, levels = ends[:-1], levels[:-1]
+    out[ends - 1] = levels
     return out
 
 
