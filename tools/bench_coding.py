@@ -1,11 +1,13 @@
 """Benchmark onnxhq's index coding against entropy, zlib/bz2/lzma and the pure-Python dahuffman.
 
-    python tools/bench_coding.py [--npz FILE] [--repeat 20] [--seed 0]
+    python tools/bench_coding.py [--npz FILE | --sidecar FILE ...] [--repeat 20] [--seed 0]
 
 Without ``--npz`` it codes synthetic index streams shaped like the real ones: Laplacian weights of
 LeNet-5 (431,080) and ResNet-32 (464,154) size on a uniform 32-level grid over [min, max], dense,
 and 90 % pruned (the smallest magnitudes get index 0; the rest a 31-level grid over the survivors).
-``--npz`` codes real index arrays instead (keys = stream names, int values).
+``--npz`` codes real index arrays instead (keys = stream names, int values). ``--sidecar`` sums up
+whole sidecars as compress wrote them (each tensor its own stream) against the general-purpose
+compressors on the same indices, per tensor and concatenated.
 
 Per stream: bits per weight of the order-0 entropy, of the onnxhq payload alone and with its
 tables; of zlib -9, bz2 -9 and lzma (preset 9 | EXTREME) on the same indices as uint8 bytes (uint16
@@ -121,9 +123,30 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sidecar_totals(paths: list[str]) -> str:
+    """One row per sidecar file: every stream coded alone, as compress does, against zlib/bz2/lzma."""
+    lines = ["| sidecar | streams | n | onnxhq payload + tables | whole file | zlib -9 | bz2 -9 | lzma 9e "
+             "| lzma per tensor |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        data = open(path, "rb").read()
+        streams, _ = decode_sidecar(data)
+        layouts = describe_sidecar(data)
+        n = sum(s.indices.size for s in streams)
+        raws = [s.indices.astype(np.uint8 if s.alphabet_size <= 256 else np.uint16).tobytes() for s in streams]
+        whole = b"".join(raws)
+        per_tensor = sum(len(lzma.compress(r, preset=9 | lzma.PRESET_EXTREME)) for r in raws)
+        coded = sum(x.payload_bytes + x.table_bytes for x in layouts)
+        lines.append(
+            f"| {os.path.basename(path)} | {len(streams)} | {n:,} | {8 * coded / n:.4f} | {8 * len(data) / n:.4f} "
+            f"| {8 * len(zlib.compress(whole, 9)) / n:.4f} | {8 * len(bz2.compress(whole, 9)) / n:.4f} "
+            f"| {8 * len(lzma.compress(whole, preset=9 | lzma.PRESET_EXTREME)) / n:.4f} | {8 * per_tensor / n:.4f} |")
+    return "\n".join(lines + ["", "Bits per weight over all streams of the file; 'whole file' counts the prefix and header."])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--npz", help="real index arrays: keys = stream names, values = integer arrays")
+    ap.add_argument("--sidecar", nargs="+", help="whole .onnxhq files written by compress")
     ap.add_argument("--repeat", type=int, default=20, help="decode repeats for onnxhq (best is kept)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -132,7 +155,6 @@ def main() -> int:
     except ImportError:
         print("error: this benchmark needs dahuffman: pip install dahuffman", file=sys.stderr)
         return 1
-    streams = npz_streams(args.npz) if args.npz else synthetic_streams(args.seed)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print("# onnxhq index coding benchmark\n")
     print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
@@ -140,7 +162,12 @@ def main() -> int:
     print(f"- python {platform.python_version()}, numpy {np.__version__}, dahuffman {importlib.metadata.version('dahuffman')}")
     print(f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"- command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
+    if args.sidecar:
+        print(f"- sidecars: {', '.join(args.sidecar)}\n")
+        print(sidecar_totals(args.sidecar))
+        return 0
     print(f"- streams: {'--npz ' + args.npz if args.npz else f'synthetic Laplacian, seed {args.seed}'}\n")
+    streams = npz_streams(args.npz) if args.npz else synthetic_streams(args.seed)
     print(report([measure(s, args.repeat, dahuffman) for s in streams]))
     return 0
 
