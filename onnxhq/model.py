@@ -173,15 +173,23 @@ def bypass_initializer_identities(model: onnx.ModelProto) -> int:
     return len(alias)
 
 
-def materialize_constants(model: onnx.ModelProto) -> int:
-    """Turn ``Constant`` and ``ConstantOfShape`` nodes with constant inputs into initializers, in place.
+#: Ops that only move or retype data: folded when all their inputs are constant, so a weight an
+#: exporter stores as e.g. Reshape(ConstantOfShape(...)) or Transpose(W) becomes one initializer.
+FOLDABLE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast")
 
-    Exporters (and the onnx backend test models) sometimes carry weights this way; as initializers
-    they can be quantized. Returns the number of nodes replaced.
+
+def materialize_constants(model: onnx.ModelProto) -> int:
+    """Turn constant subgraphs into initializers, in place; returns the number of nodes replaced.
+
+    ``Constant`` and ``ConstantOfShape`` nodes become initializers, and so do the ops in
+    `FOLDABLE_OPS` once all their inputs are initializers (also those old exporters list as graph
+    inputs too, which `load_model` treats as weights). Exporters (and the onnx backend test models)
+    carry weights this way; as initializers they can be quantized. Initializers only the folded
+    nodes read are dropped.
     """
     graph = model.graph
     known = {t.name: t for t in graph.initializer}
-    keep, replaced = [], 0
+    keep, replaced, folded_inputs = [], 0, set()
     for node in graph.node:
         tensor = None
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -196,6 +204,11 @@ def materialize_constants(model: onnx.ModelProto) -> int:
                 if a.name == "value":
                     fill = numpy_helper.to_array(a.t)
             tensor = numpy_helper.from_array(np.full(tuple(shape), fill.reshape(-1)[0], dtype=fill.dtype))
+            folded_inputs.add(node.input[0])
+        elif (node.op_type in FOLDABLE_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1
+              and node.input and all(name in known for name in node.input if name)):
+            tensor = _evaluate(node, known, model.opset_import)
+            folded_inputs.update(name for name in node.input if name)
         if tensor is None:
             keep.append(node)
             continue
@@ -206,7 +219,39 @@ def materialize_constants(model: onnx.ModelProto) -> int:
     if replaced:
         del graph.node[:]
         graph.node.extend(keep)
+        _drop_unread_initializers(model, folded_inputs)
     return replaced
+
+
+def _evaluate(node: onnx.NodeProto, known: dict, opsets) -> onnx.TensorProto | None:
+    """The output of ``node`` on constant inputs, by onnx's reference evaluator; None if it fails."""
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {name: numpy_helper.to_array(known[name]) for name in node.input if name}
+    try:
+        (value,) = ReferenceEvaluator(node, opsets={o.domain: o.version for o in opsets}).run(None, feeds)
+    except Exception:  # an op this onnx cannot evaluate: leave the node in the graph
+        return None
+    return numpy_helper.from_array(np.asarray(value))
+
+
+def _drop_unread_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
+    """Remove the ``candidates`` nothing reads any more, with the graph inputs old exporters list them as."""
+    read = {name for node in _all_nodes(model.graph) for name in node.input} | {o.name for o in model.graph.output}
+    unread = candidates - read
+    for field in (model.graph.initializer, model.graph.input):
+        kept = [item for item in field if item.name not in unread]
+        del field[:]
+        field.extend(kept)
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """Nodes of ``graph`` and of every subgraph (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_nodes(sub)
 
 
 def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from onnxhq.errors import ModelError
 from onnxhq.model import (MAX_OPSET, load_model, materialize_constants, quantizable_weights, read_initializers,
@@ -87,6 +88,32 @@ def test_constant_and_constant_of_shape_become_initializers():
     assert [n.op_type for n in model.graph.node] == ["Gemm"]
     np.testing.assert_array_equal(read_initializers(model, ["w"])["w"], np.full((2, 3), 0.5, np.float32))
     assert [w.name for w in quantizable_weights(model)] == ["w"]
+
+
+def test_weights_behind_reshape_and_transpose_are_folded_into_initializers():
+    # Inception v1's classifier in the onnx backend data: Reshape(ConstantOfShape(shape), new_shape).
+    shape = numpy_helper.from_array(np.array([6], np.int64), "shape")
+    new_shape = numpy_helper.from_array(np.array([2, 3], np.int64), "new_shape")
+    stored = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "stored")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["flat"], value=numpy_helper.from_array(np.array([0.5], np.float32))),
+             helper.make_node("Reshape", ["flat", "new_shape"], ["w1"]),
+             helper.make_node("Transpose", ["stored"], ["w2"], perm=[1, 0]),
+             helper.make_node("Gemm", ["x", "w1"], ["h"]),
+             helper.make_node("Gemm", ["h", "w2"], ["y"]),
+             helper.make_node("Reshape", ["y", "new_shape"], ["z"])]  # data input: stays
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2]),
+                                           helper.make_tensor_value_info("stored", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])], [shape, new_shape, stored])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=3)
+    x = np.random.default_rng(0).normal(size=(3, 2)).astype(np.float32)
+    expected = ReferenceEvaluator(model).run(None, {"x": x, "stored": numpy_helper.to_array(stored)})[0]
+    assert materialize_constants(model) == 3
+    assert [n.op_type for n in model.graph.node] == ["Gemm", "Gemm", "Reshape"]
+    assert {t.name for t in model.graph.initializer} == {"new_shape", "w1", "w2"}  # shape, stored: unread
+    assert [i.name for i in model.graph.input] == ["x"]
+    np.testing.assert_array_equal(read_initializers(model, ["w2"])["w2"], numpy_helper.to_array(stored).T)
+    assert [w.name for w in quantizable_weights(model)] == ["w1", "w2"]
+    np.testing.assert_allclose(ReferenceEvaluator(model).run(None, {"x": x})[0], expected, rtol=1e-6)
 
 
 def test_newer_opset_is_converted_or_refused(convnet):
