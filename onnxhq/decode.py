@@ -60,6 +60,9 @@ def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.M
     inputs = [i for i in model.graph.input if i.name not in by_name]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
+    for node in model.graph.node:
+        if node.domain == naming.DOMAIN and not node.name:
+            node.name = naming.dequantize_node(node.output[0])
     props = [p for p in model.metadata_props if p.key != naming.METADATA_SIDECAR]
     del model.metadata_props[:]
     model.metadata_props.extend(props)

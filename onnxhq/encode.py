@@ -4,8 +4,8 @@ The compressed graph (``<stem>.onnx``) holds structure, codebooks, unquantized t
 dequantize nodes. Its index tensors are declared as graph inputs (so the file stays a valid ONNX
 model), packed ones as the uint8 (ceil(n/2),) tensor the graph reads, and their values live
 Huffman-coded in the sidecar (``<stem>.onnxhq``), one symbol per weight, whose file name the graph
-records in ``metadata_props["onnxhq.sidecar"]``. The definitions of onnxhq's dequantize
-functions are left out (fixed by ``FORMAT_VERSION``, recorded as ``onnxhq.version``): the graph
+records in ``metadata_props["onnxhq.sidecar"]``. The dequantize nodes' names and the definitions
+of onnxhq's dequantize functions are left out (fixed by ``FORMAT_VERSION``, recorded as ``onnxhq.version``): the graph
 file is a storage artifact, not meant to run as it is. `decode.join_artifacts` reverses all this.
 """
 
@@ -63,6 +63,9 @@ def split_artifacts(model: onnx.ModelProto, stem: str, *, original_bytes: int | 
     for s in streams:
         t = by_name[s.name]
         graph.graph.input.append(helper.make_tensor_value_info(s.name, t.data_type, list(t.dims)))
+    for node in graph.graph.node:  # decode names them again (naming.dequantize_node): ~35 bytes each
+        if node.domain == naming.DOMAIN and node.name == naming.dequantize_node(node.output[0]):
+            node.name = ""
     detach_functions(graph)  # decode re-attaches onnxhq's own definitions, fixed by FORMAT_VERSION
     set_metadata(graph, {naming.METADATA_SIDECAR: sidecar_name, naming.METADATA_VERSION: FORMAT_VERSION,
                          **({} if original_bytes is None else {naming.METADATA_ORIGINAL_BYTES: str(original_bytes)})})

@@ -232,6 +232,18 @@ def test_artifacts_keep_logical_indices_and_the_graph_packs_them():
     assert {t.name: t for t in decoded.graph.initializer} == {t.name: t for t in model.graph.initializer}
 
 
+def test_the_stored_graph_leaves_out_what_decode_restores():
+    books, tensors = shared_codes(5, np.random.default_rng(3))
+    model = rewrite(mlp(), books, tensors)
+    artifacts = split_artifacts(model, "mlp")
+    stored = onnx.load_from_string(artifacts.graph_bytes)
+    assert not stored.functions
+    assert [n.name for n in stored.graph.node if n.domain == naming.DOMAIN] == ["", ""]
+    decoded = load_from_bytes(artifacts.graph_bytes, artifacts.sidecar_bytes)
+    assert list(decoded.graph.node) == list(model.graph.node)
+    assert list(decoded.functions) == list(model.functions)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(alphabet_size=17), "at most 16"),
     (dict(shape=(7, 13)), r"shape \(7, 13\), the graph expects \(13, 7\)"),
