@@ -70,6 +70,7 @@ class Net:
     entropy_rates: tuple = tuple(ENTROPY_RATES)
 
     pruned_entropy_rates: tuple = tuple(PRUNED_ENTROPY_RATES)
+    scope: str = "network"         # codebook scope of the table (and of the curves unless --scope)
 
     def rates(self, label: str, tag: str = "pruned") -> list[tuple[str, float]]:
         if METHODS[label][0] in ("kmeans", "hkmeans"):
@@ -137,7 +138,10 @@ def nets() -> dict[str, Net]:
                         prune_steps=2, retrain_epochs=0.5, finetune_epochs=0.2, adam_state=None, augment=cifar_augment,
                         prune_lr=2e-4, polish_epochs=1.0, polish_lr=2e-4,
                         kmeans_rates=tuple(("k", k) for k in (4, 8, 16, 32)),
-                        entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0))),
+                        entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+                        # One codebook per layer: on this net a network-wide one loses more (RESULTS.md).
+                        pruned_entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
+                        scope="layer"),
     }
 
 
@@ -267,7 +271,8 @@ def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test
         if METHODS[label][1] != "none" and METHODS[label][1] not in diags["pruned"]:
             continue
         rates = net.rates(label)
-        curve = [(r, cache.get(f"curve/pruned/{label}/{r[0]}={r[1]}")) for r in rates]
+        where = "pruned" if net.scope == "network" else f"pruned@{net.scope}"
+        curve = [(r, cache.get(f"curve/{where}/{label}/{r[0]}={r[1]}")) for r in rates]
         ok = [i for i, (_, row) in enumerate(curve) if row and "accuracy" in row and row["accuracy"] >= threshold - 0.002]
         start = ok[0] if ok else len(rates) - 1
         def finetuned(i: int):
@@ -276,7 +281,7 @@ def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test
             row = cache.get(key)
             if row is None:
                 result, row = run(model, diags["pruned"], label, rate, test, train=train, epochs=net.finetune_epochs,
-                                  lr=net.finetune_lr)
+                                  lr=net.finetune_lr, scope=net.scope)
                 result.save(cache.dir / "artifacts" / key.replace("/", "_").replace(" ", "-"))
                 cache.put(key, row)
             log(f"{net.name} {key}: {row}")
@@ -384,7 +389,8 @@ def main() -> int:
     ap.add_argument("--stages", nargs="+", default=["prune", "curves", "table", "report"])
     ap.add_argument("--calib", type=int, default=1000, help="training images for the Fisher")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--scope", default="network", choices=["network", "layer"], help="codebook scope of the curves")
+    ap.add_argument("--scope", default=None, choices=["network", "layer"],
+                    help="codebook scope of the curves (default: the network's table scope)")
     ap.add_argument("--tags", nargs="+", default=["dense", "pruned"], choices=["dense", "pruned"],
                     help="which models the curves cover")
     args = ap.parse_args()
@@ -407,7 +413,7 @@ def main() -> int:
         diags = {tag: hessians(net, m, tag, calib, cache) for tag, m in models.items()}
         if "curves" in args.stages:
             curves_stage(net, cache, {t: m for t, m in models.items() if t in args.tags}, diags, test, args.methods,
-                         args.scope)
+                         args.scope or net.scope)
         if "table" in args.stages and "pruned" in models:
             table_stage(net, cache, models["pruned"], diags, train, test, float_acc, args.methods)
         if "report" in args.stages:
