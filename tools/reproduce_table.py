@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -158,8 +159,11 @@ class Cache:
         return self.data.get(key)
 
     def put(self, key: str, value) -> None:
+        """Store one step; steps other runs of this script stored meanwhile are kept (re-read first)."""
+        if self.path.is_file():
+            self.data = {**self.data, **json.loads(self.path.read_text())}
         self.data[key] = value
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         tmp.replace(self.path)
 
@@ -257,30 +261,33 @@ def curves_stage(net: Net, cache: Cache, models: dict, diags: dict, test: Datase
                 log(f"{net.name} {key}: {cache.get(key)}")
 
 
-def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test: Dataset, float_acc: float,
-                methods) -> None:
+def table_stage(net: Net, cache: Cache, models: dict, diags: dict, train: Dataset, test: Dataset, float_acc: float,
+                methods, tag: str = "pruned") -> None:
     """Per method: walk down the rates from the curve's first passing one, fine-tuning each, keep the lowest that passes.
 
-    Passing means within 0.1 point of the float model; where the pruned model itself is further
-    below, within 0.1 point of the pruned model (and the table says so).
+    ``tag`` picks the model quantized: "pruned" (keys ``table/…``, ``best/…``) or "dense" (keys
+    ``table@dense/…``). Passing means within 0.1 point of the float model; where the pruned model
+    itself is further below, within 0.1 point of the pruned model (and the table says so).
     """
-    pruned_acc = (cache.get("polished") or cache.get("pruned"))["accuracy"]
-    threshold = float_acc - 0.001 if pruned_acc >= float_acc - 0.001 else pruned_acc - 0.001
-    cache.put("threshold", {"accuracy": threshold, "relative_to": "float" if threshold == float_acc - 0.001 else "pruned"})
+    suffix = "" if tag == "pruned" else f"@{tag}"
+    base_acc = (cache.get("polished") or cache.get("pruned"))["accuracy"] if tag == "pruned" else float_acc
+    threshold = float_acc - 0.001 if base_acc >= float_acc - 0.001 else base_acc - 0.001
+    cache.put(f"threshold{suffix}", {"accuracy": threshold,
+                                     "relative_to": "float" if threshold == float_acc - 0.001 else "pruned"})
     for label in methods:
-        if METHODS[label][1] != "none" and METHODS[label][1] not in diags["pruned"]:
+        if METHODS[label][1] != "none" and METHODS[label][1] not in diags[tag]:
             continue
-        rates = net.rates(label)
-        where = "pruned" if net.scope == "network" else f"pruned@{net.scope}"
+        rates = net.rates(label, tag)
+        where = tag if net.scope == "network" else f"{tag}@{net.scope}"
         curve = [(r, cache.get(f"curve/{where}/{label}/{r[0]}={r[1]}")) for r in rates]
         ok = [i for i, (_, row) in enumerate(curve) if row and "accuracy" in row and row["accuracy"] >= threshold - 0.002]
         start = ok[0] if ok else len(rates) - 1
         def finetuned(i: int):
             rate = rates[i]
-            key = f"table/{label}/{rate[0]}={rate[1]}"
+            key = f"table{suffix}/{label}/{rate[0]}={rate[1]}"
             row = cache.get(key)
             if row is None:
-                result, row = run(model, diags["pruned"], label, rate, test, train=train, epochs=net.finetune_epochs,
+                result, row = run(models[tag], diags[tag], label, rate, test, train=train, epochs=net.finetune_epochs,
                                   lr=net.finetune_lr, scope=net.scope)
                 result.save(cache.dir / "artifacts" / key.replace("/", "_").replace(" ", "-"))
                 cache.put(key, row)
@@ -297,17 +304,21 @@ def table_stage(net: Net, cache: Cache, model, diags: dict, train: Dataset, test
         while not chosen and i < min(len(rates) - 1, start + 2):
             i += 1
             chosen = finetuned(i)
-        cache.put(f"best/{label}", chosen and {"key": chosen[0], **chosen[1]})
-    bests = [(b["key"], b) for b in (cache.get(f"best/{label}") for label in METHODS) if b]
-    best_overall = max(bests, key=lambda kb: kb[1]["ratio"], default=None)
-    if best_overall:
-        src = cache.dir / "artifacts" / best_overall[0].replace("/", "_").replace(" ", "-")
+        cache.put(f"best{suffix}/{label}", chosen and {"key": chosen[0], **chosen[1]})
+    # The artifact to commit: the highest ratio within 0.1 point of the float model, else the highest.
+    bests = []
+    for s in ("", "@dense"):
+        relative = (cache.get(f"threshold{s}") or {}).get("relative_to")
+        bests += [(relative == "float", b["ratio"], b["key"]) for b in (cache.get(f"best{s}/{m}") for m in METHODS) if b]
+    if bests:
+        _, _, key = max(bests)
+        src = cache.dir / "artifacts" / key.replace("/", "_").replace(" ", "-")
         dst = ROOT / "models" / "compressed" / net.name
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
-        cache.put("best", {"key": best_overall[0], **best_overall[1]})
-        log(f"{net.name}: best {best_overall} -> {dst}")
+        cache.put("best", {"key": key, **cache.get(key)})
+        log(f"{net.name}: best {cache.get('best')} -> {dst}")
 
 
 PAPER = {  # Choi et al. 2017, Table 1: (accuracy %, ratio) for pruned + quantized + Huffman-coded networks
@@ -319,30 +330,33 @@ PAPER = {  # Choi et al. 2017, Table 1: (accuracy %, ratio) for pruned + quantiz
 
 
 def report_stage(net: Net, cache: Cache) -> None:
-    """Markdown table of the fine-tuned results and a rate-accuracy PNG beside tools/RESULTS.md."""
+    """Markdown tables of the fine-tuned results (pruned, and dense where run) and a rate-accuracy PNG."""
     float_acc = cache.get("float")["accuracy"]
     pruned = cache.get("polished") or cache.get("pruned")
     print(f"\n### {net.name}: float {float_acc:.2%}" + (f", pruned {pruned['accuracy']:.2%} at sparsity "
           f"{cache.get('pruned')['sparsity']:.2%}" if pruned else ""))
-    threshold = cache.get("threshold")
-    if threshold:
-        print(f"(pass: accuracy >= {threshold['accuracy']:.2%}, 0.1 point below the {threshold['relative_to']} model)\n")
-    print("| method | rate | accuracy | bits/weight | bytes | ratio (all bytes) | paper Eq. 1 | paper's Table 1 |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label in METHODS:
-        best = cache.get(f"best/{label}")
-        paper = PAPER.get(net.name, {}).get(label)
-        paper_txt = f"{paper[0]:.2f} %, {paper[1]:.2f}x" if paper else "n/a"
-        mark = ""
-        if not best:  # show the most accurate fine-tuned attempt, marked as failing
-            tried = [dict(row, key=key) for key, row in cache.data.items() if key.startswith(f"table/{label}/")]
-            if not tried:
-                print(f"| {label} | not run | | | | | | {paper_txt} |")
-                continue
-            best, mark = max(tried, key=lambda r: (r["accuracy"], r["ratio"])), " ✗"
-        rate = best["key"].split("/")[-1]
-        print(f"| {label} | {rate} | {best['accuracy']:.2%}{mark} | {best['bits_per_weight']:.3f} | {best['bytes']:,} | "
-              f"{best['ratio']:.2f}x | {best['paper_ratio']:.2f}x | {paper_txt} |")
+    for suffix, what in (("", "pruned"), ("@dense", "dense")):
+        threshold = cache.get(f"threshold{suffix}")
+        if not threshold:
+            continue
+        print(f"\n{what} model (pass: accuracy >= {threshold['accuracy']:.2%}, 0.1 point below the "
+              f"{threshold['relative_to']} model)\n")
+        print("| method | rate | accuracy | bits/weight | bytes | ratio (all bytes) | paper Eq. 1 | paper's Table 1 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for label in METHODS:
+            best = cache.get(f"best{suffix}/{label}")
+            paper = PAPER.get(net.name, {}).get(label)
+            paper_txt = f"{paper[0]:.2f} %, {paper[1]:.2f}x" if paper else "n/a"
+            mark = ""
+            if not best:  # show the most accurate fine-tuned attempt, marked as failing
+                tried = [dict(row, key=key) for key, row in cache.data.items()
+                         if key.startswith(f"table{suffix}/{label}/")]
+                if not tried:
+                    continue
+                best, mark = max(tried, key=lambda r: (r["accuracy"], r["ratio"])), " ✗"
+            rate = best["key"].split("/")[-1]
+            print(f"| {label} | {rate} | {best['accuracy']:.2%}{mark} | {best['bits_per_weight']:.3f} | "
+                  f"{best['bytes']:,} | {best['ratio']:.2f}x | {best['paper_ratio']:.2f}x | {paper_txt} |")
     plot_curves(net, cache)
 
 
@@ -393,6 +407,8 @@ def main() -> int:
                     help="codebook scope of the curves (default: the network's table scope)")
     ap.add_argument("--tags", nargs="+", default=["dense", "pruned"], choices=["dense", "pruned"],
                     help="which models the curves cover")
+    ap.add_argument("--table-tags", nargs="+", default=["pruned"], choices=["pruned", "dense"],
+                    help="which models the table fine-tunes and ranks")
     args = ap.parse_args()
     if not (SHARED / "datasets").is_dir():
         print(f"error: {SHARED} is missing; this benchmark needs the shared data sets", file=sys.stderr)
@@ -414,8 +430,9 @@ def main() -> int:
         if "curves" in args.stages:
             curves_stage(net, cache, {t: m for t, m in models.items() if t in args.tags}, diags, test, args.methods,
                          args.scope or net.scope)
-        if "table" in args.stages and "pruned" in models:
-            table_stage(net, cache, models["pruned"], diags, train, test, float_acc, args.methods)
+        for tag in args.table_tags if "table" in args.stages else ():
+            if tag in models:
+                table_stage(net, cache, models, diags, train, test, float_acc, args.methods, tag)
         if "report" in args.stages:
             report_stage(net, cache)
     return 0
