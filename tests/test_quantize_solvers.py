@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from onnxhq.quantize import ecsq as ecsq_mod
-from onnxhq.quantize import exact, quantize
+from onnxhq.quantize import exact, kmeans, quantize
 from onnxhq.quantize._sorted import interval_sums, means, sort_weights, sse
 from onnxhq.quantize.kmeans import lloyd, seed_centers
 from onnxhq.quantize.rate import entropy_bits
@@ -129,16 +129,86 @@ def test_sorting_keeps_pairs_together_and_prefix_sums_are_exact(dtype):
                                    rtol=1e-10, atol=1e-300)
 
 
-def test_block_prefix_sums_match_full_ones(monkeypatch):
+@pytest.mark.parametrize("block", [1, 7, 32])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_block_prefix_sums_match_running_sums_at_every_position(monkeypatch, block, weighted):
     import onnxhq.quantize._sorted as sorted_mod
+
+    monkeypatch.setattr(sorted_mod, "BLOCK", block)
+    monkeypatch.setattr(sorted_mod, "PASS_CHUNK", 100)  # several chunks per pass
     rng = np.random.default_rng(5)
-    w, h = rng.normal(size=10_007).astype(np.float32), rng.random(10_007).astype(np.float32)
-    full = sort_weights(w, h)
-    monkeypatch.setattr(sorted_mod, "FULL_PREFIX_MAX", 100)
-    blocked = sort_weights(w, h)
-    assert blocked.block == sorted_mod.BLOCK and full.block == 1
-    pos = rng.integers(0, w.size + 1, 300)
-    np.testing.assert_allclose(blocked.prefix(pos), full.prefix(pos), rtol=1e-9, atol=1e-9)
+    w = (rng.normal(size=1_007) + 3.0).astype(np.float32)  # away from zero: the shift matters
+    h = rng.random(w.size).astype(np.float32) if weighted else None
+    sw = sort_weights(w, h)
+    assert sw.block == block and sw.cum.shape == (3, w.size // block + 1)
+    x = sw.values.astype(float) - sw.shift
+    g = np.ones_like(x) if h is None else sw.weights.astype(float)
+    full = np.zeros((3, w.size + 1))
+    full[:, 1:] = np.cumsum([g, g * x, g * x * x], axis=1)
+    np.testing.assert_allclose(sw.prefix(np.arange(w.size + 1)), full, rtol=1e-12, atol=1e-9)
+
+
+def _special_floats(rng, n):
+    """float32 weights with ties, both zeros, denormals and the extremes."""
+    w = np.round(rng.laplace(size=n), 1).astype(np.float32)
+    tiny, big = np.float32(1e-45), np.finfo(np.float32).max
+    specials = np.array([0.0, -0.0, tiny, -tiny, 2 * tiny, big, -big, 1.0, -1.0], dtype=np.float32)
+    w[rng.integers(0, n, n // 5)] = rng.choice(specials, n // 5)
+    return w
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 37])
+def test_packed_key_sort_is_a_stable_argsort(monkeypatch, chunk):
+    import onnxhq.quantize._sorted as sorted_mod
+
+    monkeypatch.setattr(sorted_mod, "CHUNK", chunk)
+    rng = np.random.default_rng(14)
+    w = _special_floats(rng, 3000)
+    values, tags = sorted_mod._sort_f32(w, np.arange(w.size, dtype=np.uint32), stable=True)
+    order = np.argsort(w, kind="stable")  # ties, -0.0 == 0.0 included, in index order
+    np.testing.assert_array_equal(tags, order)
+    np.testing.assert_array_equal(values, w[order])
+    assert not np.any(np.signbit(values[values == 0]))  # -0.0 comes back as 0.0
+    h = rng.random(w.size).astype(np.float32)
+    values, bits = sorted_mod._sort_f32(w, h.view(np.uint32), stable=False)
+    np.testing.assert_array_equal(values, w[order])
+    assert sorted(zip(values.tolist(), bits.view(np.float32).tolist())) == sorted(zip(w.tolist(), h.tolist()))
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_table_labels_equal_searchsorted(monkeypatch, case):
+    import onnxhq.quantize._sorted as sorted_mod
+
+    monkeypatch.setattr(sorted_mod, "PASS_CHUNK", 500 if case % 2 else 1 << 16)
+    rng = np.random.default_rng(case)
+    w = _special_floats(rng, 4000)
+    t = np.unique(rng.choice(w, int(rng.integers(1, 40))))  # thresholds on weights, ties and zeros too
+    if case % 3 == 0:
+        t[t == 0] = -0.0
+    expected = np.searchsorted(t, w, side="right")
+    np.testing.assert_array_equal(sorted_mod.labels_f32(w, t), expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_refine_never_worsens_a_partition_and_keeps_an_optimum(seed):
+    rng = np.random.default_rng(seed)
+    w = np.round(rng.laplace(scale=0.1, size=3000), 3)  # ties: boundaries must stay at run starts
+    h = rng.lognormal(size=w.size)
+    sw = sort_weights(w, h)
+    starts = np.flatnonzero(np.diff(sw.values)) + 1
+
+    def error(b):
+        sums = interval_sums(sw, b)
+        return float(sse(sw, sums, means(sw, b, sums)).sum())
+
+    for k in (2, 5, 12):
+        start = np.concatenate([[0], np.sort(rng.choice(starts, k - 1, replace=False)), [w.size]])
+        refined = kmeans.refine(sw, start)
+        assert refined.size == k + 1 and np.all(np.diff(refined) > 0) and np.all(np.isin(refined[1:-1], starts))
+        assert error(refined) <= error(start) * (1 + 1e-12)
+        units = exact.make_units(sw, exact.KMEANS_UNITS)  # single weights: the exact optimum
+        optimum = units.bounds[exact.kmeans_dp(units, k)]
+        assert error(kmeans.refine(sw, optimum)) == pytest.approx(error(optimum), rel=1e-12)
 
 
 def test_ecsq_assignment_is_the_exact_argmin():
@@ -245,8 +315,9 @@ def test_chunked_and_blocked_paths_match_whole_arrays(monkeypatch, method, rate)
     whole = quantize(w, h, method=method, pruned=pruned, **rate)
     for module in (sorted_mod, ecsq_mod, quantize_mod):
         monkeypatch.setattr(module, "CHUNK", 1000)
-    monkeypatch.setattr(sorted_mod, "FULL_PREFIX_MAX", 5000)
-    assert sort_weights(w, h).order is None and sort_weights(w, h).block == sorted_mod.BLOCK
+    monkeypatch.setattr(sorted_mod, "PASS_CHUNK", 1000)
+    monkeypatch.setattr(sorted_mod, "ORDER_MAX", 5000)
+    assert sort_weights(w, h).order is None and sort_weights(w, h.astype(np.float64)).order is None
     chunked = quantize(w, h, method=method, pruned=pruned, **rate)
     assert chunked.distortion == pytest.approx(whole.distortion, rel=1e-6)
     assert chunked.entropy_bits == pytest.approx(whole.entropy_bits, abs=1e-6)

@@ -16,14 +16,14 @@ from ..errors import ConfigError
 from . import exact as dp
 from ._sorted import SortedWeights, bounds_from_thresholds, interval_sums, means, sse
 from .ecsq import code_lengths, ecsq
-from .kmeans import lloyd, seed_centers
+from .kmeans import lloyd, refine, seed_centers
 from .rate import entropy_bits, search_falling, search_k
 from .uniform import cell_centers, occupied_cells, step_for_levels
 
 log = logging.getLogger(__name__)
 
-#: Units of the coarse DP that starts Lloyd's iteration (``init="dp"``): so many per cluster, within bounds.
-INIT_PER_CLUSTER = 8
+#: Units of the coarse DP that starts Lloyd's iteration (``init="dp"``, then `refine`): so many per cluster, within bounds.
+INIT_PER_CLUSTER = 6
 INIT_UNITS = (128, 512)
 #: Units of ECSQ's first stage (see `onnxhq.quantize.ecsq`), and most iterations of its per-weight stage.
 ECSQ_UNITS = 1 << 14
@@ -150,8 +150,11 @@ def fit_kmeans(sw: SortedWeights, k: int, task: Task) -> Fit:
 
 
 def _dp_centers(sw: SortedWeights, units: dp.Units, k: int) -> np.ndarray:
-    """Weighted means of the optimal partition of ``units`` into ``min(k, units)`` intervals."""
-    pos = units.bounds[dp.kmeans_dp(units, min(k, units.size))]
+    """Weighted means of the optimal partition of ``units`` into ``min(k, units)`` intervals, refined.
+
+    `refine` moves its boundaries, which lie on unit edges, to the best places nearby.
+    """
+    pos = refine(sw, units.bounds[dp.kmeans_dp(units, min(k, units.size))])
     c = means(sw, pos, interval_sums(sw, pos))
     if len(c) < k:  # fewer units than clusters: Lloyd's refill splits the worst intervals
         c = np.unique(np.concatenate([c, sw.values[np.linspace(0, sw.size - 1, k - len(c)).astype(int)]]))

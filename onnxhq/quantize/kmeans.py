@@ -6,16 +6,23 @@ intervals' moments from prefix sums: O(k log n) per iteration however many weigh
 Seeding is greedy k-means++ (as scikit-learn's): each new center is the best of a few candidates
 drawn with probability proportional to ``h_i D(w_i)^2``; drawing and scoring a candidate also
 use the prefix sums. (`quantize` starts Lloyd from a coarse DP partition by default instead, see
-``init`` there: in one dimension that is as cheap and lands much nearer the optimum.)
+``init`` there, whose boundaries `refine` then moves to the best places nearby: in one dimension
+that is as cheap and lands much nearer the optimum, so Lloyd stops after a few steps.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._sorted import SortedWeights, bounds_from_thresholds, drop_empty, interval_sums, means, sse
+
+#: Candidates per boundary and level in `refine`: its cost grows as k REFINE_WIDTH^2 log(m) / log(REFINE_WIDTH).
+REFINE_WIDTH = 16
+#: `refine` stops once candidates are this few weights apart: Lloyd's iteration converges fast from there.
+REFINE_FINEST = 64
 
 
 @dataclass(frozen=True)
@@ -46,26 +53,101 @@ def lloyd(sw: SortedWeights, centers: np.ndarray, *, max_iter: int, tol: float) 
     one step, or after ``max_iter`` steps. Clusters that empty out are refilled by splitting the
     interval with the largest error, so the result keeps ``len(centers)`` clusters.
     """
-    k, m, dtype = len(centers), sw.size, sw.values.dtype
+    dtype = sw.values.dtype
     c = np.sort(np.asarray(centers, dtype=np.float64))
-    prev_bounds, prev_obj = None, np.inf
+    prev_bounds, prev_obj = np.zeros(0, dtype=np.int64), np.inf
     for it in range(1, max_iter + 1):
-        t = ((c[1:] + c[:-1]) / 2).astype(dtype)
-        bounds = np.empty(k + 1, dtype=np.int64)
-        bounds[0], bounds[-1] = 0, m
-        bounds[1:-1] = np.searchsorted(sw.values, t, side="left")
-        if np.any(bounds[1:] == bounds[:-1]):
-            t, bounds = _refill(sw, drop_empty(sw, t), k)
-            k = len(bounds) - 1
-        sums = interval_sums(sw, bounds)
-        c = means(sw, bounds, sums)
-        obj = float(sse(sw, sums, c).sum())
-        if prev_bounds is not None and np.array_equal(bounds, prev_bounds):
+        cuts = np.empty(c.size + 1, dtype=dtype)  # the k - 1 thresholds, between -inf and inf
+        cuts[0], cuts[-1] = -np.inf, np.inf
+        cuts[1:-1] = (c[1:] + c[:-1]) / 2
+        bounds = sw.values.searchsorted(cuts, side="left")  # 0 and m at the ends: weights are finite
+        t = cuts[1:-1]
+        if not (bounds[1:] > bounds[:-1]).all():
+            t, bounds = _refill(sw, drop_empty(sw, t), c.size)
+        c, obj = _update(sw, bounds)
+        if bounds.size == prev_bounds.size and (bounds == prev_bounds).all():
             break
-        if np.isfinite(prev_obj) and prev_obj - obj <= tol * prev_obj:
+        if math.isfinite(prev_obj) and prev_obj - obj <= tol * prev_obj:
             break
         prev_bounds, prev_obj = bounds, obj
     return LloydResult(t, c, obj, it, np.diff(bounds))
+
+
+def _update(sw: SortedWeights, bounds: np.ndarray) -> tuple[np.ndarray, float]:
+    """The intervals' weighted means and the partition's objective ``sum h (w - mean)^2``.
+
+    An interval's error ``S2 - 2 d S1 + d^2 S0`` about its mean (``d = S1 / S0`` from the shift) is
+    ``S2 - d S1``: the short form keeps Lloyd's inner loop to a few numpy calls.
+    """
+    sums = interval_sums(sw, bounds)
+    s0, s1, s2 = sums
+    if not (s0 > 0).all():  # intervals of zero importance: see `means`
+        c = means(sw, bounds, sums)
+        return c, float(sse(sw, sums, c).sum())
+    d = s1 / s0
+    return d + sw.shift, float(np.maximum(s2 - d * s1, 0.0).sum())
+
+
+def refine(sw: SortedWeights, bounds: np.ndarray, *, width: int = REFINE_WIDTH,
+           finest: int = REFINE_FINEST) -> np.ndarray:
+    """Move the inner boundaries of a partition to the best places near them; never makes it worse.
+
+    ``bounds`` (k + 1,) int64: 0, the inner boundaries (ascending, each at the start of a run of
+    equal values), m; the same comes back. Level by level, each inner boundary gets ``width + 1``
+    candidate positions ``step`` apart around it (its current one among them), and a DP over the
+    candidates of all boundaries picks the best partition: O(k width^2) per level. ``step`` starts
+    at the smaller neighbouring interval over ``width`` and shrinks ``width / 2``-fold per level,
+    each window spanning the last one's neighbouring candidates, until it is at most ``finest``.
+    From a coarse DP optimum that lands within ``finest`` weights of the best nearby partition, and
+    Lloyd's iteration, which converges in a few steps from there, does the rest.
+    """
+    m, half = sw.size, width // 2
+    b = np.asarray(bounds, dtype=np.int64)
+    if b.size < 3:
+        return b
+    gaps = np.diff(b)
+    step = np.maximum(np.minimum(gaps[:-1], gaps[1:]) // width, 1)
+    offsets = np.arange(-half, half + 1)
+    while True:
+        cand = np.clip(b[1:-1, None] + step[:, None] * offsets, 1, m - 1)
+        cand = sw.values.searchsorted(sw.values[cand], side="left")  # ties stay in one interval
+        b = np.concatenate([[0], _best_path(sw, cand), [m]])
+        if np.all(step <= finest):
+            return b
+        step = np.maximum(step // half, 1)
+
+
+def _best_path(sw: SortedWeights, cand: np.ndarray) -> np.ndarray:
+    """One position per row of ``cand`` ((k - 1, c), each row ascending): the best k intervals.
+
+    The intervals' ``S2`` sum to a constant, so the least error is the largest ``sum S1^2 / S0``,
+    which needs two moments. Interval ``j`` runs from row ``j - 1``'s choice to row ``j``'s.
+    """
+    m, rows = sw.size, np.arange(cand.shape[0])
+    p = sw.prefix(np.append(cand.ravel(), m))[:2]
+    total, p = p[:, -1], p[:, :-1].reshape(2, *cand.shape)
+    first = np.where(cand[0] > 0, _explained(p[:, 0]), -np.inf)  # [0, cand[0, b])
+    last = _explained(total[:, None] - p[:, -1])  # [cand[-1, a], m)
+    inner = p[:, 1:, None, :] - p[:, :-1, :, None]  # (2, k - 2, c, c): [cand[j, a], cand[j + 1, b])
+    links = np.where(cand[1:, None, :] > cand[:-1, :, None], _explained(inner), -np.inf)
+    score, cols = first, np.arange(cand.shape[1])
+    back = np.empty((links.shape[0], cand.shape[1]), dtype=np.intp)
+    for j, link in enumerate(links):
+        via = link + score[:, None]  # via[a, b]: best score ending at cand[j, a], then on to cand[j + 1, b]
+        back[j] = via.argmax(axis=0)
+        score = via[back[j], cols]
+    pick = np.empty(cand.shape[0], dtype=np.intp)
+    pick[-1] = np.argmax(score + last)
+    for j in range(len(back) - 1, -1, -1):
+        pick[j] = back[j, pick[j + 1]]
+    return cand[rows, pick]
+
+
+def _explained(s: np.ndarray) -> np.ndarray:
+    """``S1^2 / S0`` of moments ``s`` (2, ...): the part of ``S2`` an interval's mean takes away (0 where ``S0`` is)."""
+    out = np.zeros_like(s[1])
+    np.divide(s[1] * s[1], s[0], out=out, where=s[0] > 0)
+    return out
 
 
 def _refill(sw: SortedWeights, thresholds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
