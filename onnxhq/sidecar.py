@@ -267,9 +267,14 @@ def _run_class(runs: np.ndarray) -> np.ndarray:
     return np.frexp(np.asarray(runs, dtype=np.float64))[1].astype(np.int64)  # exact below 2**53
 
 
+#: Longest code the writer makes (more only past 4096 coded symbols): the decoder's lookup table
+#: has 2**longest entries per stream, and the limit costs ~0.03 % in size against 16.
+MAX_WRITTEN_LENGTH = 12
+
+
 def _lengths(counts: np.ndarray) -> np.ndarray:
     used = int(np.count_nonzero(counts))
-    return huffman.code_lengths(counts, max_length=max(16, (used - 1).bit_length()))
+    return huffman.code_lengths(counts, max_length=max(MAX_WRITTEN_LENGTH, (used - 1).bit_length()))
 
 
 # ---------------------------------------------------------------- decoding
@@ -278,7 +283,7 @@ def _lengths(counts: np.ndarray) -> np.ndarray:
 def decode_sidecar(data: bytes) -> tuple[list[IndexStream], dict[str, str]]:
     """Streams (in file order, i.e. by name) and metadata of sidecar ``data``; SidecarError if invalid."""
     entries, metadata, buffer, _ = _parse(data)
-    return [_decode_stream(name, entry, buffer) for name, entry in entries], metadata
+    return _decode_streams(entries, buffer), metadata
 
 
 def _parse(data: bytes):
@@ -397,70 +402,91 @@ def _field_sizes(entry: dict) -> tuple[int, int, int]:
     )
 
 
-def _decode_stream(name: str, entry: dict, buffer: bytes) -> IndexStream:
-    k, bits, size = entry["alphabet_size"], entry["bits"], _table_size(entry)
+def _decode_streams(entries: list[tuple[str, dict]], buffer: bytes) -> list[IndexStream]:
+    """Every stream's indices; the Huffman payloads of all of them are decoded together."""
+    coded = [_coded(name, entry, buffer) for name, entry in entries]
+    names = [name for name, _ in entries]
+    decoded = huffman.decode_many(coded, names)
+    streams = []
+    for (name, entry), result in zip(entries, decoded):
+        k, count = entry["alphabet_size"], math.prod(entry["shape"])
+        dtype = np.uint8 if k <= 256 else np.uint16
+        try:
+            symbols = _expand_runs(*result, k, entry["run_symbol"], count, dtype) if entry["run_classes"] else result
+        except SidecarError as exc:
+            raise SidecarError(f"stream {name!r}: {exc}") from None
+        streams.append(IndexStream(name, tuple(entry["shape"]), k, symbols.astype(dtype, copy=False).reshape(entry["shape"])))
+    return streams
+
+
+def _coded(name: str, entry: dict, buffer: bytes) -> huffman.Coded:
+    """The checked code table, block index and payload of one stream, ready for `huffman.decode_many`."""
+    bits = entry["bits"]
     at = np.cumsum((entry["data_offsets"][0],) + _field_sizes(entry)).tolist()
     table, index, payload = (buffer[at[i] : at[i + 1]] for i in range(3))
     n_blocks = -(-entry["symbols"] // entry["block_size"])
-    count = math.prod(entry["shape"])
     try:
-        lengths = _read_table(table, size, entry["table_bits"])
+        lengths = _read_table(table, _table_size(entry), entry["table_bits"])
         blocks = huffman.unpack_bits(index, entry["block_width"], max(n_blocks - 1, 0)) + entry["block_base"]
         blocks = np.append(blocks, bits - blocks.sum()) if n_blocks else blocks
         if blocks.size and blocks[-1] < 0:
             raise SidecarError(f"block index sums to more than the {bits} payload bits")
         if bits % 8 and payload[-1] & ((1 << (8 - bits % 8)) - 1):
             raise SidecarError("non-zero padding bits after the payload")
-        decoded = huffman.decode(payload, lengths, entry["symbols"], block_size=entry["block_size"],
-                                 block_bits=blocks, extra_widths=_extra_widths(entry) if entry["run_classes"] else None)
-        dtype = np.uint8 if k <= 256 else np.uint16
-        symbols = _expand_runs(*decoded, k, entry["run_symbol"], count, dtype) if entry["run_classes"] else decoded
     except SidecarError as exc:
         raise SidecarError(f"stream {name!r}: {exc}") from None
-    return IndexStream(name, tuple(entry["shape"]), k, symbols.astype(dtype, copy=False).reshape(entry["shape"]))
+    return huffman.Coded(payload, lengths, entry["symbols"], entry["block_size"], blocks,
+                         _extra_widths(entry) if entry["run_classes"] else None)
 
 
 def _read_table(table: bytes, size: int, n_bits: int) -> np.ndarray:
     """Code lengths (size,) from the code-table field of ``n_bits`` bits (see `_pack_table`)."""
     groups = -(-size // GROUP)
-    marked = huffman.read_bits(table, np.arange(groups, dtype=np.int64), np.ones(groups, np.int64)).astype(bool)
+    bits = np.unpackbits(np.frombuffer(table, dtype=np.uint8))
+    marked = bits[:groups].astype(bool)
     n_marked = int(marked.sum())
-    masks = huffman.read_bits(table, groups + GROUP * np.arange(n_marked, dtype=np.int64), np.full(n_marked, GROUP))
+    if groups + GROUP * n_marked > bits.size:
+        raise SidecarError(f"code table of {n_marked} marked groups needs more than table_bits={n_bits}")
     has_code = np.zeros((groups, GROUP), dtype=bool)
-    has_code[marked] = (masks[:, None] >> np.arange(GROUP - 1, -1, -1)) & 1
+    masks = bits[groups : groups + GROUP * n_marked].reshape(n_marked, GROUP).astype(bool)
+    has_code[marked] = masks
     has_code = has_code.ravel()
-    if (n_marked and masks.min() == 0) or has_code[size:].any():
+    if (n_marked and not masks.any(axis=1).all()) or has_code[size:].any():
         raise SidecarError("code table marks an empty group, or symbols beyond the alphabet")
     used, width = int(has_code.sum()), _length_bits(size)
-    if groups + GROUP * n_marked + width * used != n_bits:
-        need = groups + GROUP * n_marked + width * used
-        raise SidecarError(f"code table of {used} coded symbols takes {need} bits, header says table_bits={n_bits}")
-    if n_bits % 8 and table[-1] & ((1 << (8 - n_bits % 8)) - 1):
+    start = groups + GROUP * n_marked
+    if start + width * used != n_bits:
+        raise SidecarError(f"code table of {used} coded symbols takes {start + width * used} bits, "
+                           f"header says table_bits={n_bits}")
+    if bits[n_bits:].any():
         raise SidecarError("non-zero padding bits after the code table")
     lengths = np.zeros(size, dtype=np.int64)
-    start = groups + GROUP * n_marked
-    lengths[has_code[:size]] = 1 + huffman.read_bits(table, start + width * np.arange(used, dtype=np.int64),
-                                                     np.full(used, width))
+    fields = bits[start:n_bits].reshape(used, width).astype(np.int64)
+    lengths[has_code[:size]] = 1 + fields @ (1 << np.arange(width - 1, -1, -1))
     return lengths
 
 
 def _expand_runs(symbols: np.ndarray, extra: np.ndarray, k: int, run_symbol: int, count: int,
                  dtype) -> np.ndarray:
-    """Indices (count,) from run-coded symbols; SidecarError unless they cover exactly ``count``."""
+    """Indices (count,) from run-coded symbols; SidecarError unless they cover exactly ``count``.
+
+    Works in place on one int64 array: fresh temporaries of this size cost page faults.
+    """
     classes, levels = np.divmod(symbols, np.int32(k + 1))
-    shortest = np.concatenate(([0], np.left_shift(1, np.arange(MAX_RUN_CLASSES - 1, dtype=np.int64))))
-    runs = shortest[classes] + extra  # class c >= 1: 2**(c-1) + extra bits; class 0: no run
     is_end = levels == k
     if is_end[:-1].any() or (is_end[-1] and classes[-1] == 0):
         raise SidecarError("an end-of-stream symbol that is not last, or ends no run")
-    ends = np.cumsum(runs + 1)  # each symbol stands for its run and its index ...
-    total = int(ends[-1]) - int(is_end[-1])  # ... but the end symbol for its run alone
+    shortest = np.concatenate(([1], np.left_shift(1, np.arange(MAX_RUN_CLASSES - 1, dtype=np.int64)) + 1))
+    ends = shortest.take(classes)  # the run (class c >= 1: 2**(c-1) + extra bits; class 0: none) + 1 index
+    ends += extra
+    np.cumsum(ends, out=ends)
+    total = int(ends[-1]) - int(is_end[-1])  # the end symbol stands for its run alone
     if total != count:
         raise SidecarError(f"run symbols cover {total} indices, shape needs {count}")
     out = np.full(count, run_symbol, dtype=dtype)
-    if is_end[-1]:
-        ends, levels = ends[:-1], levels[:-1]
-    out[ends - 1] = levels
+    n = ends.size - int(is_end[-1])
+    ends -= 1
+    out[ends[:n]] = levels[:n]
     return out
 
 
@@ -473,8 +499,7 @@ def describe_sidecar(data: bytes) -> list[StreamLayout]:
     weights = np.array([len(_dump({name: entry})) for name, entry in entries], dtype=np.int64)
     shares = np.diff(np.concatenate(([0], (np.cumsum(weights) * (_PREFIX.size + size)) // max(int(weights.sum()), 1))))
     layouts = []
-    for i, (name, entry) in enumerate(entries):
-        stream = _decode_stream(name, entry, buffer)
+    for i, ((name, entry), stream) in enumerate(zip(entries, _decode_streams(entries, buffer))):
         n_table, n_index, n_payload = _field_sizes(entry)
         count = int(stream.indices.size)
         layouts.append(StreamLayout(

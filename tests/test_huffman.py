@@ -252,3 +252,39 @@ def test_entropy_bits():
     assert huffman.entropy_bits([7, 0]) == 0.0
     assert huffman.entropy_bits([]) == 0.0
     assert huffman.entropy_bits([3, 1]) == pytest.approx(0.8112781244591328)
+
+
+def test_many_streams_decode_together_as_they_decode_alone():
+    # Different codes (longest lengths 1..~14), block sizes, extra bits, and an empty stream: the
+    # shared lock-step loop must give each stream exactly what decoding it alone gives.
+    rng = np.random.default_rng(11)
+    streams, expected = [], []
+    for k, n, block_size, with_extra in [(2, 37, 32, False), (300, 5000, 64, False), (5, 0, 32, False),
+                                         (17, 2000, 256, True), (1, 9, 32, False), (64, 777, 32, True)]:
+        symbols = np.minimum(rng.geometric(0.3, size=n) - 1, k - 1)
+        lengths = huffman.code_lengths(np.bincount(symbols, minlength=k), max_length=16)
+        widths = rng.integers(0, 6, size=k) if with_extra else None
+        extra = rng.integers(0, 1 << widths[symbols]) if with_extra else None
+        payload, _ = huffman.encode(symbols, lengths, extra, widths)
+        blocks = huffman.block_bits(symbols, lengths, block_size, widths)
+        streams.append(huffman.Coded(payload, lengths, n, block_size, blocks, widths))
+        expected.append((symbols, extra))
+    decoded = huffman.decode_many(streams)
+    for (symbols, extra), coded, got in zip(expected, streams, decoded):
+        alone = huffman.decode(coded.payload, coded.lengths, coded.count, block_size=coded.block_size,
+                               block_bits=coded.block_bits, extra_widths=coded.extra_widths)
+        if extra is None:
+            np.testing.assert_array_equal(got, symbols)
+            np.testing.assert_array_equal(alone, symbols)
+        else:
+            np.testing.assert_array_equal(got[0], symbols)
+            np.testing.assert_array_equal(got[1], extra)
+            np.testing.assert_array_equal(alone[1], extra)
+
+
+def test_a_bad_stream_among_many_is_named():
+    lengths = np.array([1, 1])
+    good = huffman.Coded(b"\x40", lengths, 2, 32, np.array([2]))
+    bad = huffman.Coded(b"\x40", lengths, 2, 32, np.array([3]))  # block index disagrees
+    with pytest.raises(SidecarError, match="stream 'b': payload is too short or inconsistent"):
+        huffman.decode_many([good, bad], ["a", "b"])
