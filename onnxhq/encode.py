@@ -5,8 +5,9 @@ dequantize nodes. Its index tensors are declared as graph inputs (so the file st
 model), packed ones as the uint8 (ceil(n/2),) tensor the graph reads, and their values live
 Huffman-coded in the sidecar (``<stem>.onnxhq``), one symbol per weight, whose file name the graph
 records in ``metadata_props["onnxhq.sidecar"]``. The dequantize nodes' names and the definitions
-of onnxhq's dequantize functions are left out (fixed by ``FORMAT_VERSION``, recorded as ``onnxhq.version``): the graph
-file is a storage artifact, not meant to run as it is. `decode.join_artifacts` reverses all this.
+of onnxhq's dequantize functions are left out (fixed by ``FORMAT_VERSION``, recorded as
+``onnxhq.version``): the graph file is a storage artifact, not meant to run as it is.
+`decode.join_artifacts` reverses all this.
 """
 
 from __future__ import annotations

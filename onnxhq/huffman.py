@@ -257,7 +257,8 @@ def encode(symbols: np.ndarray, lengths: np.ndarray, extra: np.ndarray | None = 
 
 def _check_extra_widths(extra_widths, size: int, error) -> np.ndarray:
     widths = np.asarray(extra_widths)
-    if widths.shape != (size,) or widths.dtype.kind not in "iu" or (size and not 0 <= widths.min() <= widths.max() <= MAX_EXTRA):
+    fits = widths.shape == (size,) and widths.dtype.kind in "iu"
+    if not fits or (size and not 0 <= widths.min() <= widths.max() <= MAX_EXTRA):
         raise error(f"extra_widths must be {size} integers in [0, {MAX_EXTRA}]")
     return widths.astype(np.int64)
 

@@ -208,7 +208,8 @@ def materialize_constants(model: onnx.ModelProto) -> int:
         elif (node.op_type in FOLDABLE_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1
               and node.input and all(name in known for name in node.input if name)):
             tensor = _evaluate(node, known, model.opset_import)
-            folded_inputs.update(name for name in node.input if name)
+            if tensor is not None:
+                folded_inputs.update(name for name in node.input if name)
         if tensor is None:
             keep.append(node)
             continue

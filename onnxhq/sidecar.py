@@ -8,9 +8,9 @@ The header is zlib-compressed ASCII JSON (at most 16 MiB either way): an optiona
 object of strings and, per stream name, an object with the fields of ``_FIELDS``. Streams are stored
 in name order; their ``data_offsets`` ``[begin, end)`` tile the buffer exactly. A stream's bytes are
 three zero-padded, MSB-first bit fields: the code table (which symbols have a code, as a bit per
-group of 8 symbols and an 8-bit mask per marked group, then their lengths minus 1), the ``block_width``-bit values ``bits(block) -
-block_base`` for every ``block_size``-symbol block but the last, and the canonical Huffman payload of
-``bits`` bits (see :mod:`.huffman`).
+group of 8 symbols and an 8-bit mask per marked group, then their lengths minus 1), the
+``block_width``-bit values ``bits(block) - block_base`` for every ``block_size``-symbol block but
+the last, and the canonical Huffman payload of ``bits`` bits (see :mod:`.huffman`).
 
 With ``run_symbol`` null the symbols are the indices in C order. Otherwise the writer joins each
 run of ``run_symbol`` (usually the most frequent index: the zero of pruned weights, or the zero
@@ -415,7 +415,8 @@ def _decode_streams(entries: list[tuple[str, dict]], buffer: bytes) -> list[Inde
             symbols = _expand_runs(*result, k, entry["run_symbol"], count, dtype) if entry["run_classes"] else result
         except SidecarError as exc:
             raise SidecarError(f"stream {name!r}: {exc}") from None
-        streams.append(IndexStream(name, tuple(entry["shape"]), k, symbols.astype(dtype, copy=False).reshape(entry["shape"])))
+        indices = symbols.astype(dtype, copy=False).reshape(entry["shape"])
+        streams.append(IndexStream(name, tuple(entry["shape"]), k, indices))
     return streams
 
 
