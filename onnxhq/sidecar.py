@@ -371,6 +371,8 @@ def _check_entry(name: str, entry) -> dict:
     most = symbols if not classes else symbols << max(classes - 1, 0)  # indices the symbols can cover
     if count > MAX_COUNT or symbols > count or count > most or (not classes and count != symbols):
         raise SidecarError(f"stream {name!r}: {symbols} symbols cannot hold the {count} indices of shape {shape}")
+    if symbols > entry["bits"]:  # every code word has a bit: bounds decoding work by the file's size
+        raise SidecarError(f"stream {name!r}: {symbols} symbols cannot fit in {entry['bits']} bits")
     if sum(_field_sizes(entry)) != offsets[1] - offsets[0]:
         need = sum(_field_sizes(entry))
         raise SidecarError(f"stream {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes, fields need {need}")

@@ -341,6 +341,8 @@ HOSTILE = {
     "stream crc": (lambda d: d[:-1] + bytes([d[-1] ^ 0x80]), "CRC32 mismatch"),
     "count mismatch": (edit(_set(["a", "shape"], [7])), "cannot hold"),
     "expansion bomb": (edit(_set(["b", "shape"], [1 << 20])), "cannot hold"),
+    "symbols without bits": (edit(lambda h, b: h["b"].update(symbols=90, shape=[100], bits=12) and None),
+                             "cannot fit in 12 bits"),
     "runs without run symbol": (edit(_set(["b", "run_symbol"], None)), "run_classes=7 does not fit"),
     "run symbol out of range": (edit(_set(["b", "run_symbol"], 2)), "run_symbol"),
     "classes without run symbol": (edit(_set(["a", "run_classes"], 2)), "does not fit"),
