@@ -363,6 +363,7 @@ def report_stage(net: Net, cache: Cache) -> None:
 def plot_curves(net: Net, cache: Cache) -> None:
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -383,10 +384,12 @@ def plot_curves(net: Net, cache: Cache) -> None:
         ax.axhline(float_acc, color="gray", ls="--", lw=1, label="float model")
         scope = "one codebook per layer" if tag.endswith("@layer") else "one codebook"
         ax.set_title(f"{net.name}, {tag.split('@')[0]}, {scope} (no fine-tuning)")
-        ax.set_xlabel("coded bits per weight (Huffman, all quantized weights)")
+        ax.set_xlabel("coded bits per weight (Huffman, all quantized weights; log scale)")
+        ax.set_xscale("log")  # pruned rates span 0.3-4 bits: a log axis shows the low end
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.25, 0.35, 0.5, 0.7, 1, 1.5, 2, 3, 4, 6]))
         ax.set_ylim(max(0.0, float_acc - 0.05), min(1.0, float_acc + 0.01))
-        if tag.startswith("pruned"):
-            ax.set_xlim(0.2, 1.0)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy (test set)")
     axes[-1].legend(loc="lower right")
