@@ -67,6 +67,7 @@ class Net:
     finetune_lr: float = 1e-4
     prune_lr: float = 3e-4         # peak Adam rate of the retraining after each pruning step
     polish_lr: float = 5e-4        # peak Adam rate of the polish
+    polish_chunk: float = 0.0      # epochs between polish checkpoints (0: one chunk)
     kmeans_rates: tuple = tuple(KMEANS_RATES)
     entropy_rates: tuple = tuple(ENTROPY_RATES)
 
@@ -134,10 +135,12 @@ def nets() -> dict[str, Net]:
                            adam_state=ROOT / "models" / "lenet300_mnist_adam.npz", criterion="magnitude",
                            polish_epochs=15.0),
         # Sized for a 2-core CPU (one CIFAR-10 epoch of forward + backward is ~20 min): 2 pruning
-        # steps of half an epoch each, one epoch of polish, small Adam rates for an SGD-trained net.
+        # steps of half an epoch each, then a polish checkpointed every half epoch so its 6 epochs
+        # accumulate over several runs (the first table used a 1-epoch polish); small Adam rates
+        # for an SGD-trained net.
         "resnet32": Net("resnet32", resnet32, lambda: cifar("train"), lambda: cifar("test"), sparsity=0.6,
                         prune_steps=2, retrain_epochs=0.5, finetune_epochs=0.2, adam_state=None, augment=cifar_augment,
-                        prune_lr=2e-4, polish_epochs=1.0, polish_lr=2e-4,
+                        prune_lr=2e-4, polish_epochs=6.0, polish_chunk=0.5, polish_lr=2e-4,
                         kmeans_rates=tuple(("k", k) for k in (4, 8, 16, 32)),
                         entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
                         # One codebook per layer: on this net a network-wide one loses more (RESULTS.md).
@@ -158,11 +161,23 @@ class Cache:
     def get(self, key: str):
         return self.data.get(key)
 
+    def drop(self, key: str) -> None:
+        """Forget one step (its inputs changed)."""
+        self._merge()
+        self.data.pop(key, None)
+        self._write()
+
     def put(self, key: str, value) -> None:
         """Store one step; steps other runs of this script stored meanwhile are kept (re-read first)."""
+        self._merge()
+        self.data[key] = value
+        self._write()
+
+    def _merge(self) -> None:
         if self.path.is_file():
             self.data = {**self.data, **json.loads(self.path.read_text())}
-        self.data[key] = value
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
         tmp.replace(self.path)
@@ -190,25 +205,64 @@ def prune_stage(net: Net, cache: Cache, train: Dataset, test: Dataset):
 
 
 def polish(net: Net, cache: Cache, pruned, train: Dataset, test: Dataset):
-    """Masked Adam retraining of the pruned model for ``net.polish_epochs`` more epochs (cosine lr)."""
-    path = cache.dir / "pruned_polished.onnx"
-    if not path.is_file():
+    """Masked Adam retraining of the pruned model for ``net.polish_epochs`` epochs (cosine lr).
+
+    Runs in chunks of ``net.polish_chunk`` epochs, each checkpointed (parameters, Adam moments,
+    epochs done) in ``polish_checkpoint.npz``, so a long polish resumes where the last run
+    stopped. Raising ``polish_epochs`` later continues from the checkpoint; the new polished model
+    then replaces the old one, and the pruned model's curves and table (now stale) are dropped.
+    """
+    path, checkpoint = cache.dir / "pruned_polished.onnx", cache.dir / "polish_checkpoint.npz"
+    done_before = (cache.get("polished") or {}).get("epochs", 0.0)
+    if not path.is_file() or done_before < net.polish_epochs:
+        from onnxhq.gradients import AdamState, adam_init
         from onnxhq.gradients import train as adam_train
         from onnxhq.model import read_initializers, replace_initializers
 
         names = [w.name for w in quantizable_weights(pruned)]
         masks = {n: w != 0 for n, w in read_initializers(pruned, names).items()}
         engine = GradientEngine(pruned)
+        params, state, done = dict(engine.values), adam_init(engine.values), 0.0
+        if checkpoint.is_file():
+            with np.load(checkpoint) as z:
+                params = {k: z[f"p/{k}"] for k in params}
+                state = AdamState(m={k: z[f"m/{k}"] for k in params}, v={k: z[f"v/{k}"] for k in params},
+                                  step=int(z["step"]))
+                done = float(z["done"])
+            log(f"{net.name}: polish resumes after {done:g} of {net.polish_epochs:g} epochs")
+        elif path.is_file():  # polished before checkpoints existed: continue from it, Adam moments anew
+            params, done = read_initializers(load_model(path), list(params)), done_before
+            log(f"{net.name}: polish continues from the {done:g}-epoch model with fresh Adam moments")
         t0 = time.time()
-        params, _ = adam_train(engine, train.inputs, train.labels, epochs=net.polish_epochs, batch_size=64,
-                               lr=lambda f: net.polish_lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * f))), masks=masks,
-                               augment=net.augment, seed=1)
+        while done < net.polish_epochs - 1e-9:
+            chunk = min(net.polish_chunk or net.polish_epochs, net.polish_epochs - done)
+            start, total = done, net.polish_epochs
+            engine.with_values(params)
+            params, state = adam_train(
+                engine, train.inputs, train.labels, epochs=chunk, batch_size=64, state=state, masks=masks,
+                lr=lambda f: net.polish_lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * (start + f * chunk) / total))),
+                augment=net.augment, seed=1 + int(round(done * 1000)))
+            done += chunk
+            _save_checkpoint(checkpoint, params, state, done)
+            log(f"{net.name}: polished {done:g} of {total:g} epochs ({time.time() - t0:.0f} s this run)")
         polished = replace_initializers(pruned, params)
         save_model(polished, path)
+        for key in [k for k in cache.data if k.startswith(("curve/pruned", "table/", "best/"))
+                    or k in ("threshold", "best")]:
+            cache.drop(key)
+        (cache.dir / "fisher_pruned.npz").unlink(missing_ok=True)
         cache.put("polished", {"accuracy": accuracy(polished, test), "epochs": net.polish_epochs,
                                "seconds": time.time() - t0})
     log(f"{net.name}: polished {cache.get('polished')}")
     return load_model(path)
+
+
+def _save_checkpoint(path: Path, params: dict, state, done: float) -> None:
+    arrays = {**{f"p/{k}": v for k, v in params.items()}, **{f"m/{k}": v for k, v in state.m.items()},
+              **{f"v/{k}": v for k, v in state.v.items()}}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, step=state.step, done=done, **arrays)
+    tmp.replace(path)
 
 
 def hessians(net: Net, model, tag: str, calib: Dataset, cache: Cache) -> dict[str, dict]:
