@@ -465,13 +465,17 @@ def _decode_blocks(words, table, pos, drop, base, steps):
     finishing = {int(n): np.flatnonzero(steps == n) for n in np.unique(steps)}
     window = np.empty_like(pos)
     shift = np.empty_like(pos)
+    if drop.min() == drop.max():  # one stream, or streams with one longest code: scalar ops are cheaper
+        drop = drop[:1].copy().reshape(())
+    offset = base.any()
     for step, row in enumerate(out):  # one symbol per block per step: the loop runs over block positions
         np.right_shift(pos, 3, out=window)
         words.take(window, out=window, mode="clip")
         np.bitwise_and(pos, 7, out=shift)
         np.left_shift(window, shift, out=window)
         np.right_shift(window, drop, out=window)
-        window += base
+        if offset:
+            window += base
         table.take(window, out=row, mode="clip")
         np.bitwise_and(row, _LEN_MASK, out=shift)
         pos += shift
