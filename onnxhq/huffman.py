@@ -198,7 +198,10 @@ def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
         raise SidecarError(f"packed field has {len(data)} bytes, expected {need} for {count} x {width} bits")
     if n_bits % 8 and data[-1] & ((1 << (8 - n_bits % 8)) - 1):
         raise SidecarError("non-zero padding bits after the last packed field")
-    return read_bits(data, np.arange(count, dtype=np.int64) * width, np.full(count, width))
+    if width == 0 or count == 0:
+        return np.zeros(count, dtype=np.int64)
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n_bits).reshape(count, width)
+    return bits.astype(np.int64) @ (np.int64(1) << np.arange(width - 1, -1, -1, dtype=np.int64))
 
 
 def read_bits(data: bytes, positions: np.ndarray, widths: np.ndarray) -> np.ndarray:
