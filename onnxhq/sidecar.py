@@ -295,7 +295,7 @@ def _parse(data: bytes):
     if magic != MAGIC:
         raise SidecarError(f"not an onnxhq sidecar: magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
-        hint = "; it was written by onnxhq 0.1: decode it with that release, or compress the model again" \
+        hint = "; it was written by onnxhq 0.1: decode it with onnxhq 0.1, or compress the model again" \
             if version == 1 else ""
         raise SidecarError(f"sidecar format version {version} is not supported (this reader knows {VERSION}){hint}")
     if size > MAX_HEADER or _PREFIX.size + size > len(data):
