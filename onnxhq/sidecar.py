@@ -184,7 +184,7 @@ class _Coding:
     def bits(self) -> int:
         """Payload plus code-table bits."""
         per_symbol = self.lengths.astype(np.int64) + self.extra_widths
-        return int(per_symbol[self.symbols].sum()) + _table_bits(self.lengths)
+        return int(per_symbol[self.symbols].sum()) + _pack_table(self.lengths)[1]
 
 
 def _length_bits(table_size: int) -> int:
@@ -201,13 +201,6 @@ def _pack_table(lengths: np.ndarray) -> tuple[bytes, int]:
     widths = np.concatenate([np.ones(marked.size + GROUP * int(marked.sum()), np.int64),
                              np.full(coded.size, _length_bits(lengths.size))])
     return huffman.pack_bits(values, widths)
-
-
-def _table_bits(lengths: np.ndarray) -> int:
-    has_code = lengths > 0
-    groups = -(-lengths.size // GROUP)
-    marked = np.add.reduceat(has_code, np.arange(0, lengths.size, GROUP)) > 0 if lengths.size else has_code
-    return groups + GROUP * int(marked.sum()) + _length_bits(lengths.size) * int(has_code.sum())
 
 
 def _encode_stream(stream: IndexStream) -> tuple[dict, bytes]:

@@ -168,7 +168,7 @@ def test_file_round_trip(tmp_path):
 def plain_huffman_bits(indices, k):
     """Payload and code-table bits of plain (one symbol per index) coding, computed independently."""
     counts = np.bincount(np.ravel(indices), minlength=k)
-    lengths = huffman.code_lengths(counts, max_length=16)
+    lengths = huffman.code_lengths(counts, max_length=sidecar.MAX_WRITTEN_LENGTH)
     groups = np.pad(counts > 0, (0, -k % 8)).reshape(-1, 8).any(axis=1)
     return int((lengths.astype(np.int64) * counts).sum()) + groups.size + 8 * groups.sum() + 4 * np.count_nonzero(counts)
 
