@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxhq import huffman
+from onnxhq import huffdecode, huffman
 from onnxhq.errors import ConfigError, SidecarError
 
 
@@ -36,10 +36,10 @@ def round_trip(symbols, lengths, block_size=None):
     payload, n_bits = huffman.encode(symbols, lengths)
     assert len(payload) == (n_bits + 7) // 8
     if block_size is None:
-        return huffman.decode(payload, lengths, len(symbols))
+        return huffdecode.decode(payload, lengths, len(symbols))
     blocks = huffman.block_bits(symbols, lengths, block_size)
     assert blocks.sum() == n_bits
-    return huffman.decode(payload, lengths, len(symbols), block_size=block_size, block_bits=blocks)
+    return huffdecode.decode(payload, lengths, len(symbols), block_size=block_size, block_bits=blocks)
 
 
 def geometric(rng, n, k, p=0.3):
@@ -160,8 +160,8 @@ def test_round_trip_of_a_single_used_symbol_costs_one_bit_each(n):
 def test_round_trip_of_nothing():
     lengths = np.array([1, 1])
     assert huffman.encode(np.zeros(0, int), lengths) == (b"", 0)
-    assert huffman.decode(b"", lengths, 0).shape == (0,)
-    assert huffman.decode(b"", lengths, 0, block_size=4, block_bits=np.zeros(0, int)).shape == (0,)
+    assert huffdecode.decode(b"", lengths, 0).shape == (0,)
+    assert huffdecode.decode(b"", lengths, 0, block_size=4, block_bits=np.zeros(0, int)).shape == (0,)
 
 
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=2000), st.sampled_from([1, 3, 64, 256]))
@@ -190,10 +190,10 @@ def test_decode_of_a_truncated_payload_fails():
     lengths = huffman.code_lengths(np.bincount(x))
     payload, _ = huffman.encode(x, lengths)
     with pytest.raises(SidecarError, match="too short"):
-        huffman.decode(payload[:-3], lengths, x.size)
+        huffdecode.decode(payload[:-3], lengths, x.size)
     blocks = huffman.block_bits(x, lengths, 64)
     with pytest.raises(SidecarError, match="shorter than"):
-        huffman.decode(payload[:-3], lengths, x.size, block_size=64, block_bits=blocks)
+        huffdecode.decode(payload[:-3], lengths, x.size, block_size=64, block_bits=blocks)
 
 
 def test_decode_rejects_a_block_index_that_does_not_match():
@@ -204,15 +204,15 @@ def test_decode_rejects_a_block_index_that_does_not_match():
     blocks[2] += 1
     blocks[3] -= 1
     with pytest.raises(SidecarError, match="block 2"):
-        huffman.decode(payload, lengths, x.size, block_size=16, block_bits=blocks)
+        huffdecode.decode(payload, lengths, x.size, block_size=16, block_bits=blocks)
     with pytest.raises(SidecarError, match="block_bits must be"):
-        huffman.decode(payload, lengths, x.size, block_size=16, block_bits=blocks[:-1])
+        huffdecode.decode(payload, lengths, x.size, block_size=16, block_bits=blocks[:-1])
 
 
 def test_decode_rejects_bits_that_are_no_code_word():
     lengths = np.array([1, 0])  # incomplete code: only "0" is a code word
     with pytest.raises(SidecarError, match="no code word"):
-        huffman.decode(b"\x40", lengths, 2)
+        huffdecode.decode(b"\x40", lengths, 2)
 
 
 @pytest.mark.parametrize(
@@ -221,7 +221,7 @@ def test_decode_rejects_bits_that_are_no_code_word():
 )
 def test_decode_rejects_impossible_code_lengths(lengths, match):
     with pytest.raises(SidecarError, match=match):
-        huffman.decode(b"\x00", lengths, 1)
+        huffdecode.decode(b"\x00", lengths, 1)
 
 
 def test_encode_rejects_symbols_without_code():
@@ -267,11 +267,11 @@ def test_many_streams_decode_together_as_they_decode_alone():
         extra = rng.integers(0, 1 << widths[symbols]) if with_extra else None
         payload, _ = huffman.encode(symbols, lengths, extra, widths)
         blocks = huffman.block_bits(symbols, lengths, block_size, widths)
-        streams.append(huffman.Coded(payload, lengths, n, block_size, blocks, widths))
+        streams.append(huffdecode.Coded(payload, lengths, n, block_size, blocks, widths))
         expected.append((symbols, extra))
-    decoded = huffman.decode_many(streams)
+    decoded = huffdecode.decode_many(streams)
     for (symbols, extra), coded, got in zip(expected, streams, decoded):
-        alone = huffman.decode(coded.payload, coded.lengths, coded.count, block_size=coded.block_size,
+        alone = huffdecode.decode(coded.payload, coded.lengths, coded.count, block_size=coded.block_size,
                                block_bits=coded.block_bits, extra_widths=coded.extra_widths)
         if extra is None:
             np.testing.assert_array_equal(got, symbols)
@@ -282,9 +282,32 @@ def test_many_streams_decode_together_as_they_decode_alone():
             np.testing.assert_array_equal(alone[1], extra)
 
 
+def test_streams_split_into_several_lock_step_groups_decode_alike(monkeypatch):
+    # Positions and tables bound how many streams share one loop; past the bounds the streams are
+    # decoded in consecutive groups, with symbols and extra-bit positions numbered across all of them.
+    rng = np.random.default_rng(5)
+    streams, expected = [], []
+    for k, n in [(3, 50), (40, 900), (7, 0), (2, 33), (9, 400)]:
+        symbols = np.minimum(rng.geometric(0.4, size=n) - 1, k - 1)
+        lengths = huffman.code_lengths(np.bincount(symbols, minlength=k), max_length=12)
+        widths = rng.integers(0, 4, size=k)
+        extra = rng.integers(0, 1 << widths[symbols])
+        payload, _ = huffman.encode(symbols, lengths, extra, widths)
+        streams.append(huffdecode.Coded(payload, lengths, n, 32, huffman.block_bits(symbols, lengths, 32, widths), widths))
+        expected.append((symbols, extra))
+    together = huffdecode.decode_many(streams)
+    monkeypatch.setattr(huffdecode, "_GROUP_BYTES", 60)  # about one stream per group
+    grouped = huffdecode.decode_many(streams)
+    assert len(list(huffdecode._Code(streams, None).groups())) >= 4
+    for (symbols, extra), a, b in zip(expected, together, grouped):
+        for got in (a, b):
+            np.testing.assert_array_equal(got[0], symbols)
+            np.testing.assert_array_equal(got[1], extra)
+
+
 def test_a_bad_stream_among_many_is_named():
     lengths = np.array([1, 1])
-    good = huffman.Coded(b"\x40", lengths, 2, 32, np.array([2]))
-    bad = huffman.Coded(b"\x40", lengths, 2, 32, np.array([3]))  # block index disagrees
+    good = huffdecode.Coded(b"\x40", lengths, 2, 32, np.array([2]))
+    bad = huffdecode.Coded(b"\x40", lengths, 2, 32, np.array([3]))  # block index disagrees
     with pytest.raises(SidecarError, match="stream 'b': payload is too short or inconsistent"):
-        huffman.decode_many([good, bad], ["a", "b"])
+        huffdecode.decode_many([good, bad], ["a", "b"])
