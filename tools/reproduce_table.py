@@ -73,10 +73,16 @@ class Net:
 
     pruned_entropy_rates: tuple = tuple(PRUNED_ENTROPY_RATES)
     scope: str = "network"         # codebook scope of the table (and of the curves unless --scope)
+    # ECSQ rates as one lambda shared by all codebooks (largest first, i.e. lowest rate first): with
+    # per-layer codebooks this allocates the rate across layers by the Hessian-weighted cost, where
+    # target_bits would give every layer the same entropy. Empty: ECSQ uses the entropy rates.
+    ecsq_lams: tuple = ()
 
     def rates(self, label: str, tag: str = "pruned") -> list[tuple[str, float]]:
         if METHODS[label][0] in ("kmeans", "hkmeans"):
             return list(self.kmeans_rates)
+        if METHODS[label][0] == "ecsq" and self.ecsq_lams:
+            return [("lam", lam) for lam in self.ecsq_lams]
         return list(self.pruned_entropy_rates if tag == "pruned" else self.entropy_rates)
 
 
@@ -145,7 +151,7 @@ def nets() -> dict[str, Net]:
                         entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
                         # One codebook per layer: on this net a network-wide one loses more (RESULTS.md).
                         pruned_entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
-                        scope="layer"),
+                        ecsq_lams=(3e-6, 1e-6, 3e-7, 1e-7, 5e-8, 3e-8), scope="layer"),
     }
 
 
