@@ -151,7 +151,7 @@ def nets() -> dict[str, Net]:
                         entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
                         # One codebook per layer: on this net a network-wide one loses more (RESULTS.md).
                         pruned_entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
-                        ecsq_lams=(3e-6, 1e-6, 3e-7, 1e-7, 5e-8, 3e-8), scope="layer"),
+                        ecsq_lams=(3e-6, 1e-6, 3e-7, 1e-7, 5e-8, 3e-8, 2e-8, 1e-8, 5e-9), scope="layer"),
     }
 
 
@@ -435,12 +435,17 @@ def plot_curves(net: Net, cache: Cache) -> None:
     fig, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4.5), sharey=True, squeeze=False)
     axes = axes[0]
     float_acc = cache.get("float")["accuracy"]
+    low, high = max(0.0, float_acc - 0.05), min(1.0, float_acc + 0.01)
     for ax, tag in zip(axes, tags):
+        shown = []
         for label in METHODS:
             pts = sorted((row["bits_per_weight"], row["accuracy"]) for key, row in cache.data.items()
                          if key.startswith(f"curve/{tag}/{label}/") and "accuracy" in row)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
+                shown += [b for b, a in pts if a >= low]
+        if shown:  # the rates whose accuracy is on the chart, with room for the lines falling off it
+            ax.set_xlim(min(shown) / 1.3, max(shown) * 1.1)
         ax.axhline(float_acc, color="gray", ls="--", lw=1, label="float model")
         scope = "one codebook per layer" if tag.endswith("@layer") else "one codebook"
         ax.set_title(f"{net.name}, {tag.split('@')[0]}, {scope} (no fine-tuning)")
@@ -449,7 +454,7 @@ def plot_curves(net: Net, cache: Cache) -> None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.25, 0.35, 0.5, 0.7, 1, 1.5, 2, 3, 4, 6]))
-        ax.set_ylim(max(0.0, float_acc - 0.05), min(1.0, float_acc + 0.01))
+        ax.set_ylim(low, high)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy (test set)")
     axes[-1].legend(loc="lower right")
