@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError, SidecarError
-from .huffman import MAX_EXTRA, MAX_LENGTH, MAX_PAYLOAD, _canonical, _check_count, read_bits
+from .huffman import MAX_EXTRA, MAX_LENGTH, MAX_PAYLOAD, _check_count, read_bits
 
 FALLBACK_BLOCK = 64
 """Symbols per block when no block index is given."""

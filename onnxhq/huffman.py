@@ -173,26 +173,6 @@ def pack_bits(values: np.ndarray, widths: np.ndarray) -> tuple[bytes, int]:
     return out[:n_bytes].astype(np.uint8).tobytes(), n_bits
 
 
-def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits` for ``count`` values of one ``width`` (0..32); int64.
-
-    Raises SidecarError when ``data`` is not exactly the packed length or its padding is not zero.
-    """
-    _check_count(count, "count")
-    if not _is_int(width) or not 0 <= width <= 32:
-        raise ConfigError(f"width={width!r} must be an int in [0, 32]")
-    n_bits = width * count
-    if len(data) != (n_bits + 7) // 8:
-        need = (n_bits + 7) // 8
-        raise SidecarError(f"packed field has {len(data)} bytes, expected {need} for {count} x {width} bits")
-    if n_bits % 8 and data[-1] & ((1 << (8 - n_bits % 8)) - 1):
-        raise SidecarError("non-zero padding bits after the last packed field")
-    if width == 0 or count == 0:
-        return np.zeros(count, dtype=np.int64)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=n_bits).reshape(count, width)
-    return bits.astype(np.int64) @ (np.int64(1) << np.arange(width - 1, -1, -1, dtype=np.int64))
-
-
 def read_bits(data: bytes, positions: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """The ``widths[i]``-bit (0..32) MSB-first value starting at bit ``positions[i]`` of ``data``; int64.
 

@@ -237,14 +237,8 @@ def test_pack_bits_round_trip(width):
     values = np.random.default_rng(width).integers(0, 2**width, size=37)
     data, n_bits = huffman.pack_bits(values, width)
     assert n_bits == 37 * width
-    assert np.array_equal(huffman.unpack_bits(data, width, 37), values)
-
-
-def test_unpack_bits_rejects_wrong_length_and_dirty_padding():
-    with pytest.raises(SidecarError, match="expected 2"):
-        huffman.unpack_bits(b"\x00", 5, 3)
-    with pytest.raises(SidecarError, match="padding"):
-        huffman.unpack_bits(b"\x00\x01", 5, 3)
+    assert len(data) == (n_bits + 7) // 8
+    assert np.array_equal(huffman.read_bits(data, width * np.arange(37), np.full(37, width)), values)
 
 
 def test_entropy_bits():

@@ -92,7 +92,7 @@ def mixed_streams():
 
 def fuzz_target() -> bytes:
     rng = np.random.default_rng(3)
-    extra = IndexStream("c", (600,), 8, laplace_indices(rng, 600, levels=8))  # three decode blocks
+    extra = IndexStream("c", (600,), 8, laplace_indices(rng, 600, levels=8))  # 19 decode blocks
     return encode_sidecar(tiny_streams() + [extra], metadata={"model": "tiny"})
 
 
@@ -319,6 +319,13 @@ def edit(fn):
     return make
 
 
+def _dirty_block_index_padding(header, buffer):
+    c = header["c"]  # all blocks but the last store their length in block_width bits, then padding
+    index_bits = (-(-c["symbols"] // c["block_size"]) - 1) * c["block_width"]
+    assert index_bits % 8, "the block index of stream c has no padding bits"
+    buffer[c["data_offsets"][0] + (c["table_bits"] + 7) // 8 + (index_bits + 7) // 8 - 1] |= 1
+
+
 def _set(path, value):
     def fn(header, buffer):
         target = header
@@ -381,6 +388,7 @@ HOSTILE = {
     "empty group": (edit(lambda h, b: b.__setitem__(slice(0, 4), bytes.fromhex("80011080"))), "empty group"),
     "over-subscribed code": (edit(lambda h, b: b.__setitem__(slice(0, 4), bytes.fromhex("f8000000"))), "Kraft"),
     "payload padding": (edit(lambda h, b: b.__setitem__(5, b[5] | 1)), "padding"),
+    "block index padding": (edit(_dirty_block_index_padding), "padding bits after the last packed field"),
     "unused code word": (  # b's two symbols get lengths 1 and 2: code word 11 is unused, and the payload has it
         edit(lambda h, b: b.__setitem__(slice(6, 9), bytes.fromhex("230020"))),
         "no code word",
