@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from . import naming
 from .errors import ModelError, SidecarError
-from .encode import FORMAT_VERSION
+from .encode import FORMAT_VERSION, READABLE_VERSIONS, restore_derived_names
 from .model import load_model, save_model
 from .rewrite import PACK_MAX_K, PACKED_OP, attach_functions, dequantize_model, index_dtype, pack4
 from .sidecar import IndexStream, decode_sidecar, read_sidecar
@@ -29,45 +29,58 @@ def sidecar_path(graph_path: str | os.PathLike, graph: onnx.ModelProto) -> Path:
 
 
 def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.ModelProto:
-    """The runnable model: each index graph input of ``graph`` replaced by its decoded initializer
-    (packed two per byte where a ``DequantizePacked4`` node reads it)."""
+    """The runnable model: each dequantize node's index tensor made an initializer from its decoded
+    stream (packed two per byte where a ``DequantizePacked4`` node reads it), the names the graph
+    file leaves out restored, onnxhq's function definitions attached."""
     version = {p.key: p.value for p in graph.metadata_props}.get(naming.METADATA_VERSION, FORMAT_VERSION)
-    if version != FORMAT_VERSION:
-        raise ModelError(f"the graph was written in onnxhq graph format {version}; this onnxhq reads format "
-                         f"{FORMAT_VERSION}: upgrade onnxhq")
+    if version not in READABLE_VERSIONS:
+        raise ModelError(f"the graph was written in onnxhq graph format {version}; this onnxhq reads formats "
+                         f"{', '.join(READABLE_VERSIONS)}: upgrade onnxhq")
     model = onnx.ModelProto()
     model.CopyFrom(graph)
+    nodes = [n for n in model.graph.node if n.domain == naming.DOMAIN]
+    for node in nodes:
+        if len(node.input) < 2 or len(node.output) != 1:
+            raise ModelError(f"a {node.op_type} node of domain {naming.DOMAIN} needs a codebook and an index input "
+                             f"and one output, got {len(node.input)} and {len(node.output)}; the graph is damaged")
+        restore_derived_names(node)
     by_name = {s.name: s for s in streams}
-    declared = {i.name: i for i in model.graph.input}
-    wanted = [name for name in declared if name.endswith(naming.index_tensor(""))]
+    wanted = [node.input[1] for node in nodes]
     missing = [n for n in wanted if n not in by_name]
     if missing:
         raise SidecarError(f"the sidecar has no stream for {missing[0]!r}; it belongs to another model")
-    extra = [n for n in by_name if n not in declared]
+    extra = [n for n in by_name if n not in set(wanted)]
     if extra:
-        raise SidecarError(f"the sidecar stream {extra[0]!r} matches no index input of the graph")
+        raise SidecarError(f"the sidecar stream {extra[0]!r} matches no dequantize node of the graph")
+    declared = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input
+                if i.name in by_name}  # graph format 1 declares the index tensors as graph inputs
     packed_shapes = _packed_shapes(model)
     for name in wanted:
         stream = by_name[name]
-        want = tuple(d.dim_value for d in declared[name].type.tensor_type.shape.dim)
         if name in packed_shapes:
-            array = _packed(stream, packed_shapes[name], want)
-        elif tuple(stream.shape) != want:
-            raise SidecarError(f"sidecar stream {name!r} has shape {stream.shape}, the graph expects {want}")
+            array = _packed(stream, packed_shapes[name])
         else:
             array = stream.indices.astype(index_dtype(stream.alphabet_size))
+        if name in declared and array.shape != declared[name]:
+            raise SidecarError(f"sidecar stream {name!r} gives shape {array.shape}, the graph expects {declared[name]}")
         model.graph.initializer.append(numpy_helper.from_array(array, name))
     inputs = [i for i in model.graph.input if i.name not in by_name]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    for node in model.graph.node:
-        if node.domain == naming.DOMAIN and not node.name:
-            node.name = naming.dequantize_node(node.output[0])
-    props = [p for p in model.metadata_props if p.key != naming.METADATA_SIDECAR]
+    props = [p for p in model.metadata_props if p.key not in (naming.METADATA_SIDECAR, naming.METADATA_SIDECAR_CRC)]
     del model.metadata_props[:]
     model.metadata_props.extend(props)
     attach_functions(model)
     return model
+
+
+def sidecar_crc32(graph: onnx.ModelProto) -> int | None:
+    """The CRC-32 of its sidecar that ``graph`` records (graph format 2), or None."""
+    recorded = {p.key: p.value for p in graph.metadata_props}.get(naming.METADATA_SIDECAR_CRC)
+    try:
+        return None if recorded is None else int(recorded, 16)
+    except ValueError:
+        raise ModelError(f"metadata {naming.METADATA_SIDECAR_CRC}={recorded!r} is not a hexadecimal CRC-32") from None
 
 
 def _packed_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -82,17 +95,13 @@ def _packed_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _packed(stream: IndexStream, shape: tuple[int, ...], want: tuple[int, ...]):
+def _packed(stream: IndexStream, shape: tuple[int, ...]):
     if tuple(stream.shape) != shape:
         raise SidecarError(f"sidecar stream {stream.name!r} has shape {stream.shape}, the graph expects {shape}")
     if stream.alphabet_size > PACK_MAX_K:
         raise SidecarError(f"sidecar stream {stream.name!r} has {stream.alphabet_size} symbols; the graph packs "
                            f"it 4 bits per index, which holds at most {PACK_MAX_K}")
-    array = pack4(stream.indices)
-    if array.shape != want:
-        raise SidecarError(f"sidecar stream {stream.name!r} packs into {array.shape[0]} bytes, the graph "
-                           f"declares {want}")
-    return array
+    return pack4(stream.indices)
 
 
 def load(path: str | os.PathLike, *, dequantize: bool = False) -> onnx.ModelProto:
@@ -101,7 +110,7 @@ def load(path: str | os.PathLike, *, dequantize: bool = False) -> onnx.ModelProt
     With ``dequantize=True`` the weights are plain float initializers (no custom nodes).
     """
     graph = load_model(path)
-    streams, _ = read_sidecar(sidecar_path(path, graph))
+    streams, _ = read_sidecar(sidecar_path(path, graph), crc32=sidecar_crc32(graph))
     model = join_artifacts(graph, streams)
     return dequantize_model(model) if dequantize else model
 
@@ -110,15 +119,16 @@ def load_runnable(path: str | os.PathLike) -> onnx.ModelProto:
     """A runnable model from either a plain .onnx or a compressed graph (decoded with its sidecar)."""
     model = load_model(path)
     if any(p.key == naming.METADATA_SIDECAR for p in model.metadata_props):
-        streams, _ = read_sidecar(sidecar_path(path, model))
+        streams, _ = read_sidecar(sidecar_path(path, model), crc32=sidecar_crc32(model))
         return join_artifacts(model, streams)
     return model
 
 
 def load_from_bytes(graph_bytes: bytes, sidecar_bytes: bytes) -> onnx.ModelProto:
     """As `load`, from the two artifacts in memory."""
-    streams, _ = decode_sidecar(sidecar_bytes)
-    return join_artifacts(load_model(graph_bytes), streams)
+    graph = load_model(graph_bytes)
+    streams, _ = decode_sidecar(sidecar_bytes, crc32=sidecar_crc32(graph))
+    return join_artifacts(graph, streams)
 
 
 def decode_file(path: str | os.PathLike, out: str | os.PathLike, *, dequantize: bool = False) -> int:

@@ -9,6 +9,7 @@ PACKED_OP = "DequantizePacked4"
 METADATA_SIDECAR = "onnxhq.sidecar"
 METADATA_VERSION = "onnxhq.version"
 METADATA_ORIGINAL_BYTES = "onnxhq.original_bytes"
+METADATA_SIDECAR_CRC = "onnxhq.sidecar_crc32"
 GRAPH_SUFFIX = ".onnx"
 SIDECAR_SUFFIX = ".onnxhq"
 

@@ -208,7 +208,7 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
     graph_path = Path(path)
     graph, side_path, sidecar, streams, layouts = _read_artifacts(graph_path)
     decoded = join_artifacts(graph, streams)  # checks that the sidecar belongs to this graph
-    rows, codebooks = _layers_and_codebooks(graph, {s.name: s for s in streams}, layouts)
+    rows, codebooks = _layers_and_codebooks(decoded, {s.name: s for s in streams}, layouts)
     books = {c.name for c in codebooks}
     unquantized = sum(int(np.prod(t.dims, dtype=np.int64)) for t in graph.graph.initializer
                       if t.data_type in _FLOAT_TENSOR_TYPES and t.name not in books)
@@ -224,7 +224,7 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
 
 def _read_artifacts(graph_path):
     """``(graph, sidecar path, sidecar bytes, streams, layouts by stream name)``; errors name the file."""
-    from .decode import sidecar_path
+    from .decode import sidecar_crc32, sidecar_path
     from .errors import SidecarError
     from .model import load_model
     from .sidecar import decode_sidecar, describe_sidecar
@@ -236,7 +236,7 @@ def _read_artifacts(graph_path):
     except OSError as exc:
         raise SidecarError(f"cannot read sidecar {side_path}: {exc.strerror or exc}") from None
     try:
-        streams, _ = decode_sidecar(sidecar)
+        streams, _ = decode_sidecar(sidecar, crc32=sidecar_crc32(graph))
         layouts = {s.name: s for s in describe_sidecar(sidecar)}
     except SidecarError as exc:
         raise SidecarError(f"sidecar {side_path}: {exc}") from None

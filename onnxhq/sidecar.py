@@ -274,9 +274,13 @@ def _lengths(counts: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- decoding
 
 
-def decode_sidecar(data: bytes) -> tuple[list[IndexStream], dict[str, str]]:
-    """Streams (in file order, i.e. by name) and metadata of sidecar ``data``; SidecarError if invalid."""
-    entries, metadata, buffer, _ = _parse(data)
+def decode_sidecar(data: bytes, *, crc32: int | None = None) -> tuple[list[IndexStream], dict[str, str]]:
+    """Streams (in file order, i.e. by name) and metadata of sidecar ``data``; SidecarError if invalid,
+    or if ``crc32`` (what the compressed graph records) is given and is not the file's."""
+    entries, metadata, buffer, _ = _parse(data)  # a damaged file is reported as such, not as a mismatch
+    if crc32 is not None and zlib.crc32(data) != crc32:
+        raise SidecarError(f"valid, but not this graph's sidecar: its CRC-32 is {zlib.crc32(data):08x}, the graph "
+                           f"records {crc32:08x}; use the .onnxhq file that 'onnxhq compress' wrote with the graph")
     return _decode_streams(entries, buffer), metadata
 
 
@@ -617,13 +621,14 @@ def write_sidecar(path, streams: Sequence[IndexStream], *, metadata: Mapping[str
     return written
 
 
-def read_sidecar(path) -> tuple[list[IndexStream], dict[str, str]]:
-    """Streams and metadata of the sidecar file at ``path``; SidecarError if missing or invalid."""
+def read_sidecar(path, *, crc32: int | None = None) -> tuple[list[IndexStream], dict[str, str]]:
+    """Streams and metadata of the sidecar file at ``path``; SidecarError if missing or invalid (see
+    `decode_sidecar` for ``crc32``)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise SidecarError(f"cannot read sidecar {os.fspath(path)!r}: {exc.strerror or exc}") from None
     try:
-        return decode_sidecar(data)
+        return decode_sidecar(data, crc32=crc32)
     except SidecarError as exc:
         raise SidecarError(f"sidecar {os.fspath(path)!r}: {exc}") from None

@@ -225,23 +225,85 @@ def test_artifacts_keep_logical_indices_and_the_graph_packs_them():
     assert w1.shape == (13, 7) and w1.alphabet_size == 5
     np.testing.assert_array_equal(w1.indices, tensors["w1"].indices)
     artifacts = split_artifacts(model, "mlp")
-    graph = load_model(artifacts.graph_bytes)
-    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
-    assert declared[naming.index_tensor("w1")] == [46]
     decoded = load_from_bytes(artifacts.graph_bytes, artifacts.sidecar_bytes)
     assert {t.name: t for t in decoded.graph.initializer} == {t.name: t for t in model.graph.initializer}
+    packed = {t.name: t for t in decoded.graph.initializer}[naming.index_tensor("w1")]
+    assert list(packed.dims) == [46]
 
 
-def test_the_stored_graph_leaves_out_what_decode_restores():
+@pytest.mark.parametrize("scope_codebooks", ["shared", "per weight"])
+def test_the_stored_graph_leaves_out_what_decode_restores(scope_codebooks):
     books, tensors = shared_codes(5, np.random.default_rng(3))
+    if scope_codebooks == "per weight":  # codebooks named after their weight: decode derives that input too
+        books = {name: books["shared"] for name in tensors}
+        tensors = {name: SimpleNamespace(**{**vars(t), "codebook": name}) for name, t in tensors.items()}
     model = rewrite(mlp(), books, tensors)
     artifacts = split_artifacts(model, "mlp")
     stored = onnx.load_from_string(artifacts.graph_bytes)
+    onnx.checker.check_model(stored, full_check=True)  # still a valid ONNX file
     assert not stored.functions
-    assert [n.name for n in stored.graph.node if n.domain == naming.DOMAIN] == ["", ""]
+    nodes = [n for n in stored.graph.node if n.domain == naming.DOMAIN]
+    assert [n.name for n in nodes] == ["", ""] and [n.input[1] for n in nodes] == ["", ""]
+    shared = naming.codebook_tensor("shared") if scope_codebooks == "shared" else ""
+    assert [n.input[0] for n in nodes] == [shared, shared]
+    assert not [i for i in stored.graph.input if i.name.endswith(naming.index_tensor(""))]
     decoded = load_from_bytes(artifacts.graph_bytes, artifacts.sidecar_bytes)
     assert list(decoded.graph.node) == list(model.graph.node)
     assert list(decoded.functions) == list(model.functions)
+    assert list(decoded.graph.input) == list(model.graph.input)
+
+
+def _as_format_1(artifacts) -> bytes:
+    """The graph as onnxhq 0.2.0 wrote it: full node inputs, index tensors declared as graph inputs."""
+    from onnx import helper
+
+    from onnxhq.encode import restore_derived_names, set_metadata
+
+    graph = onnx.load_from_string(artifacts.graph_bytes)
+    streams = {s.name: s for s in onnxhq.sidecar.decode_sidecar(artifacts.sidecar_bytes)[0]}
+    nodes = [n for n in graph.graph.node if n.domain == naming.DOMAIN]
+    for node in nodes:
+        restore_derived_names(node)
+        node.name = ""
+    packed = {n.input[1] for n in nodes if n.op_type == PACKED_OP}
+    for node in nodes:
+        if node.domain == naming.DOMAIN:
+            name = node.input[1]
+            shape = [-(-streams[name].indices.size // 2)] if name in packed else list(streams[name].shape)
+            dtype = onnx.TensorProto.UINT8 if name in packed or streams[name].alphabet_size <= 256 else onnx.TensorProto.UINT16
+            graph.graph.input.append(helper.make_tensor_value_info(name, dtype, shape))
+    kept = [p for p in graph.metadata_props if p.key != naming.METADATA_SIDECAR_CRC]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    set_metadata(graph, {naming.METADATA_VERSION: "1"})
+    return graph.SerializeToString()
+
+
+def test_graphs_of_format_1_still_decode_and_check_declared_shapes():
+    books, tensors = shared_codes(5, np.random.default_rng(3))
+    model = rewrite(mlp(), books, tensors)
+    artifacts = split_artifacts(model, "mlp")
+    old = _as_format_1(artifacts)
+    decoded = load_from_bytes(old, artifacts.sidecar_bytes)
+    assert list(decoded.graph.node) == list(model.graph.node)
+    assert {t.name: t for t in decoded.graph.initializer} == {t.name: t for t in model.graph.initializer}
+    assert list(decoded.graph.input) == list(model.graph.input)
+    unpacked = rewrite(mlp(), books, tensors, pack=False)  # shapes of plain index tensors come from the declarations
+    graph = onnx.load_from_string(_as_format_1(split_artifacts(unpacked, "mlp")))
+    streams = index_streams(unpacked)
+    plain = streams[0]
+    wrong = IndexStream(plain.name, (plain.indices.size,), plain.alphabet_size, plain.indices.reshape(-1))
+    with pytest.raises(SidecarError, match="gives shape"):
+        join_artifacts(graph, [wrong] + streams[1:])
+
+
+def test_a_sidecar_of_another_model_is_refused_before_decoding():
+    books, tensors = shared_codes(5, np.random.default_rng(3))
+    ours = split_artifacts(rewrite(mlp(), books, tensors), "mlp")
+    books2, tensors2 = shared_codes(5, np.random.default_rng(4))
+    theirs = split_artifacts(rewrite(mlp(), books2, tensors2), "mlp")
+    with pytest.raises(SidecarError, match="valid, but not this graph's sidecar"):
+        load_from_bytes(ours.graph_bytes, theirs.sidecar_bytes)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -268,3 +330,12 @@ def test_decoded_lenet5_at_k16_is_about_half_the_unpacked_size(bundled_model):
     assert set(ops(packed).values()) == {PACKED_OP}
     assert 0.45 < packed.ByteSize() / plain.ByteSize() < 0.55
     onnx.checker.check_model(packed, full_check=True)
+
+
+def test_a_damaged_dequantize_node_is_a_model_error():
+    books, tensors = shared_codes(5, np.random.default_rng(3))
+    artifacts = split_artifacts(rewrite(mlp(), books, tensors), "mlp")
+    graph = onnx.load_from_string(artifacts.graph_bytes)
+    del next(n for n in graph.graph.node if n.domain == naming.DOMAIN).input[1:]
+    with pytest.raises(ModelError, match="needs a codebook and an index input"):
+        load_from_bytes(graph.SerializeToString(), artifacts.sidecar_bytes)
