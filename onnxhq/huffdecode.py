@@ -242,7 +242,7 @@ class _Code:
 
 def _table(lengths: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, int]:
     """One code's decode table of ``2**top`` entries ``(symbol << _LEN_BITS) | (length + extra bits)``."""
-    tables, base, top = _tables(lengths, widths, np.zeros(lengths.size, np.int64), 1)
+    tables, _, top = _tables(lengths, widths, np.zeros(lengths.size, np.int64), 1)
     return tables, int(top[0])
 
 

@@ -23,7 +23,6 @@ MAX_EXTRA = 31
 """Most extra bits one symbol may carry (code + extra bits stay below 64, the decoder's length field)."""
 
 
-
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 

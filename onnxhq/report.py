@@ -237,7 +237,7 @@ def _read_artifacts(graph_path):
         raise SidecarError(f"cannot read sidecar {side_path}: {exc.strerror or exc}") from None
     try:
         streams, _ = decode_sidecar(sidecar, crc32=sidecar_crc32(graph))
-        layouts = {s.name: s for s in describe_sidecar(sidecar)}
+        layouts = {s.name: s for s in describe_sidecar(sidecar, streams=streams)}
     except SidecarError as exc:
         raise SidecarError(f"sidecar {side_path}: {exc}") from None
     return graph, side_path, sidecar, streams, layouts

@@ -585,16 +585,21 @@ def _read_block_indices(buffer: bytes, entries, begin, n_bytes) -> list[np.ndarr
     return [blocks[f : f + m] for f, m in zip(first.tolist(), n_blocks)]
 
 
-def describe_sidecar(data: bytes) -> list[StreamLayout]:
-    """Size accounting of every stream of sidecar ``data`` (decodes it to measure entropy).
+def describe_sidecar(data: bytes, *, streams: Sequence[IndexStream] | None = None) -> list[StreamLayout]:
+    """Size accounting of every stream of sidecar ``data`` (decodes it to measure entropy, unless
+    ``streams``, what `decode_sidecar` returned for ``data``, are given).
 
     The prefix and the compressed header are shared out in proportion to each stream's JSON entry.
     """
     entries, _, buffer, size = _parse(data)
+    if streams is None:
+        streams = _decode_streams(entries, buffer)
+    elif [s.name for s in streams] != [name for name, _ in entries]:
+        raise ConfigError("streams must be what decode_sidecar returned for the same data")
     weights = np.array([len(_dump({name: entry})) for name, entry in entries], dtype=np.int64)
     shares = np.diff(np.concatenate(([0], (np.cumsum(weights) * (_PREFIX.size + size)) // max(int(weights.sum()), 1))))
     layouts = []
-    for i, ((name, entry), stream) in enumerate(zip(entries, _decode_streams(entries, buffer))):
+    for i, ((name, entry), stream) in enumerate(zip(entries, streams)):
         n_table, n_index, n_payload = _field_sizes(entry)
         count = int(stream.indices.size)
         layouts.append(StreamLayout(

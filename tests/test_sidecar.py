@@ -255,6 +255,10 @@ def test_layout_accounts_for_every_byte():
     for x in layouts:
         if x.count:
             assert x.coded_bits_per_weight == pytest.approx(8 * (x.payload_bytes + x.table_bytes) / x.count)
+    decoded, _ = decode_sidecar(data)  # given the decoded streams, the accounting is the same, not decoded again
+    assert describe_sidecar(data, streams=decoded) == layouts
+    with pytest.raises(ConfigError, match="what decode_sidecar returned"):
+        describe_sidecar(data, streams=decoded[::-1])
 
 
 # ------------------------------------------------------------------ argument errors
