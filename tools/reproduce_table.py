@@ -148,7 +148,7 @@ def nets() -> dict[str, Net]:
                         prune_steps=2, retrain_epochs=0.5, finetune_epochs=0.2, adam_state=None, augment=cifar_augment,
                         prune_lr=2e-4, polish_epochs=6.0, polish_chunk=0.5, polish_lr=2e-4,
                         kmeans_rates=tuple(("k", k) for k in (4, 8, 16, 32)),
-                        entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)),
+                        entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 3.75, 4.0)),
                         # One codebook per layer: on this net a network-wide one loses more (RESULTS.md).
                         pruned_entropy_rates=tuple(("target_bits", b) for b in (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)),
                         ecsq_lams=(3e-6, 1e-6, 3e-7, 1e-7, 5e-8, 3e-8, 2e-8, 1e-8, 5e-9), scope="layer"),
