@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .errors import ConfigError, DataError, ModelError, NumericalError, OnnxhqError, SidecarError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # `report` and `sweep` are both functions of the API and submodules of the package. Importing a
 # submodule for the first time sets the package attribute of the same name to the module, so these
