@@ -110,8 +110,7 @@ def load(path: str | os.PathLike, *, dequantize: bool = False) -> onnx.ModelProt
     With ``dequantize=True`` the weights are plain float initializers (no custom nodes).
     """
     graph = load_model(path)
-    streams, _ = read_sidecar(sidecar_path(path, graph), crc32=sidecar_crc32(graph))
-    model = join_artifacts(graph, streams)
+    model = join_artifacts(graph, _read_streams(path, graph))
     return dequantize_model(model) if dequantize else model
 
 
@@ -119,9 +118,14 @@ def load_runnable(path: str | os.PathLike) -> onnx.ModelProto:
     """A runnable model from either a plain .onnx or a compressed graph (decoded with its sidecar)."""
     model = load_model(path)
     if any(p.key == naming.METADATA_SIDECAR for p in model.metadata_props):
-        streams, _ = read_sidecar(sidecar_path(path, model), crc32=sidecar_crc32(model))
-        return join_artifacts(model, streams)
+        return join_artifacts(model, _read_streams(path, model))
     return model
+
+
+def _read_streams(graph_path, graph: onnx.ModelProto) -> list[IndexStream]:
+    """The streams of the sidecar beside compressed ``graph`` (read from ``graph_path``), checked to be its own."""
+    streams, _ = read_sidecar(sidecar_path(graph_path, graph), crc32=sidecar_crc32(graph))
+    return streams
 
 
 def load_from_bytes(graph_bytes: bytes, sidecar_bytes: bytes) -> onnx.ModelProto:

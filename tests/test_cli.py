@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import small_convnet
 from onnxhq.cli import HESSIAN_METHODS, main
 from onnxhq.progress import Progress
+from onnxhq.sidecar import IndexStream, decode_sidecar, encode_sidecar
 
 SAMPLES = "256"  # enough for k=32 to keep LeNet-5's accuracy; 4x fewer than the default
 
@@ -393,3 +394,18 @@ def test_compress_fine_tunes_the_codebook_on_request(bundled_model, bundled_samp
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["finetune_epochs"] == 0.2
     assert_one_line_error(onnxhq("compress", bundled_model, "--method", "kmeans", "--finetune-epochs", "1",
                                  "-o", tmp_path / "x"), "--train")
+
+
+def test_a_valid_sidecar_of_another_graph_is_refused_by_decode_report_and_eval(copied, bundled_sample):
+    graph, sidecar = copied
+    streams, metadata = decode_sidecar(sidecar.read_bytes())
+    first = streams[0]
+    other = first.indices.copy()
+    other.flat[0] = (other.flat[0] + 1) % first.alphabet_size  # same names and shapes, other indices
+    streams[0] = IndexStream(first.name, first.shape, first.alphabet_size, other)
+    sidecar.write_bytes(encode_sidecar(streams, metadata=metadata))
+    decoded = graph.parent / "decoded.onnx"
+    for proc in (onnxhq("decode", graph, "-o", decoded), onnxhq("report", graph),
+                 onnxhq("eval", graph, "--data", bundled_sample)):
+        assert_one_line_error(proc, "lenet5_mnist.onnxhq", "not this graph's sidecar")
+    assert not decoded.exists()

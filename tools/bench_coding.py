@@ -132,7 +132,7 @@ def sidecar_totals(paths: list[str], repeat: int, dahuffman) -> str:
     for path in paths:
         data = open(path, "rb").read()
         streams, _ = decode_sidecar(data)
-        layouts = describe_sidecar(data)
+        layouts = describe_sidecar(data, streams=streams)
         n = sum(s.indices.size for s in streams)
         raws = [s.indices.astype(np.uint8 if s.alphabet_size <= 256 else np.uint16).tobytes() for s in streams]
         whole = b"".join(raws)

@@ -167,6 +167,10 @@ class Cache:
     def get(self, key: str):
         return self.data.get(key)
 
+    def artifacts(self, key: str) -> Path:
+        """The folder holding the compressed files of step ``key``."""
+        return self.dir / "artifacts" / key.replace("/", "_").replace(" ", "-")
+
     def drop(self, key: str) -> None:
         """Forget one step (its inputs changed)."""
         self._merge()
@@ -253,8 +257,8 @@ def polish(net: Net, cache: Cache, pruned, train: Dataset, test: Dataset):
             log(f"{net.name}: polished {done:g} of {total:g} epochs ({time.time() - t0:.0f} s this run)")
         polished = replace_initializers(pruned, params)
         save_model(polished, path)
-        for key in [k for k in cache.data if k.startswith(("curve/pruned", "table/", "best/"))
-                    or k in ("threshold", "best")]:
+        for key in [k for k in cache.data if k.startswith(("curve/pruned", "table/", "best/", "extra/"))
+                    or k in ("threshold", "best")]:  # everything made from the pruned model ("extra@dense/" is not)
             cache.drop(key)
         (cache.dir / "fisher_pruned.npz").unlink(missing_ok=True)
         cache.put("polished", {"accuracy": accuracy(polished, test), "epochs": net.polish_epochs,
@@ -349,7 +353,7 @@ def table_stage(net: Net, cache: Cache, models: dict, diags: dict, train: Datase
             if row is None:
                 result, row = run(models[tag], diags[tag], label, rate, test, train=train, epochs=net.finetune_epochs,
                                   lr=net.finetune_lr, scope=net.scope)
-                result.save(cache.dir / "artifacts" / key.replace("/", "_").replace(" ", "-"))
+                result.save(cache.artifacts(key))
                 cache.put(key, row)
             log(f"{net.name} {key}: {row}")
             return (key, row) if row["accuracy"] >= threshold else None
@@ -372,7 +376,7 @@ def table_stage(net: Net, cache: Cache, models: dict, diags: dict, train: Datase
         bests += [(relative == "float", b["ratio"], b["key"]) for b in (cache.get(f"best{s}/{m}") for m in METHODS) if b]
     if bests:
         _, _, key = max(bests)
-        src = cache.dir / "artifacts" / key.replace("/", "_").replace(" ", "-")
+        src = cache.artifacts(key)
         dst = ROOT / "models" / "compressed" / net.name
         if dst.exists():
             shutil.rmtree(dst)
