@@ -19,8 +19,10 @@ Graph contract
 
 CLI::
 
-    python models/resnet_cifar.py --weights ../shared/models/resnet32_cifar10.npz \\
-        -o models/resnet32_cifar10.onnx [--fold-batchnorm] [--check]
+    python -m models.resnet_cifar --weights ../shared/models/resnet32_cifar10.npz \\
+        -o resnet32_cifar10.onnx [--fold-batchnorm] [--check]
+
+(from the repository root; ``../shared`` is the default of ``$ONNXHQ_SHARED``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import os
 import re
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -44,9 +46,6 @@ STAGE_PLANES = (16, 32, 64)
 INPUT_MEAN = (0.485, 0.456, 0.406)
 INPUT_STD = (0.229, 0.224, 0.225)
 SUPPORTED_DEPTHS = (20, 32, 44, 56)
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CIFAR10 = os.path.join(_HERE, "..", "..", "shared", "datasets", "cifar10.npz")
 
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
@@ -118,17 +117,17 @@ def _check_weights(weights: Mapping[str, np.ndarray], depth: int) -> None:
     ]
     if bad:
         raise ValueError(f"ResNet-{depth} weights have wrong shapes: " + "; ".join(bad[:5]))
-    extra = sorted(
-        k for k in weights if k not in shapes and not k.endswith("num_batches_tracked")
-    )
+    extra = sorted(k for k in weights if k not in shapes and not k.endswith("num_batches_tracked"))
     if extra:
-        raise ValueError(
-            f"unexpected keys for ResNet-{depth}: {extra[:5]} (wrong depth?)"
-        )
+        raise ValueError(f"unexpected keys for ResNet-{depth}: {extra[:5]} (wrong depth?)")
 
 
 def fold_bn(
-    w: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+    w: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
     eps: float = BN_EPS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fold an inference BatchNorm into the preceding bias-free conv (computed in float64)."""
@@ -279,21 +278,24 @@ def load_resnet_cifar(path: str, **kw) -> onnx.ModelProto:
 
 
 def load_cifar10_test(
-    path: str = "../shared/datasets/cifar10.npz", limit: int | None = None
+    path: str | os.PathLike | None = None, limit: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10 test split: x float32 [N,3,32,32] in [0,1] (RGB), y int64 [N]."""
-    if not os.path.exists(path) and path == "../shared/datasets/cifar10.npz" and os.path.exists(
-        DEFAULT_CIFAR10
-    ):
-        path = DEFAULT_CIFAR10  # relative default, but run from another directory
+    """CIFAR-10 test split: x float32 [N,3,32,32] in [0,1] (RGB), y int64 [N].
+
+    ``path`` defaults to ``datasets/cifar10.npz`` under ``$ONNXHQ_SHARED`` (see tools/datasets.py).
+    """
+    if path is None:
+        from tools.datasets import shared_path
+
+        path = shared_path("datasets", "cifar10.npz")
     try:
         with np.load(path, allow_pickle=False) as z:
             x = z["x_test"]
             y = z["y_test"]
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"CIFAR-10 not found: {path!r} (expected ../shared/datasets/cifar10.npz; "
-            "see ../shared/datasets/README.md)"
+            f"CIFAR-10 not found: {str(path)!r} (expected $ONNXHQ_SHARED/datasets/cifar10.npz, "
+            "by default ../shared beside the checkout; see its datasets/README.md)"
         ) from None
     if limit is not None:
         x, y = x[:limit], y[:limit]
@@ -307,9 +309,7 @@ def evaluate(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, batch: int = 
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(
-        model.SerializeToString(), so, providers=["CPUExecutionProvider"]
-    )
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     correct = 0
     for i in range(0, len(x), batch):
         (logits,) = sess.run(["logits"], {"input": x[i : i + batch]})
@@ -323,9 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", required=True, help="e.g. ../shared/models/resnet32_cifar10.npz")
     ap.add_argument("-o", "--output", help="where to write the .onnx model")
     ap.add_argument("--fold-batchnorm", action="store_true", help="fold BN into the convs")
-    ap.add_argument("--check", action="store_true",
-                    help="top-1 accuracy on the 10,000 CIFAR-10 test images (onnxruntime)")
-    ap.add_argument("--data", default="../shared/datasets/cifar10.npz", help="CIFAR-10 npz")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="top-1 accuracy on the 10,000 CIFAR-10 test images (onnxruntime)",
+    )
+    ap.add_argument("--data", help="CIFAR-10 npz (default: $ONNXHQ_SHARED/datasets/cifar10.npz)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     args = ap.parse_args(argv)
 
@@ -336,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     onnx.checker.check_model(model, full_check=True)
     n_params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    print(f"{model.graph.name}: {len(model.graph.node)} nodes, {len(model.graph.initializer)} "
-          f"initializers, {n_params:,} values; check_model(full_check=True) OK")
+    print(
+        f"{model.graph.name}: {len(model.graph.node)} nodes, {len(model.graph.initializer)} "
+        f"initializers, {n_params:,} values; check_model(full_check=True) OK"
+    )
     if args.output:
         onnx.save(model, args.output)
         print(f"wrote {args.output} ({os.path.getsize(args.output):,} bytes)")
@@ -350,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         correct = evaluate(model, x, y, batch=500)
         dt = time.perf_counter() - t0
-        print(f"top-1 accuracy: {100.0 * correct / len(y):.2f} % ({correct}/{len(y)}) "
-              f"in {dt:.1f} s")
+        print(
+            f"top-1 accuracy: {100.0 * correct / len(y):.2f} % ({correct}/{len(y)}) in {dt:.1f} s"
+        )
     return 0
 
 

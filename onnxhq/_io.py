@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -25,20 +26,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> int:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return len(data)
 
 
-def refuse_overwriting_inputs(outputs: list[str | os.PathLike], inputs: list[str | os.PathLike]) -> None:
+def refuse_overwriting_inputs(
+    outputs: list[str | os.PathLike], inputs: list[str | os.PathLike]
+) -> None:
     """Raise ConfigError when an output path is one of the input files."""
     resolved_inputs = {Path(p).resolve() for p in inputs}
     for out in outputs:
         if Path(out).resolve() in resolved_inputs:
-            raise ConfigError(f"output {out} would overwrite an input file; choose another output path")
+            raise ConfigError(
+                f"output {out} would overwrite an input file; choose another output path"
+            )
 
 
 def _umask() -> int:

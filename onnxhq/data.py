@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from .errors import DataError
-from .model import elem_dtype, runtime_inputs, static_shape
+from .model import InputSpec, input_specs
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 
 @dataclass(frozen=True)
@@ -37,54 +42,96 @@ class Dataset:
             labels = None if self.labels is None else self.labels[start:stop]
             yield {k: v[start:stop] for k, v in self.inputs.items()}, labels
 
-    def subset(self, indices: np.ndarray) -> "Dataset":
+    def subset(self, indices: np.ndarray) -> Dataset:
         labels = None if self.labels is None else self.labels[indices]
         return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels)
 
-    def head(self, n: int | None) -> "Dataset":
+    def head(self, n: int | None) -> Dataset:
         return self if n is None or n >= len(self) else self.subset(np.arange(n))
 
 
-def load_data(source: str | os.PathLike | dict, model: onnx.ModelProto, *, need_labels: bool = False) -> Dataset:
-    """Read and validate a data file (or dict of arrays) against ``model``'s runtime inputs."""
-    where = "data" if isinstance(source, dict) else str(source)
-    arrays = dict(source) if isinstance(source, dict) else read_npz(source)
-    specs = runtime_inputs(model)
+def load_data(
+    source: str | os.PathLike | Mapping[str, np.ndarray],
+    model: ModelProto | Sequence[InputSpec],
+    *,
+    need_labels: bool = False,
+) -> Dataset:
+    """Read and validate a data file (or mapping of arrays) against a model's runtime inputs.
+
+    ``model`` is the ONNX model or its `input_specs`. Of an ``.npz`` file only the arrays the
+    model reads (and the labels) are decompressed.
+    """
+    specs = list(model) if isinstance(model, Sequence) else input_specs(model)
     if not specs:
         raise DataError("the model has no runtime inputs to feed")
+    if isinstance(source, Mapping):
+        return _dataset("data", dict(source), specs, need_labels)
+    with open_npz(source) as arrays:
+        return _dataset(str(source), arrays, specs, need_labels)
+
+
+def _dataset(
+    where: str, arrays: Mapping[str, np.ndarray], specs: list[InputSpec], need_labels: bool
+) -> Dataset:
     aliases = {"x": specs[0].name} if len(specs) == 1 else {}
     label_key = "labels" if "labels" in arrays else ("y" if aliases and "y" in arrays else None)
     inputs = {}
     for spec in specs:
-        key = spec.name if spec.name in arrays else next((a for a, t in aliases.items() if t == spec.name and a in arrays), None)
+        key = spec.name if spec.name in arrays else None
+        if key is None:
+            key = next((a for a, t in aliases.items() if t == spec.name and a in arrays), None)
         if key is None:
             hint = " (or 'x')" if aliases else ""
-            raise DataError(f"{where} has no array for model input {spec.name!r}{hint}; it has: {', '.join(sorted(arrays)) or 'nothing'}")
+            raise DataError(
+                f"{where} has no array for model input {spec.name!r}{hint}; "
+                f"it has: {', '.join(sorted(arrays)) or 'nothing'}"
+            )
         inputs[spec.name] = _check_input(where, key, np.asarray(arrays[key]), spec)
     sizes = {name: len(a) for name, a in inputs.items()}
     if len(set(sizes.values())) != 1:
-        raise DataError(f"{where}: inputs have different sample counts {sizes}; axis 0 must be the sample axis")
+        raise DataError(
+            f"{where}: inputs have different sample counts {sizes}; axis 0 must be the sample axis"
+        )
     n = next(iter(sizes.values()))
     if n == 0:
         raise DataError(f"{where} holds no samples")
     labels = None
     if label_key is not None:
-        labels = np.asarray(arrays[label_key])
-        if labels.ndim != 1 or len(labels) != n or labels.dtype.kind not in "iu":
-            raise DataError(f"{where}: {label_key!r} must be integer class labels of shape ({n},), "
-                            f"got {labels.dtype} {labels.shape}")
-        if labels.min() < 0:
-            raise DataError(f"{where}: {label_key!r} has negative labels (min {labels.min()})")
-        labels = labels.astype(np.int64)
+        labels = _check_labels(where, label_key, np.asarray(arrays[label_key]), n)
     elif need_labels:
-        raise DataError(f"{where} has no 'labels' array; accuracy and training need integer labels of shape ({n},)")
+        raise DataError(
+            f"{where} has no 'labels' array; accuracy and training need integer labels "
+            f"of shape ({n},)"
+        )
     return Dataset(inputs, labels)
 
 
-def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz`` archive, read with ``allow_pickle=False``; ``what`` names it in errors.
+def _check_labels(where: str, key: str, labels: np.ndarray, n: int) -> np.ndarray:
+    if labels.ndim != 1 or len(labels) != n or labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{where}: {key!r} must be integer class labels of shape ({n},), "
+            f"got {labels.dtype} {labels.shape}"
+        )
+    if labels.min() < 0:
+        raise DataError(f"{where}: {key!r} has negative labels (min {labels.min()})")
+    return labels.astype(np.int64)
 
-    Anything that is not a zip is refused before numpy sees it: ``np.load`` would try to unpickle it.
+
+def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` archive (see `open_npz`); ``what`` names the file in errors."""
+    with open_npz(path, what) as arrays:
+        return {k: arrays[k] for k in arrays}
+
+
+@contextmanager
+def open_npz(
+    path: str | os.PathLike, what: str = "data file"
+) -> Iterator[Mapping[str, np.ndarray]]:
+    """The arrays of an ``.npz`` archive as a mapping that decompresses a member when it is read.
+
+    Read with ``allow_pickle=False``. Anything that is not a zip is refused before numpy sees it
+    (``np.load`` would try to unpickle it); a member that cannot be read raises `DataError` when
+    it is read. ``what`` names the file in errors.
     """
     path = Path(path)
     if not path.is_file():
@@ -94,37 +141,79 @@ def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, np.n
     if magic == b"\x93NUMPY":
         raise DataError(f"{what} {path} is a single .npy array; use an .npz archive keyed by name")
     if not magic.startswith(b"PK"):
-        raise DataError(f"{what} {path} is not a readable .npz archive (it does not start like a zip file)")
+        raise DataError(
+            f"{what} {path} is not a readable .npz archive (it does not start like a zip file)"
+        )
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise DataError(f"{what} {path} holds pickled objects; onnxhq reads plain numeric arrays only") from None
-        raise DataError(f"{what} {path} is not a readable .npz archive ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{what} {path} is not a readable .npz archive ({type(exc).__name__})") from None
-    if not arrays:
-        raise DataError(f"{what} {path} holds no arrays")
-    return arrays
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise _npz_error(what, path, exc) from None
+    with npz:
+        if not npz.files:
+            raise DataError(f"{what} {path} holds no arrays")
+        yield _NpzMembers(npz, what, path)
 
 
-def _check_input(where: str, key: str, array: np.ndarray, spec: onnx.ValueInfoProto) -> np.ndarray:
-    want_dtype = elem_dtype(spec)
-    want_shape = static_shape(spec)
+class _NpzMembers(Mapping[str, np.ndarray]):
+    """Read-only view of an open ``NpzFile``; each access reads (and checks) one member."""
+
+    def __init__(self, npz: np.lib.npyio.NpzFile, what: str, path: Path):
+        self._npz, self._what, self._path = npz, what, path
+        self._names = list(npz.files)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._names:
+            raise KeyError(key)
+        try:
+            return self._npz[key]
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            raise _npz_error(self._what, self._path, exc) from None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _npz_error(what: str, path: Path, exc: Exception) -> DataError:
+    if isinstance(exc, ValueError) and "pickle" in str(exc):
+        return DataError(
+            f"{what} {path} holds pickled objects; onnxhq reads plain numeric arrays only"
+        )
+    detail = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
+    return DataError(f"{what} {path} is not a readable .npz archive ({detail})")
+
+
+def _check_input(where: str, key: str, array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    want_dtype, want_shape = spec.dtype, spec.shape
     if array.dtype.kind not in "fiub":
         raise DataError(f"{where}: {key!r} has dtype {array.dtype}; numeric arrays only")
     if want_dtype.kind == "f" and array.dtype.kind in "iu":
-        raise DataError(f"{where}: {key!r} is {array.dtype} but input {spec.name!r} takes {want_dtype}; "
-                        f"scale and convert it the way the model was trained (e.g. x / 255 as float32)")
-    if want_dtype.kind != array.dtype.kind and not (want_dtype.kind in "iu" and array.dtype.kind in "iu"):
-        raise DataError(f"{where}: {key!r} has dtype {array.dtype}, input {spec.name!r} takes {want_dtype}")
+        raise DataError(
+            f"{where}: {key!r} is {array.dtype} but input {spec.name!r} takes {want_dtype}; "
+            "scale and convert it the way the model was trained (e.g. x / 255 as float32)"
+        )
+    if want_dtype.kind != array.dtype.kind and not (
+        want_dtype.kind in "iu" and array.dtype.kind in "iu"
+    ):
+        raise DataError(
+            f"{where}: {key!r} has dtype {array.dtype}, input {spec.name!r} takes {want_dtype}"
+        )
     if want_shape and array.ndim != len(want_shape):
-        raise DataError(f"{where}: {key!r} has shape {array.shape}, input {spec.name!r} takes rank "
-                        f"{len(want_shape)} {_fmt_shape(want_shape)}")
+        raise DataError(
+            f"{where}: {key!r} has shape {array.shape}, input {spec.name!r} takes rank "
+            f"{len(want_shape)} {_fmt_shape(want_shape)}"
+        )
     for axis, (got, want) in enumerate(zip(array.shape, want_shape)):
         if axis > 0 and want is not None and got != want:
-            raise DataError(f"{where}: {key!r} has shape {array.shape}, input {spec.name!r} takes {_fmt_shape(want_shape)}")
+            raise DataError(
+                f"{where}: {key!r} has shape {array.shape}, input {spec.name!r} takes "
+                f"{_fmt_shape(want_shape)}"
+            )
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise DataError(f"{where}: {key!r} contains NaN or infinite values")
     return np.ascontiguousarray(array.astype(want_dtype, copy=False))
@@ -134,9 +223,11 @@ def _fmt_shape(shape) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
 
 
-def save_data(path: str | os.PathLike, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None) -> None:
+def save_data(
+    path: str | os.PathLike, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None
+) -> None:
     """Write a data file in the layout `load_data` reads."""
-    arrays = dict(inputs)
+    arrays: dict[str, Any] = dict(inputs)  # Any: numpy's stub types the ** of savez as its flags
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
     np.savez_compressed(path, **arrays)

@@ -1,4 +1,5 @@
-"""Join a compressed graph and its sidecar back into a runnable model (the way back from `encode`)."""
+"""Join a compressed graph and its sidecar back into a runnable model (the way back from
+`encode`)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ import onnx
 from onnx import numpy_helper
 
 from . import naming
+from .encode import GRAPH_FORMAT_VERSION, READABLE_GRAPH_FORMATS, restore_derived_names
 from .errors import ModelError, SidecarError
-from .encode import FORMAT_VERSION, READABLE_VERSIONS, restore_derived_names
-from .model import load_model, save_model
+from .model import get_metadata, load_model, save_model
 from .rewrite import PACK_MAX_K, PACKED_OP, attach_functions, dequantize_model, index_dtype, pack4
 from .sidecar import IndexStream, decode_sidecar, read_sidecar
 
 
 def sidecar_path(graph_path: str | os.PathLike, graph: onnx.ModelProto) -> Path:
-    """Where the sidecar of ``graph`` (read from ``graph_path``) lives: beside it, under its recorded name."""
-    meta = {p.key: p.value for p in graph.metadata_props}
-    name = meta.get(naming.METADATA_SIDECAR)
+    """Where the sidecar of ``graph`` (read from ``graph_path``) lives: beside it, under its
+    recorded name."""
+    name = get_metadata(graph).get(naming.METADATA_SIDECAR)
     if name is None:
-        raise ModelError(f"{graph_path} is not a graph written by 'onnxhq compress' (no {naming.METADATA_SIDECAR} "
-                         "metadata); pass the .onnx file from the compress output folder")
+        raise ModelError(
+            f"{graph_path} is not a graph written by 'onnxhq compress' "
+            f"(no {naming.METADATA_SIDECAR} "
+            "metadata); pass the .onnx file from the compress output folder"
+        )
     if Path(name).name != name:
         raise ModelError(f"{graph_path}: sidecar name {name!r} must be a plain file name")
     return Path(graph_path).parent / name
@@ -32,28 +36,35 @@ def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.M
     """The runnable model: each dequantize node's index tensor made an initializer from its decoded
     stream (packed two per byte where a ``DequantizePacked4`` node reads it), the names the graph
     file leaves out restored, onnxhq's function definitions attached."""
-    version = {p.key: p.value for p in graph.metadata_props}.get(naming.METADATA_VERSION, FORMAT_VERSION)
-    if version not in READABLE_VERSIONS:
-        raise ModelError(f"the graph was written in onnxhq graph format {version}; this onnxhq reads formats "
-                         f"{', '.join(READABLE_VERSIONS)}: upgrade onnxhq")
+    graph_format(graph)
     model = onnx.ModelProto()
     model.CopyFrom(graph)
     nodes = [n for n in model.graph.node if n.domain == naming.DOMAIN]
     for node in nodes:
         if len(node.input) < 2 or len(node.output) != 1:
-            raise ModelError(f"a {node.op_type} node of domain {naming.DOMAIN} needs a codebook and an index input "
-                             f"and one output, got {len(node.input)} and {len(node.output)}; the graph is damaged")
+            raise ModelError(
+                f"a {node.op_type} node of domain {naming.DOMAIN} needs a codebook and an index "
+                f"input and one output, got {len(node.input)} and {len(node.output)}; "
+                "the graph is damaged"
+            )
         restore_derived_names(node)
     by_name = {s.name: s for s in streams}
     wanted = [node.input[1] for node in nodes]
     missing = [n for n in wanted if n not in by_name]
     if missing:
-        raise SidecarError(f"the sidecar has no stream for {missing[0]!r}; it belongs to another model")
+        raise SidecarError(
+            f"the sidecar has no stream for {missing[0]!r}; it belongs to another model"
+        )
     extra = [n for n in by_name if n not in set(wanted)]
     if extra:
-        raise SidecarError(f"the sidecar stream {extra[0]!r} matches no dequantize node of the graph")
-    declared = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input
-                if i.name in by_name}  # graph format 1 declares the index tensors as graph inputs
+        raise SidecarError(
+            f"the sidecar stream {extra[0]!r} matches no dequantize node of the graph"
+        )
+    declared = {
+        i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
+        for i in model.graph.input
+        if i.name in by_name
+    }  # graph format 1 declares the index tensors as graph inputs
     packed_shapes = _packed_shapes(model)
     for name in wanted:
         stream = by_name[name]
@@ -62,25 +73,50 @@ def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.M
         else:
             array = stream.indices.astype(index_dtype(stream.alphabet_size))
         if name in declared and array.shape != declared[name]:
-            raise SidecarError(f"sidecar stream {name!r} gives shape {array.shape}, the graph expects {declared[name]}")
+            raise SidecarError(
+                f"sidecar stream {name!r} gives shape {array.shape}, "
+                f"the graph expects {declared[name]}"
+            )
         model.graph.initializer.append(numpy_helper.from_array(array, name))
     inputs = [i for i in model.graph.input if i.name not in by_name]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    props = [p for p in model.metadata_props if p.key not in (naming.METADATA_SIDECAR, naming.METADATA_SIDECAR_CRC)]
+    props = [
+        p
+        for p in model.metadata_props
+        if p.key not in (naming.METADATA_SIDECAR, naming.METADATA_SIDECAR_CRC)
+    ]
     del model.metadata_props[:]
     model.metadata_props.extend(props)
     attach_functions(model)
     return model
 
 
+def graph_format(graph: onnx.ModelProto) -> int:
+    """The graph format of compressed ``graph`` (its ``onnxhq.version`` metadata; graphs without
+    it are taken as the current one); ModelError unless this onnxhq reads it."""
+    recorded = get_metadata(graph).get(naming.METADATA_VERSION)
+    if recorded is None:
+        return GRAPH_FORMAT_VERSION
+    version = {str(v): v for v in READABLE_GRAPH_FORMATS}.get(recorded)
+    if version is None:
+        readable = ", ".join(str(v) for v in READABLE_GRAPH_FORMATS)
+        raise ModelError(
+            f"the graph was written in onnxhq graph format {recorded}; this onnxhq reads formats "
+            f"{readable}: upgrade onnxhq"
+        )
+    return version
+
+
 def sidecar_crc32(graph: onnx.ModelProto) -> int | None:
     """The CRC-32 of its sidecar that ``graph`` records (graph format 2), or None."""
-    recorded = {p.key: p.value for p in graph.metadata_props}.get(naming.METADATA_SIDECAR_CRC)
+    recorded = get_metadata(graph).get(naming.METADATA_SIDECAR_CRC)
     try:
         return None if recorded is None else int(recorded, 16)
     except ValueError:
-        raise ModelError(f"metadata {naming.METADATA_SIDECAR_CRC}={recorded!r} is not a hexadecimal CRC-32") from None
+        raise ModelError(
+            f"metadata {naming.METADATA_SIDECAR_CRC}={recorded!r} is not a hexadecimal CRC-32"
+        ) from None
 
 
 def _packed_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -90,17 +126,25 @@ def _packed_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     for node in model.graph.node:
         if node.domain == naming.DOMAIN and node.op_type == PACKED_OP:
             if len(node.input) != 3 or node.input[2] not in inits:
-                raise ModelError(f"node {node.name!r} ({PACKED_OP}) needs a shape initializer as its third input")
-            shapes[node.input[1]] = tuple(int(d) for d in numpy_helper.to_array(inits[node.input[2]]).reshape(-1))
+                raise ModelError(
+                    f"node {node.name!r} ({PACKED_OP}) needs a shape initializer as its third input"
+                )
+            shapes[node.input[1]] = tuple(
+                int(d) for d in numpy_helper.to_array(inits[node.input[2]]).reshape(-1)
+            )
     return shapes
 
 
 def _packed(stream: IndexStream, shape: tuple[int, ...]):
     if tuple(stream.shape) != shape:
-        raise SidecarError(f"sidecar stream {stream.name!r} has shape {stream.shape}, the graph expects {shape}")
+        raise SidecarError(
+            f"sidecar stream {stream.name!r} has shape {stream.shape}, the graph expects {shape}"
+        )
     if stream.alphabet_size > PACK_MAX_K:
-        raise SidecarError(f"sidecar stream {stream.name!r} has {stream.alphabet_size} symbols; the graph packs "
-                           f"it 4 bits per index, which holds at most {PACK_MAX_K}")
+        raise SidecarError(
+            f"sidecar stream {stream.name!r} has {stream.alphabet_size} symbols; the graph packs "
+            f"it 4 bits per index, which holds at most {PACK_MAX_K}"
+        )
     return pack4(stream.indices)
 
 
@@ -115,15 +159,16 @@ def load(path: str | os.PathLike, *, dequantize: bool = False) -> onnx.ModelProt
 
 
 def load_runnable(path: str | os.PathLike) -> onnx.ModelProto:
-    """A runnable model from either a plain .onnx or a compressed graph (decoded with its sidecar)."""
+    """A runnable model from a plain .onnx or a compressed graph (decoded with its sidecar)."""
     model = load_model(path)
-    if any(p.key == naming.METADATA_SIDECAR for p in model.metadata_props):
+    if naming.METADATA_SIDECAR in get_metadata(model):
         return join_artifacts(model, _read_streams(path, model))
     return model
 
 
 def _read_streams(graph_path, graph: onnx.ModelProto) -> list[IndexStream]:
-    """The streams of the sidecar beside compressed ``graph`` (read from ``graph_path``), checked to be its own."""
+    """The streams of the sidecar beside compressed ``graph`` (read from ``graph_path``), checked
+    to be its own."""
     streams, _ = read_sidecar(sidecar_path(graph_path, graph), crc32=sidecar_crc32(graph))
     return streams
 
@@ -135,7 +180,9 @@ def load_from_bytes(graph_bytes: bytes, sidecar_bytes: bytes) -> onnx.ModelProto
     return join_artifacts(graph, streams)
 
 
-def decode_file(path: str | os.PathLike, out: str | os.PathLike, *, dequantize: bool = False) -> int:
+def decode_file(
+    path: str | os.PathLike, out: str | os.PathLike, *, dequantize: bool = False
+) -> int:
     """Write the runnable model for compressed graph ``path`` to ``out``; returns bytes written."""
     model = load(path, dequantize=dequantize)
     onnx.checker.check_model(model, full_check=False)

@@ -2,12 +2,12 @@
 
 The compressed graph (``<stem>.onnx``) holds structure, codebooks, unquantized tensors and the
 dequantize nodes; the index tensors' values live Huffman-coded in the sidecar (``<stem>.onnxhq``),
-one symbol per weight, under the index tensor's name and with the weight's shape. The graph records
-the sidecar's file name and CRC-32 in ``metadata_props`` (``onnxhq.sidecar``,
+one symbol per weight, under the index tensor's name and with the weight's shape. The graph
+records the sidecar's file name and CRC-32 in ``metadata_props`` (``onnxhq.sidecar``,
 ``onnxhq.sidecar_crc32``), so a sidecar of another model is refused. Everything decode can derive
-is left out of the graph (graph format ``FORMAT_VERSION``, recorded as ``onnxhq.version``): the
-definitions of onnxhq's dequantize functions, the dequantize nodes' names, their index input and
-a per-weight codebook input (named after the node's output, see `naming`; left as ""), and
+is left out of the graph (graph format `GRAPH_FORMAT_VERSION`, recorded as ``onnxhq.version``):
+the definitions of onnxhq's dequantize functions, the dequantize nodes' names, their index input
+and a per-weight codebook input (named after the node's output, see `naming`; left as ""), and
 declarations of the index tensors. It stays a valid ONNX file that `onnx.checker` accepts, but it
 is a storage artifact, not meant to run as it is. `decode.join_artifacts` reverses all this.
 Format 1 (onnxhq 0.2.0) kept the node inputs and declared the index tensors as graph inputs;
@@ -17,48 +17,100 @@ decode still reads it.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
+import numpy as np
 import onnx
 
 from . import naming
-from .rewrite import detach_functions, node_codes
-from .sidecar import IndexStream, encode_sidecar
+from .coding.layout import StreamLayout
+from .errors import ConfigError
+from .model import initializer_map, set_metadata
+from .rewrite import detach_functions, index_facts, node_codes
+from .sidecar import IndexStream, encode_sidecar_with_layouts
 
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+if TYPE_CHECKING:
+    from .quantize import TensorCodes
+
+#: The graph format this onnxhq writes (the ``onnxhq.version`` metadata, written as a decimal
+#: string), and those it reads: 1 is onnxhq 0.2.0's. (The sidecar's: SIDECAR_FORMAT_VERSION.)
+GRAPH_FORMAT_VERSION: Final[int] = 2
+READABLE_GRAPH_FORMATS: Final[tuple[int, ...]] = (1, 2)
 
 
 @dataclass(frozen=True)
 class Artifacts:
-    """The serialized compressed model: graph bytes, sidecar bytes and their file names."""
+    """The serialized compressed model: graph bytes, sidecar bytes and their file names.
+
+    ``layouts`` is the size accounting of every sidecar stream, in name order (what
+    `sidecar.describe_sidecar` of ``sidecar_bytes`` gives), made while encoding.
+    """
 
     graph_name: str
     graph_bytes: bytes
     sidecar_name: str
     sidecar_bytes: bytes
+    layouts: tuple[StreamLayout, ...]
 
 
 def index_streams(model: onnx.ModelProto) -> list[IndexStream]:
-    """One stream per dequantize node's index initializer, in graph order; packed indices are unpacked
-    (the sidecar keeps one symbol per weight, of the weight's shape)."""
-    inits = {t.name: t for t in model.graph.initializer}
+    """One stream per dequantize node's index initializer, in graph order; packed indices are
+    unpacked (the sidecar keeps one symbol per weight, of the weight's shape)."""
+    inits = initializer_map(model)
     streams = []
     for node in model.graph.node:
         if node.domain != naming.DOMAIN:
             continue
         _, indices, k, _ = node_codes(node, inits)
-        streams.append(IndexStream(name=node.input[1], shape=tuple(indices.shape), alphabet_size=k, indices=indices))
+        streams.append(IndexStream(node.input[1], tuple(indices.shape), k, indices))
     return streams
 
 
-def split_artifacts(model: onnx.ModelProto, stem: str, *, original_bytes: int | None = None) -> Artifacts:
+def index_streams_of(
+    tensors: Mapping[str, TensorCodes], codebooks: Mapping[str, np.ndarray]
+) -> list[IndexStream]:
+    """The streams `index_streams` reads from ``rewrite(model, codebooks, tensors)``, straight from
+    the quantized weights, in ``tensors`` order.
+
+    Parameters
+    ----------
+    tensors : weight name -> codes with ``codebook`` (key) and ``indices`` (int array of the
+        weight's shape).
+    codebooks : key -> (k,) or (G, k) codebook; only its row length k, the alphabet, is read.
+    """
+    streams = []
+    for name, codes in tensors.items():
+        if codes.codebook not in codebooks:
+            raise ConfigError(
+                f"weight {name!r} uses codebook {codes.codebook!r}, which is not among the "
+                f"{len(codebooks)} given; pass the codebooks quantization returned with the codes"
+            )
+        k = int(np.shape(codebooks[codes.codebook])[-1])
+        indices = np.asarray(codes.indices)
+        streams.append(IndexStream(naming.index_tensor(name), indices.shape, k, indices))
+    return streams
+
+
+def split_artifacts(
+    model: onnx.ModelProto,
+    stem: str,
+    *,
+    streams: Sequence[IndexStream] | None = None,
+    original_bytes: int | None = None,
+) -> Artifacts:
     """Serialize ``model`` (output of `rewrite.rewrite`) as graph + sidecar named after ``stem``.
 
-    ``original_bytes`` (the input model's size) is recorded so `report` can give the same ratio later.
+    ``streams`` are the model's index streams when the caller holds them (`index_streams_of`);
+    without them they are read from the model (`index_streams`). ``original_bytes`` (the input
+    model's size) is recorded so `report` can give the same ratio later.
     """
     graph_name, sidecar_name = naming.artifact_names(stem)
-    streams = index_streams(model)
+    if streams is None:
+        streams = index_streams(model)
+    else:
+        _check_streams(model, streams)
     moved = {s.name for s in streams}
     graph = onnx.ModelProto()
     graph.CopyFrom(model)
@@ -68,16 +120,43 @@ def split_artifacts(model: onnx.ModelProto, stem: str, *, original_bytes: int | 
     for node in graph.graph.node:
         if node.domain == naming.DOMAIN:
             strip_derived_names(node)
-    detach_functions(graph)  # decode re-attaches onnxhq's own definitions, fixed by FORMAT_VERSION
-    sidecar = encode_sidecar(streams, metadata={"graph": graph_name})
-    set_metadata(graph, {naming.METADATA_SIDECAR: sidecar_name, naming.METADATA_VERSION: FORMAT_VERSION,
-                         naming.METADATA_SIDECAR_CRC: f"{zlib.crc32(sidecar):08x}",
-                         **({} if original_bytes is None else {naming.METADATA_ORIGINAL_BYTES: str(original_bytes)})})
-    return Artifacts(graph_name, graph.SerializeToString(), sidecar_name, sidecar)
+    detach_functions(graph)  # decode re-attaches onnxhq's own definitions, fixed by the format
+    sidecar, layouts = encode_sidecar_with_layouts(streams, metadata={"graph": graph_name})
+    metadata = {
+        naming.METADATA_SIDECAR: sidecar_name,
+        naming.METADATA_VERSION: str(GRAPH_FORMAT_VERSION),
+        naming.METADATA_SIDECAR_CRC: f"{zlib.crc32(sidecar):08x}",
+    }
+    if original_bytes is not None:
+        metadata[naming.METADATA_ORIGINAL_BYTES] = str(original_bytes)
+    set_metadata(graph, metadata)
+    return Artifacts(graph_name, graph.SerializeToString(), sidecar_name, sidecar, tuple(layouts))
+
+
+def _check_streams(model: onnx.ModelProto, streams: Sequence[IndexStream]) -> None:
+    """ConfigError unless ``streams`` have the names, shapes and alphabets of the model's index
+    tensors."""
+    inits = initializer_map(model)
+    wanted = {}
+    for node in model.graph.node:
+        if node.domain == naming.DOMAIN:
+            wanted[node.input[1]] = index_facts(node, inits)
+    given = {s.name: (s.shape, s.alphabet_size) for s in streams}
+    for name in sorted(set(wanted) | set(given)):
+        if wanted.get(name) != given.get(name):
+            raise ConfigError(
+                f"stream {name!r} is {_facts(given.get(name))}, the model's index tensor is "
+                f"{_facts(wanted.get(name))}; pass the streams of this rewritten model"
+            )
+
+
+def _facts(facts: tuple[tuple[int, ...], int] | None) -> str:
+    return "missing" if facts is None else f"of shape {facts[0]} with {facts[1]} levels"
 
 
 def strip_derived_names(node: onnx.NodeProto) -> None:
-    """Blank, in place, what `restore_derived_names` can put back: ~35 bytes each (~130 a weight)."""
+    """Blank, in place, what `restore_derived_names` can put back: ~35 bytes each (~130 a
+    weight)."""
     weight = node.output[0]
     if node.name == naming.dequantize_node(weight):
         node.name = ""
@@ -93,11 +172,3 @@ def restore_derived_names(node: onnx.NodeProto) -> None:
     node.name = node.name or naming.dequantize_node(weight)
     node.input[0] = node.input[0] or naming.codebook_tensor(weight)
     node.input[1] = node.input[1] or naming.index_tensor(weight)
-
-
-def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
-    keep = [p for p in model.metadata_props if p.key not in values]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for key, value in values.items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

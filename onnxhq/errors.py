@@ -16,7 +16,7 @@ class ModelError(OnnxhqError):
 
 
 class DataError(OnnxhqError):
-    """A data file (npz of inputs/labels, Hessian or Adam state) is missing, malformed or mismatched."""
+    """A data file (npz of inputs/labels, Hessian or Adam state) is missing, bad or mismatched."""
 
 
 class SidecarError(OnnxhqError):

@@ -30,7 +30,8 @@ def codebook_size_tensor(codebook: str) -> str:
 
 
 def shape_tensor(shape: tuple[int, ...]) -> str:
-    """Name of the int64 initializer holding a packed weight's shape (shared by weights of one shape)."""
+    """Name of the int64 initializer holding a packed weight's shape (shared by weights of one
+    shape)."""
     return "onnxhq.shape." + "x".join(str(d) for d in shape)
 
 

@@ -1,46 +1,41 @@
 """``compress``: the whole pipeline from an ONNX model to its graph + sidecar artifacts.
 
-load -> pick weights -> hessian -> quantize -> rewrite -> encode -> (decode + evaluate) -> report.
+options (checked before anything is read) -> load -> pick weights -> hessian -> quantize ->
+rewrite -> (fine-tune) -> encode -> report -> (evaluate).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
-from . import hessian as hessian_mod
 from . import naming
 from ._io import atomic_write_bytes
 from .data import Dataset, load_data
 from .decode import load_from_bytes
-from .encode import Artifacts, split_artifacts
-from .errors import ConfigError, DataError
+from .encode import Artifacts, index_streams_of, split_artifacts
 from .evaluate import accuracy
-from .finetune import codebook_names, finetune_codebooks
-from .gradients import GradientEngine
-from .model import FLOAT_TYPES, initializer_map, load_model, quantizable_weights, read_initializers
-from .quantize import METHODS, SCOPES, QuantizedWeights, quantize_weights
-from .report import LayerRow, Report
+from .finetune import finetune_codebooks
+from .importances import estimate_importances, weight_names
+from .model import count_float_params, load_model, model_file_bytes, read_initializers
+from .options import CompressOptions, require_data, resolve_options
+from .quantize import QuantizedWeights, quantize_weights
+from .report import Report, layer_rows
 from .rewrite import rewrite
-from .sidecar import describe_sidecar
+from .training.graph import codebook_names
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
-#: Methods whose objective weights each error by a Hessian estimate (so they need data).
-WEIGHTED_METHODS = ("hkmeans", "uniform", "ecsq")
-#: Defaults, from the measurements in tools/RESULTS.md: at equal coded bits per weight, Hessian-
-#: weighted uniform quantization keeps more accuracy than k-means (as the paper found). 4 bits per
-#: weight (entropy of the indices) lost nothing on the dense LeNet-5 and 0.9 point on ResNet-32
-#: (0.4 with --scope layer), where 3 bits lost 12 points; lower rates want pruning and fine-tuning.
-DEFAULT_METHOD = "uniform"
-DEFAULT_TARGET_BITS = 4.0
-DEFAULT_K = 32
+StageProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -69,208 +64,180 @@ class Result:
         return paths
 
 
-def compress(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.PathLike | Dataset | None = None, *,
-             method: str = DEFAULT_METHOD, k: int | None = None, bits: float | None = None, lam: float | None = None,
-             target_bits: float | None = None, scope: str = "network", group_size: int | None = None,
-             hessian: str | Mapping[str, np.ndarray] = "fisher", hessian_samples: int = 1000,
-             adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None, include_biases: bool = False,
-             finetune_epochs: float = 0, train_data: str | os.PathLike | Dataset | None = None,
-             finetune_lr: float = 1e-4, extra_ops: tuple[str, ...] = (), output: str | None = None,
-             eval_data: str | os.PathLike | Dataset | None = None, name: str | None = None, seed: int = 0,
-             progress: Callable[[str, int, int], None] | None = None) -> Result:
+def compress(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    data: str | os.PathLike | Dataset | None = None,
+    *,
+    options: CompressOptions | None = None,
+    eval_data: str | os.PathLike | Dataset | None = None,
+    progress: StageProgress | None = None,
+    **keywords: Any,
+) -> Result:
     """Quantize ``model``'s weights with one Hessian-weighted codebook and Huffman-code the indices.
 
     Parameters
     ----------
     model : path, bytes or ModelProto of a classifier (or any model, with ``hessian="none"``).
-    data : inputs (and optional labels) for the Hessian estimate; needed by weighted methods.
-    method : one of ``kmeans`` (unweighted), ``hkmeans``, ``uniform``, ``ecsq``.
-    k, bits, lam, target_bits : the rate, at most one; default ``target_bits=4.0`` (uniform, ECSQ) or
-        ``k=32`` (k-means). ``target_bits`` is the entropy of the indices in bits per weight.
-    hessian : estimator name (see `onnxhq.hessian.METHODS`) or precomputed diagonals keyed by weight name.
-    adam_state : with ``hessian="adam"``, the Adam second moment (npz path or dict keyed by weight name).
-    include_biases : quantize the biases of the quantized layers too (same codebook scope).
-    finetune_epochs, train_data, finetune_lr : fine-tune the codebook values (indices fixed) for this
-        many epochs over labelled ``train_data`` after quantization.
+    data : inputs (and optional labels) for the Hessian estimate; needed by the weighted methods
+        when the Hessian is estimated from data.
+    options : a `CompressOptions`, or None to build one from ``keywords`` (not both).
     eval_data : labelled data; when given, both models' top-1 accuracies are measured.
+    progress : called with ``(stage, done, total)``.
+    **keywords : those of `CompressOptions.from_keywords`, the flat form of the options:
+        ``method`` (``kmeans``, ``hkmeans``, ``uniform``, ``ecsq``; default uniform);
+        ``k``, ``bits``, ``lam``, ``target_bits``: the rate, at most one; default ``target_bits=4``
+        (uniform, ECSQ) or ``k=32`` (k-means), ``target_bits`` being the entropy of the indices
+        in bits per weight; ``scope``, ``group_size``; ``hessian`` (an estimator name of
+        `onnxhq.hessian.METHODS`, an .npz path, or diagonals keyed by weight name),
+        ``hessian_samples``, ``hessian_batch_size``, ``adam_state`` (with ``hessian="adam"``);
+        ``include_biases``; ``extra_ops``; ``finetune_epochs``, ``train_data``, ``finetune_lr``
+        (fine-tune the codebook values, indices fixed); ``output`` (the class-score output);
+        ``name`` (the artifacts' stem); ``seed``.
+
+    Every option is checked before the model is read: a misconfigured call raises `OptionError`
+    at once. ``report.settings`` is ``options.to_dict()``, so
+    ``compress(model, data, options=CompressOptions.from_dict(report.settings))`` runs it again.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if scope not in SCOPES:
-        raise ConfigError(f"unknown scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    if k is None and bits is None and lam is None and target_bits is None:
-        if method in ("kmeans", "hkmeans"):
-            k = DEFAULT_K
-        else:
-            target_bits = DEFAULT_TARGET_BITS
+    options = resolve_options(options, keywords, caller="compress")
+    require_data(options, data)
     proto = load_model(model)
-    stem = name or _stem(model, proto)
-    original_bytes = _original_bytes(model, proto)
-    names = quantized_names(proto, include_biases=include_biases, extra_ops=extra_ops)
-    if not names:
-        raise ConfigError("the model has no quantizable weights (float initializers of Conv, ConvTranspose, Gemm, "
-                          "MatMul); add op types with extra_ops")
-    weights = read_initializers(proto, names)
-    flat = {n: w.astype(np.float32) for n, w in weights.items()}
-    if finetune_epochs and train_data is None:
-        raise ConfigError("codebook fine-tuning needs labelled training data: pass --train (train_data=)")
-    importances = _importances(proto, data, method, hessian, names, hessian_samples, output, seed, progress,
-                               adam_state)
-    pruned = {n: w == 0 for n, w in flat.items() if np.any(w == 0)}
-    _tell(progress, "quantize", 0, 1)
-    quantized = quantize_weights(flat, importances, scope=scope, group_size=group_size, method=method, k=k, bits=bits,
-                                 lam=lam, target_bits=target_bits, pruned=pruned or None, seed=seed)
-    _tell(progress, "quantize", 1, 1)
-    rewritten = rewrite(proto, quantized.codebooks, quantized.tensors)
-    if finetune_epochs:
-        train = train_data if isinstance(train_data, Dataset) else load_data(train_data, proto, need_labels=True)
-        rewritten = finetune_codebooks(rewritten, train, epochs=finetune_epochs, lr=finetune_lr, output=output,
-                                       seed=seed, progress=progress)
-        tuned = read_initializers(rewritten, [naming.codebook_tensor(key) for key in quantized.codebooks])
-        quantized = replace(quantized, codebooks={key: tuned[naming.codebook_tensor(key)].reshape(book.shape)
-                                                  for key, book in quantized.codebooks.items()})
-    artifacts = split_artifacts(rewritten, stem, original_bytes=original_bytes)
-    report = _report(stem, proto, rewritten, quantized, artifacts, original_bytes,
-                     settings=dict(method=method, scope=scope, k=k, bits=bits, lam=lam, target_bits=target_bits,
-                                   hessian=hessian if isinstance(hessian, str) else "supplied",
-                                   include_biases=include_biases, finetune_epochs=finetune_epochs))
+    importances = estimate_importances(proto, data, options, progress)
+    result = compress_with(model, proto, options, importances, progress=progress)
     if eval_data is not None:
         _tell(progress, "evaluate", 0, 2)
-        test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto, need_labels=True)
-        before = accuracy(proto, test, output=output)
+        test = (
+            eval_data
+            if isinstance(eval_data, Dataset)
+            else load_data(eval_data, proto, need_labels=True)
+        )
+        before = accuracy(proto, test, output=options.output)
         _tell(progress, "evaluate", 1, 2)
-        after = accuracy(load_from_bytes(artifacts.graph_bytes, artifacts.sidecar_bytes), test, output=output)
+        after = accuracy(result.model(), test, output=options.output)
         _tell(progress, "evaluate", 2, 2)
-        report = Report(**{**report.__dict__, "accuracy_original": before, "accuracy_compressed": after})
+        result.report = result.report.with_accuracy(before, after)
+    return result
+
+
+def compress_with(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    proto: onnx.ModelProto,
+    options: CompressOptions,
+    importances: Mapping[str, np.ndarray] | None,
+    *,
+    progress: StageProgress | None = None,
+) -> Result:
+    """`compress` once the model is loaded (``proto``) and its importances are known.
+
+    ``model`` is what the user passed (it names the artifacts and gives the original size).
+    """
+    names = weight_names(proto, options)
+    tune = options.finetune
+    train = None
+    if tune is not None:  # read before the slow part, so a bad file fails at once
+        train = (
+            tune.data
+            if isinstance(tune.data, Dataset)
+            else load_data(tune.data, proto, need_labels=True)
+        )
+    stem = options.name or _stem(model, proto)
+    original_bytes = _original_bytes(model, proto)
+    flat = {n: w.astype(np.float32) for n, w in read_initializers(proto, names).items()}
+    pruned = {n: w == 0 for n, w in flat.items() if np.any(w == 0)}
+    _tell(progress, "quantize", 0, 1)
+    rate = options.rate
+    assert rate is not None
+    quantized = quantize_weights(
+        flat,
+        importances,
+        scope=options.scope.kind,
+        group_size=options.scope.group_size,
+        method=options.method,
+        pruned=pruned or None,
+        seed=options.seed,
+        k=rate.k,
+        bits=rate.bits,
+        lam=rate.lam,
+        target_bits=rate.target_bits,
+    )
+    _tell(progress, "quantize", 1, 1)
+    rewritten = rewrite(proto, quantized.codebooks, quantized.tensors)
+    if tune is not None:
+        assert train is not None
+        rewritten = finetune_codebooks(
+            rewritten,
+            train,
+            epochs=tune.epochs,
+            lr=tune.lr,
+            output=options.output,
+            seed=options.seed,
+            progress=progress,
+        )
+        tuned = read_initializers(
+            rewritten, [naming.codebook_tensor(k) for k in quantized.codebooks]
+        )
+        quantized = replace(
+            quantized,
+            codebooks={
+                key: tuned[naming.codebook_tensor(key)].reshape(book.shape)
+                for key, book in quantized.codebooks.items()
+            },
+        )
+    streams = index_streams_of(quantized.tensors, quantized.codebooks)
+    artifacts = split_artifacts(rewritten, stem, streams=streams, original_bytes=original_bytes)
+    report = _report(
+        stem, proto, rewritten, quantized, artifacts, original_bytes, settings=options.to_dict()
+    )
     return Result(artifacts, quantized, report)
 
 
-def estimate_hessian(model: str | os.PathLike | bytes | onnx.ModelProto, data: str | os.PathLike | Dataset | None,
-                     *, method: str = "fisher", params: Sequence[str] | None = None, samples: int = 1000,
-                     batch_size: int | None = None, seed: int = 0,
-                     adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
-                     include_biases: bool = False, extra_ops: tuple[str, ...] = (), output: str | None = None,
-                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, np.ndarray]:
-    """The Hessian diagonal of ``model``'s weights, as `compress` estimates it.
-
-    Parameters
-    ----------
-    model : path, bytes or ModelProto of the model.
-    data : its inputs (labels too for ``empirical-fisher`` and ``hutchinson``); None for ``adam``.
-    method : an estimator of `onnxhq.hessian.METHODS` other than ``none``.
-    params : initializer names; default the tensors `compress` quantizes (`quantized_names`).
-    samples, batch_size, seed : the draws (``batch_size=None``: the estimator's default).
-    adam_state : the ``.npz`` (or mapping) of Adam's second moments, for ``method="adam"`` only.
-    output : the class-score output (default: the first of rank 2).
-    progress : called with ``("hessian", done, total)``.
-
-    Returns
-    -------
-    name -> float32 array shaped like the weight, finite and positive. With the same ``samples``
-    and ``seed``, ``compress(hessian=estimate_hessian(...))`` equals ``compress(hessian=method)``.
-    """
-    if method == "none":
-        raise ConfigError("the 'none' Hessian is no estimate (it means unweighted k-means); choose one of "
-                          + ", ".join(m for m in hessian_mod.METHODS if m != "none"))
-    if method not in hessian_mod.METHODS:
-        raise ConfigError(f"unknown Hessian method {method!r}; choose one of {', '.join(hessian_mod.METHODS)}")
-    proto = load_model(model)
-    names = list(params) if params is not None else quantized_names(proto, include_biases=include_biases,
-                                                                    extra_ops=extra_ops)
-    if not names:
-        raise ConfigError("the model has no quantizable weights (float initializers of Conv, ConvTranspose, Gemm, "
-                          "MatMul), so there is no Hessian to estimate")
-    dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
-    engine = None
-    if method not in ("adam", "gauss-newton") and dataset is not None:
-        engine = GradientEngine(proto, params=names, output=output)
-    report = None if progress is None else (lambda done, total: progress("hessian", done, total))
-    return hessian_mod.estimate(method, engine, dataset, params=names, samples=samples, batch_size=batch_size,
-                                seed=seed, progress=report, adam_state=adam_state, model=proto, output=output)
-
-
-def quantized_names(model: onnx.ModelProto, *, include_biases: bool = False, extra_ops: tuple[str, ...] = ()) -> list[str]:
-    """Initializers `compress` quantizes: the weights of `quantizable_weights`, then their biases if asked."""
-    infos = quantizable_weights(model, extra_ops=extra_ops, min_size=2)
-    return [w.name for w in infos] + (_biases(model, infos) if include_biases else [])
-
-
-def _tell(progress, stage: str, done: int, total: int) -> None:
+def _tell(progress: StageProgress | None, stage: str, done: int, total: int) -> None:
     if progress is not None:
         progress(stage, done, total)
 
 
-def _importances(proto, data, method, hessian, names, samples, output, seed, progress, adam_state):
-    if method not in WEIGHTED_METHODS:
-        return None
-    if not isinstance(hessian, str):
-        missing = [n for n in names if n not in hessian]
-        if missing:
-            raise DataError(f"the supplied Hessian has no entry for weight {missing[0]!r}")
-        for n in names:
-            if np.shape(hessian[n]) != initializer_shape(proto, n):
-                raise DataError(f"the supplied Hessian of {n!r} has shape {np.shape(hessian[n])}, "
-                                f"the weight {initializer_shape(proto, n)}")
-        return {n: np.asarray(hessian[n], np.float32) for n in names}
-    if hessian == "none":
-        return None
-    if hessian == "adam" and adam_state is None:
-        raise ConfigError("the 'adam' Hessian needs the Adam second moment of training: pass --adam-state FILE.npz")
-    if hessian != "adam" and data is None:
-        raise ConfigError(f"method {method!r} weights errors by a Hessian estimate and needs data: pass --data "
-                          "(model inputs), a precomputed --hessian file, or use --method kmeans")
-    return estimate_hessian(proto, data, method=hessian, params=names, samples=samples, seed=seed,
-                            adam_state=adam_state, output=output, progress=progress)
-
-
-def initializer_shape(proto, name) -> tuple[int, ...]:
-    return tuple(int(d) for d in initializer_map(proto)[name].dims)
-
-
-def _biases(proto, infos) -> list[str]:
-    """Float initializers feeding the bias input (position 2) of the nodes that use the weights."""
-    inits = initializer_map(proto)
-    weight_names = {w.name for w in infos}
-    out = []
-    for node in proto.graph.node:
-        if len(node.input) > 2 and node.input[1] in weight_names and node.input[2] in inits:
-            if node.input[2] not in out and node.input[2] not in weight_names:
-                out.append(node.input[2])
-    return out
-
-
-def _stem(model, proto) -> str:
+def _stem(model, proto: onnx.ModelProto) -> str:
     if isinstance(model, (str, os.PathLike)):
         return Path(model).stem
     return proto.graph.name or "model"
 
 
-def _original_bytes(model, proto) -> int:
+def _original_bytes(model, proto: onnx.ModelProto) -> int:
     """Size of the input: the .onnx file plus its external data files, or the serialized proto."""
     if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        raw = onnx.load(str(path), load_external_data=False)
-        locations = {e.value for t in raw.graph.initializer for e in t.external_data if e.key == "location"}
-        return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+        return model_file_bytes(model)
     if isinstance(model, (bytes, bytearray)):
         return len(model)
     return proto.ByteSize()
 
 
-def _report(stem, proto, rewritten, quantized, artifacts, original_bytes, *, settings) -> Report:
-    layouts = {s.name: s for s in describe_sidecar(artifacts.sidecar_bytes)}
-    rows = []
-    for name, codes in quantized.tensors.items():
-        lay = layouts[naming.index_tensor(name)]
-        rows.append(LayerRow(name=name, params=int(codes.indices.size), clusters=int(np.unique(codes.indices).size),
-                             coded_bytes=lay.payload_bytes + lay.table_bytes,
-                             bits_per_weight=lay.coded_bits_per_weight, entropy_bits=lay.entropy_bits))
+def _report(
+    stem: str,
+    proto: onnx.ModelProto,
+    rewritten: onnx.ModelProto,
+    quantized: QuantizedWeights,
+    artifacts: Artifacts,
+    original_bytes: int,
+    *,
+    settings: dict[str, Any],
+) -> Report:
+    indices = {n: codes.indices for n, codes in quantized.tensors.items()}
+    rows = layer_rows(indices, artifacts.layouts)  # the sizes encoding measured
     # What the graph stores: codebooks in the weights' dtype (float16 models keep float16 ones).
-    codebook_bytes = sum(a.nbytes for a in read_initializers(rewritten, codebook_names(rewritten)).values())
-    quantized_names = set(quantized.tensors)
-    unquantized = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
-                      if t.name not in quantized_names and t.data_type in FLOAT_TYPES)
-    files = {artifacts.graph_name: len(artifacts.graph_bytes), artifacts.sidecar_name: len(artifacts.sidecar_bytes)}
-    return Report(model=stem, original_bytes=original_bytes, files=files, layers=tuple(rows),
-                  codebook_bytes=codebook_bytes, unquantized_params=unquantized,
-                  graph_bytes=len(artifacts.graph_bytes), sidecar_bytes=len(artifacts.sidecar_bytes), settings=settings)
+    codebook_bytes = sum(
+        a.nbytes for a in read_initializers(rewritten, codebook_names(rewritten)).values()
+    )
+    files = {
+        artifacts.graph_name: len(artifacts.graph_bytes),
+        artifacts.sidecar_name: len(artifacts.sidecar_bytes),
+    }
+    return Report(
+        model=stem,
+        original_bytes=original_bytes,
+        files=files,
+        layers=rows,
+        codebook_bytes=codebook_bytes,
+        unquantized_params=count_float_params(proto, exclude=set(quantized.tensors)),
+        graph_bytes=len(artifacts.graph_bytes),
+        sidecar_bytes=len(artifacts.sidecar_bytes),
+        settings=settings,
+    )

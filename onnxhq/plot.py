@@ -14,12 +14,15 @@ from .sweep import Sweep
 
 
 def require_matplotlib() -> None:
-    """Raise ConfigError saying how to install matplotlib when it is missing (call before slow work)."""
+    """Raise ConfigError saying how to install matplotlib when it is missing (call it before the
+    slow work)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ConfigError("plotting needs matplotlib, which is not installed: pip install 'onnxhq[plot]' "
-                          "(or skip the plot with --no-plot)") from None
+        raise ConfigError(
+            "plotting needs matplotlib, which is not installed: pip install 'onnxhq[plot]' (or "
+            "skip the plot with --no-plot)"
+        ) from None
 
 
 def sweep_figure_png(sweep: Sweep, *, dpi: int = 120) -> bytes:
@@ -29,20 +32,32 @@ def sweep_figure_png(sweep: Sweep, *, dpi: int = 120) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    points = sorted((p for p in sweep.points if p.report.accuracy_compressed is not None),
-                    key=lambda p: p.report.bits_per_weight)
+    points = sorted(
+        (p for p in sweep.points if p.report.accuracy_compressed is not None),
+        key=lambda p: p.report.bits_per_weight,
+    )
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs = [p.report.bits_per_weight for p in points]
-    ys = [100 * p.report.accuracy_compressed for p in points]
+    ys = [100 * (p.report.accuracy_compressed or 0.0) for p in points]  # all measured
     ax.plot(xs, ys, marker="o", color="tab:blue", label=f"{sweep.method}, {sweep.hessian} Hessian")
     for p, x, y in zip(points, xs, ys):
-        ax.annotate(f"{p.label}\n{p.report.compression_ratio:.1f}x", (x, y), textcoords="offset points",
-                    xytext=(4, -22), fontsize=7)
+        ax.annotate(
+            f"{p.label}\n{p.report.compression_ratio:.1f}x",
+            (x, y),
+            textcoords="offset points",
+            xytext=(4, -22),
+            fontsize=7,
+        )
     if sweep.accuracy_original is not None:
-        ax.axhline(100 * sweep.accuracy_original, color="gray", linestyle="--", linewidth=1,
-                   label=f"float model {sweep.accuracy_original:.2%}")
+        ax.axhline(
+            100 * sweep.accuracy_original,
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label=f"float model {sweep.accuracy_original:.2%}",
+        )
     ax.margins(x=0.12, y=0.12)  # room for the labels of the end points
     ax.set_xlabel("coded bits per weight (Huffman payload + code tables)")
     ax.set_ylabel("top-1 accuracy (%)")

@@ -1,4 +1,4 @@
-"""Progress lines on stderr for slow stages; silent under --quiet or when stderr is not a terminal."""
+"""Progress lines on stderr for slow stages; silent under --quiet or when stderr is no terminal."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ class Progress:
         self.stream = stream or sys.stderr
         self.enabled = _isatty(self.stream) if enabled is None else enabled
         self._last = 0.0
-        self._starts: dict[str, float] = {}  # per stage: interleaved stages (a sweep's) keep their clocks
+        # per stage: interleaved stages (a sweep's) keep their clocks
+        self._starts: dict[str, float] = {}
         self._width = 0  # length of the line on screen, 0 after a newline
 
     def __call__(self, stage: str, done: int, total: int) -> None:

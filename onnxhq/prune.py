@@ -1,4 +1,4 @@
-"""Pruning: zero the least important weights, then retrain the rest with the pruned ones held at zero.
+"""Pruning: zero the least important weights, then retrain the rest with the pruned ones at zero.
 
 Two criteria rank the weights:
 
@@ -16,28 +16,35 @@ each step's mask lies inside the previous one.
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from .data import Dataset
 from .errors import ConfigError, DataError
-from .gradients import GradientEngine, train
 from .hessian import fisher
 from .model import load_model, quantizable_weights, read_initializers, replace_initializers
+from .options import PRUNE_CRITERIA as CRITERIA
+from .options import PRUNE_SCOPES as SCOPES
+from .training.engine import GradientEngine
+from .training.train import Augment, Rate, cosine_lr, train
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
-CRITERIA = ("magnitude", "saliency")
-SCOPES = ("global", "layer")
 
-
-def prune_masks(weights: Mapping[str, np.ndarray], *, sparsity: float | Mapping[str, float],
-                criterion: str = "magnitude", importances: Mapping[str, np.ndarray] | None = None,
-                scope: str | None = None) -> dict[str, np.ndarray]:
+def prune_masks(
+    weights: Mapping[str, np.ndarray],
+    *,
+    sparsity: float | Mapping[str, float],
+    criterion: str = "magnitude",
+    importances: Mapping[str, np.ndarray] | None = None,
+    scope: str | None = None,
+) -> dict[str, np.ndarray]:
     """Boolean keep-masks that prune a fraction ``sparsity`` of ``weights``.
 
     Parameters
@@ -64,20 +71,28 @@ def prune_masks(weights: Mapping[str, np.ndarray], *, sparsity: float | Mapping[
     return {name: _prune_one(s, targets.get(name, 0.0)) for name, s in scores.items()}
 
 
-def apply_masks(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Copies of ``weights`` with masked-out entries set to exactly zero (unmasked names copied as is)."""
-    return {n: np.where(masks[n], w, 0).astype(w.dtype) if n in masks else np.array(w, copy=True)
-            for n, w in weights.items()}
+def apply_masks(
+    weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Copies of ``weights`` with masked-out entries exactly zero (unmasked names copied as is)."""
+    return {
+        n: np.where(masks[n], w, 0).astype(w.dtype) if n in masks else np.array(w, copy=True)
+        for n, w in weights.items()
+    }
 
 
 def sparsity_of(masks: Mapping[str, np.ndarray]) -> float:
     """Fraction of pruned entries over all masks together."""
     total = sum(m.size for m in masks.values())
-    return 0.0 if total == 0 else float(sum(m.size - np.count_nonzero(m) for m in masks.values()) / total)
+    return (
+        0.0
+        if total == 0
+        else float(sum(m.size - np.count_nonzero(m) for m in masks.values()) / total)
+    )
 
 
 def sparsity_schedule(target: float, steps: int) -> list[float]:
-    """Sparsities of ``steps`` pruning steps ending at ``target``, on the cubic ramp of Zhu & Gupta (2017).
+    """Sparsities of ``steps`` pruning steps ending at ``target``: the cubic ramp of Zhu & Gupta.
 
     ``s_t = target * (1 - (1 - t / steps) ** 3)`` prunes most in the first steps, while the network
     still has redundant weights, and little near the end.
@@ -87,13 +102,24 @@ def sparsity_schedule(target: float, steps: int) -> list[float]:
     return [target * (1.0 - (1.0 - t / steps) ** 3) for t in range(1, steps + 1)]
 
 
-def prune_model(model: str | os.PathLike | bytes | onnx.ModelProto, data: Dataset, *,
-                sparsity: float | Mapping[str, float], criterion: str = "magnitude", scope: str | None = None,
-                steps: int = 4, retrain_epochs: float = 1.0, lr: float | Callable[[float], float] = 3e-4,
-                batch_size: int = 64, hessian_samples: int = 1000, output: str | None = None, seed: int = 0,
-                augment: Callable[[dict, np.random.Generator], dict] | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """Prune ``model``'s quantizable weights to ``sparsity`` in ``steps`` steps, retraining after each.
+def prune_model(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    data: Dataset,
+    *,
+    sparsity: float | Mapping[str, float],
+    criterion: str = "magnitude",
+    scope: str | None = None,
+    steps: int = 4,
+    retrain_epochs: float = 1.0,
+    lr: Rate = 3e-4,
+    batch_size: int = 64,
+    hessian_samples: int = 1000,
+    output: str | None = None,
+    seed: int = 0,
+    augment: Augment | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Prune ``model``'s quantizable weights to ``sparsity`` in ``steps`` steps, retraining each.
 
     Parameters
     ----------
@@ -115,15 +141,24 @@ def prune_model(model: str | os.PathLike | bytes | onnx.ModelProto, data: Datase
         keep-mask for each pruned weight.
     """
     if criterion not in CRITERIA:
-        raise ConfigError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise ConfigError(
+            f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}"
+        )
     if not retrain_epochs >= 0:
         raise ConfigError(f"retrain_epochs={retrain_epochs} must be nonnegative")
+    if not callable(lr):
+        cosine_lr(lr)  # refuses a bad rate before any work
     if retrain_epochs > 0 and data.labels is None:
-        raise DataError("retraining after pruning needs labels: add an integer 'labels' array to the data")
+        raise DataError(
+            "retraining after pruning needs labels: add an integer 'labels' array to the data"
+        )
     proto = load_model(model)
     names = [w.name for w in quantizable_weights(proto)]
     if not names:
-        raise ConfigError("the model has no prunable weights (float initializers of Conv, ConvTranspose, Gemm, MatMul)")
+        raise ConfigError(
+            "the model has no prunable weights (float initializers of Conv, ConvTranspose, Gemm, "
+            "MatMul)"
+        )
     weights = read_initializers(proto, names)
     _check_targets(weights, sparsity, scope)  # fail before building the engine
     engine = GradientEngine(proto, output=output)
@@ -134,33 +169,78 @@ def prune_model(model: str | os.PathLike | bytes | onnx.ModelProto, data: Datase
         current = {n: engine.values[n] for n in names}
         importances = None
         if criterion == "saliency":
-            report = None if progress is None else (lambda done, total: progress("hessian", done, total))
-            importances = fisher(engine, data, samples=hessian_samples, seed=seed + step, progress=report)
-        masks = prune_masks(current, sparsity=target, criterion=criterion, importances=importances, scope=scope)
+            report = (
+                None if progress is None else (lambda done, total: progress("hessian", done, total))
+            )
+            importances = fisher(
+                engine, data, samples=hessian_samples, seed=seed + step, progress=report
+            )
+        masks = prune_masks(
+            current, sparsity=target, criterion=criterion, importances=importances, scope=scope
+        )
         engine.with_values(apply_masks(current, masks))
         log.info("prune step %d/%d: sparsity %.4f", step + 1, steps, sparsity_of(masks))
         if retrain_epochs > 0:
-            _retrain(engine, data, masks, step, steps, retrain_epochs=retrain_epochs, lr=lr, batch_size=batch_size,
-                     seed=seed, augment=augment, progress=progress)
+            _retrain(
+                engine,
+                data,
+                masks,
+                step,
+                steps,
+                retrain_epochs=retrain_epochs,
+                lr=lr,
+                batch_size=batch_size,
+                seed=seed,
+                augment=augment,
+                progress=progress,
+            )
     return replace_initializers(proto, engine.values), masks
 
 
-def _retrain(engine, data, masks, step, steps, *, retrain_epochs, lr, batch_size, seed, augment, progress) -> None:
+def _retrain(
+    engine: GradientEngine,
+    data: Dataset,
+    masks: dict[str, np.ndarray],
+    step: int,
+    steps: int,
+    *,
+    retrain_epochs: float,
+    lr: Rate,
+    batch_size: int,
+    seed: int,
+    augment: Augment | None,
+    progress: Callable[[str, int, int], None] | None,
+) -> None:
+    """Masked Adam retraining after pruning step ``step`` of ``steps``; sets the engine's values."""
     if callable(lr):
-        rate = lambda f: lr((step + f) / steps)  # noqa: E731
+        schedule = lr
+        rate: Callable[[float], float] = lambda f: schedule((step + f) / steps)  # noqa: E731
     else:
-        rate = lambda f: lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * f)))  # noqa: E731
-    losses = []
+        rate = cosine_lr(lr)  # a fresh cosine within each step
+    losses: list[float] = []
 
     def track(done: int, n: int, loss: float) -> None:
         losses.append(loss)
         if progress is not None:
             progress("retrain", step * n + done, steps * n)
 
-    train(engine, data.inputs, data.labels, epochs=retrain_epochs, batch_size=batch_size, lr=rate,
-          seed=seed * 1000 + step, masks=masks, augment=augment, progress=track)
-    tail = losses[-max(1, len(losses) // 10):]
-    log.info("retrained %d batches; mean loss of the last tenth %.4f", len(losses), float(np.mean(tail)))
+    assert data.labels is not None  # prune_model checks before any work
+    train(
+        engine,
+        data.inputs,
+        data.labels,
+        epochs=retrain_epochs,
+        batch_size=batch_size,
+        lr=rate,
+        seed=seed * 1000 + step,
+        masks=masks,
+        augment=augment,
+        progress=track,
+    )
+    tail = losses[-max(1, len(losses) // 10) :]
+    log.info(
+        "retrained %d batches; mean loss of the last tenth %.4f", len(losses), float(np.mean(tail))
+    )
 
 
 def _scaled(sparsity: float | Mapping[str, float], fraction: float) -> float | dict[str, float]:
@@ -169,58 +249,80 @@ def _scaled(sparsity: float | Mapping[str, float], fraction: float) -> float | d
     return sparsity * fraction
 
 
-def _check_targets(weights: Mapping[str, np.ndarray], sparsity, scope: str | None) -> tuple[str, dict[str, float]]:
+def _check_targets(
+    weights: Mapping[str, np.ndarray], sparsity, scope: str | None
+) -> tuple[str, dict[str, float]]:
     per_layer = isinstance(sparsity, Mapping)
     if scope is None:
         scope = "layer" if per_layer else "global"
     if scope not in SCOPES:
         raise ConfigError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
     if per_layer and scope == "global":
-        raise ConfigError("per-layer sparsities need scope='layer'; give one number for a global target")
+        raise ConfigError(
+            "per-layer sparsities need scope='layer'; give one number for a global target"
+        )
     targets = dict(sparsity) if per_layer else {n: sparsity for n in weights}
     unknown = [n for n in targets if n not in weights]
     if unknown:
-        raise ConfigError(f"sparsity given for {unknown[0]!r}, which is not among the weights to prune")
+        raise ConfigError(
+            f"sparsity given for {unknown[0]!r}, which is not among the weights to prune"
+        )
     for name, s in targets.items():
         if not (isinstance(s, (int, float, np.floating)) and 0.0 <= s < 1.0):
-            raise ConfigError(f"sparsity {s!r} of {name!r} is outside [0, 1); it is the fraction of weights set to zero")
+            raise ConfigError(
+                f"sparsity {s!r} of {name!r} is outside [0, 1); it is the fraction of weights set "
+                "to zero"
+            )
     return scope, {n: float(s) for n, s in targets.items()}
 
 
-def _scores(weights: Mapping[str, np.ndarray], criterion: str, importances) -> dict[str, np.ndarray]:
+def _scores(
+    weights: Mapping[str, np.ndarray], criterion: str, importances
+) -> dict[str, np.ndarray]:
     if criterion not in CRITERIA:
-        raise ConfigError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+        raise ConfigError(
+            f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}"
+        )
     if criterion == "magnitude":
         return {n: np.abs(np.asarray(w, np.float64)) for n, w in weights.items()}
     if importances is None:
-        raise ConfigError("the saliency criterion needs importances (the Hessian diagonal of every weight)")
+        raise ConfigError(
+            "the saliency criterion needs importances (the Hessian diagonal of every weight)"
+        )
     scores = {}
     for name, w in weights.items():
         if name not in importances:
             raise DataError(f"no importance given for weight {name!r}")
         h = np.asarray(importances[name], np.float64)
         if h.shape != np.shape(w):
-            raise DataError(f"the importance of {name!r} has shape {h.shape}, the weight {np.shape(w)}")
+            raise DataError(
+                f"the importance of {name!r} has shape {h.shape}, the weight {np.shape(w)}"
+            )
         if not np.all(np.isfinite(h)) or np.any(h < 0):
-            raise DataError(f"the importance of {name!r} must be finite and nonnegative (min {np.nanmin(h):.3g})")
+            raise DataError(
+                f"the importance of {name!r} must be finite and nonnegative "
+                f"(min {np.nanmin(h):.3g})"
+            )
         scores[name] = h * np.square(np.asarray(w, np.float64))
     return scores
 
 
 def _prune_one(score: np.ndarray, sparsity: float) -> np.ndarray:
-    count = int(round(sparsity * score.size))
+    count = round(sparsity * score.size)
     keep = np.ones(score.size, bool)
     keep[np.argsort(score, axis=None, kind="stable")[:count]] = False
     return keep.reshape(score.shape)
 
 
-def _prune_global(scores: Mapping[str, np.ndarray], targets: Mapping[str, float]) -> dict[str, np.ndarray]:
+def _prune_global(
+    scores: Mapping[str, np.ndarray], targets: Mapping[str, float]
+) -> dict[str, np.ndarray]:
     # one target for all weights: every entry of ``targets`` holds the same number
     sparsity = next(iter(targets.values()), 0.0)
     flat = np.concatenate([s.reshape(-1) for s in scores.values()]) if scores else np.zeros(0)
     keep = _prune_one(flat, sparsity)
     masks, start = {}, 0
     for name, s in scores.items():
-        masks[name] = keep[start:start + s.size].reshape(s.shape)
+        masks[name] = keep[start : start + s.size].reshape(s.shape)
         start += s.size
     return masks

@@ -2,9 +2,9 @@
 
 Each quantized initializer ``W`` (float, shape S, n elements) is replaced by one of
 
-    W = onnxhq.Dequantize(codebook, W.onnxhq_indices)                      indices uint8/uint16, shape S
-    W = onnxhq.DequantizePacked4(codebook, W.onnxhq_indices, shape)         indices uint8, (ceil(n/2),)
-    W = onnxhq.DequantizeGrouped(codebook, W.onnxhq_indices, k)             channel-group codebooks
+    W = onnxhq.Dequantize(codebook, W.onnxhq_indices)               indices uint8/uint16, shape S
+    W = onnxhq.DequantizePacked4(codebook, W.onnxhq_indices, shape)  indices uint8, (ceil(n/2),)
+    W = onnxhq.DequantizeGrouped(codebook, W.onnxhq_indices, k)      channel-group codebooks
 
 where ``codebook`` is a float initializer (k,) of W's dtype. Each op is a model-local function of
 standard operators (Cast, Gather, ...), so any ONNX runtime runs it; onnxruntime inlines it and
@@ -15,17 +15,18 @@ holds index 2j in its low nibble and index 2j + 1 in its high nibble (0 pads an 
 flattened logical shape is an int64 initializer ``shape``. Only the in-graph storage is packed; the
 sidecar keeps one symbol per weight (`pack4`/`unpack4` convert).
 
-**Opsets.** A function's body imports the default-domain opset the *model* imports: the ONNX checker
-accepts another version only where every body operator has the same schema at both, which Cast
-and Gather (changed at 13) do not. The model's opset is never changed; the bodies are written with
-operator forms whose signatures are the same from `MIN_OPSET` up to the newest opset (23). Packing is
-skipped below opset 10 (Slice with inputs); channel groups need opset 15 (Range, Shape slices) and
-are refused below it with the conversion to do.
+**Opsets.** A function's body imports the default-domain opset the *model* imports: the ONNX
+checker accepts another version only where every body operator has the same schema at both, which
+Cast and Gather (changed at 13) do not. The model's opset is never changed; the bodies are written
+with operator forms whose signatures are the same from `MIN_OPSET` up to the newest opset (23).
+Packing is skipped below opset 10 (Slice with inputs); channel groups need opset 15 (Range, Shape
+slices) and are refused below it with the conversion to do.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -64,7 +65,9 @@ def pack4(indices: np.ndarray) -> np.ndarray:
     """Indices in [0, 16), flattened, two per byte (low nibble first): uint8 array (ceil(n/2),)."""
     flat = np.asarray(indices).reshape(-1)
     if flat.size and (flat.min() < 0 or flat.max() > 15):
-        raise ModelError(f"4-bit packing needs indices in [0, 16), got values from {flat.min()} to {flat.max()}")
+        raise ModelError(
+            f"4-bit packing needs indices in [0, 16), got values from {flat.min()} to {flat.max()}"
+        )
     flat = flat.astype(np.uint8)
     if flat.size % 2:
         flat = np.append(flat, np.uint8(0))
@@ -76,21 +79,38 @@ def unpack4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
     n = int(np.prod(shape, dtype=np.int64))
     if packed.size != (n + 1) // 2:
-        raise ModelError(f"{packed.size} packed bytes cannot hold a tensor of shape {tuple(shape)} "
-                         f"({n} indices need {(n + 1) // 2})")
+        raise ModelError(
+            f"{packed.size} packed bytes cannot hold a tensor of shape {tuple(shape)} "
+            f"({n} indices need {(n + 1) // 2})"
+        )
     flat = np.empty(2 * packed.size, np.uint8)
     flat[0::2] = packed & 15
     flat[1::2] = packed >> 4
     return flat[:n].reshape(tuple(int(d) for d in shape))
 
 
-def _function(name: str, inputs: list[str], nodes: list[onnx.NodeProto], opset: int,
-              attributes: tuple[str, ...] = ()) -> onnx.FunctionProto:
+def _function(
+    name: str,
+    inputs: list[str],
+    nodes: list[onnx.NodeProto],
+    opset: int,
+    attributes: tuple[str, ...] = (),
+) -> onnx.FunctionProto:
     if opset < MIN_OPSET[name]:
-        raise ModelError(f"onnxhq.{name} needs default-domain opset >= {MIN_OPSET[name]}, got {opset}; convert the "
-                         f"model first (onnx.version_converter.convert_version(model, {FUNCTION_OPSET}))")
-    return helper.make_function(naming.DOMAIN, name, inputs, ["weight"], nodes, [helper.make_opsetid("", opset)],
-                                attributes=list(attributes))
+        raise ModelError(
+            f"onnxhq.{name} needs default-domain opset >= {MIN_OPSET[name]}, got {opset}; "
+            "convert the model first "
+            f"(onnx.version_converter.convert_version(model, {FUNCTION_OPSET}))"
+        )
+    return helper.make_function(
+        naming.DOMAIN,
+        name,
+        inputs,
+        ["weight"],
+        nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=list(attributes),
+    )
 
 
 def _const(output: str, value: np.ndarray) -> onnx.NodeProto:
@@ -98,7 +118,8 @@ def _const(output: str, value: np.ndarray) -> onnx.NodeProto:
 
 
 def dequantize_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
-    """``onnxhq.Dequantize(codebook (k,), indices uint S) -> codebook[indices] of shape S``; opset >= 6."""
+    """``onnxhq.Dequantize(codebook (k,), indices uint S) -> codebook[indices] of shape S``;
+    opset >= 6."""
     nodes = [
         helper.make_node("Cast", ["indices"], ["idx64"], to=TensorProto.INT64),
         helper.make_node("Gather", ["codebook", "idx64"], ["weight"], axis=0),
@@ -107,11 +128,12 @@ def dequantize_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
 
 
 def dequantize_packed4_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
-    """``onnxhq.DequantizePacked4(codebook (k,), packed uint8 (ceil(n/2),), shape int64 (r,))``; opset >= 10.
+    """``onnxhq.DequantizePacked4(codebook (k,), packed uint8 (ceil(n/2),), shape int64 (r,))``;
+    opset >= 10.
 
-    Returns ``codebook[unpack4(packed, shape)]``. No bit operators (BitShift, BitwiseAnd): a constant
-    table maps each byte value to its two nibbles, so one Gather turns the codebook into the
-    (256, 2) values of every byte and a second Gather reads the weights' pairs from it. The
+    Returns ``codebook[unpack4(packed, shape)]``. No bit operators (BitShift, BitwiseAnd): a
+    constant table maps each byte value to its two nibbles, so one Gather turns the codebook into
+    the (256, 2) values of every byte and a second Gather reads the weights' pairs from it. The
     codebook is tiled to 16k entries first, so every nibble is a valid index even when k < 16.
     Slice drops the odd padding; its inputs form (opset 10) is why packing needs opset 10 (Compress,
     valid at 9, is not constant-folded by recent onnxruntime releases).
@@ -135,13 +157,18 @@ def dequantize_packed4_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionPro
 
 
 def dequantize_grouped_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
-    """``onnxhq.DequantizeGrouped(codebook (G*k,), indices S, k) -> codebook[(row // group_size) * k + idx]``.
+    """``onnxhq.DequantizeGrouped(codebook (G*k,), indices S, k)``: the weight
+    ``codebook[(row // group_size) * k + idx]``.
 
-    Rows are axis 0 of the weight; ``k`` is an int64 scalar input, ``group_size`` an attribute. Opset >= 15.
+    Rows are axis 0 of the weight; ``k`` is an int64 scalar input, ``group_size`` an attribute.
+    Opset >= 15.
     """
     group_size = helper.make_node("Constant", [], ["gs"])
-    group_size.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name="group_size",
-                                                    type=onnx.AttributeProto.INT))
+    group_size.attribute.append(
+        onnx.AttributeProto(
+            name="value_int", ref_attr_name="group_size", type=onnx.AttributeProto.INT
+        )
+    )
     nodes = [
         helper.make_node("Constant", [], ["zero"], value_int=0),
         helper.make_node("Constant", [], ["one"], value_int=1),
@@ -165,26 +192,37 @@ def dequantize_grouped_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionPro
         helper.make_node("Gather", ["codebook", "flat_idx"], ["values"], axis=0),
         helper.make_node("Reshape", ["values", "shape"], ["weight"]),
     ]
-    return _function(GROUPED_OP, ["codebook", "indices", "k"], nodes, opset, attributes=("group_size",))
+    return _function(
+        GROUPED_OP, ["codebook", "indices", "k"], nodes, opset, attributes=("group_size",)
+    )
 
 
-_FUNCTIONS = {naming.DEQUANTIZE_OP: dequantize_function, PACKED_OP: dequantize_packed4_function,
-              GROUPED_OP: dequantize_grouped_function}
+_FUNCTIONS = {
+    naming.DEQUANTIZE_OP: dequantize_function,
+    PACKED_OP: dequantize_packed4_function,
+    GROUPED_OP: dequantize_grouped_function,
+}
 
 
-def dequantized_value(codebook: np.ndarray, indices: np.ndarray, k: int | None = None,
-                      group_size: int | None = None) -> np.ndarray:
-    """What a dequantize node computes, in numpy: ``codebook[indices]``, per row group if grouped."""
+def dequantized_value(
+    codebook: np.ndarray, indices: np.ndarray, k: int | None = None, group_size: int | None = None
+) -> np.ndarray:
+    """What a dequantize node computes, in numpy: ``codebook[indices]``, per row group if
+    grouped."""
     idx = indices.astype(np.int64)
     if group_size is None:
         return codebook[idx]
+    if k is None:
+        raise ModelError(f"grouped codebooks (group_size={group_size}) need the row length k")
     rows = np.arange(idx.shape[0]) // group_size * k
     return codebook[(idx.reshape(idx.shape[0], -1) + rows[:, None])].reshape(idx.shape)
 
 
-def node_codes(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
-               ) -> tuple[np.ndarray, np.ndarray, int, int | None]:
-    """``(codebook, logical indices, k, group_size)`` of a dequantize node whose inputs are initializers."""
+def node_codes(
+    node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
+) -> tuple[np.ndarray, np.ndarray, int, int | None]:
+    """``(codebook, logical indices, k, group_size)`` of a dequantize node whose inputs are
+    initializers."""
     book = numpy_helper.to_array(inits[node.input[0]])
     stored = numpy_helper.to_array(inits[node.input[1]])
     if node.op_type == PACKED_OP:
@@ -196,14 +234,34 @@ def node_codes(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
     return book, stored, int(book.size), None
 
 
-def rewrite(model: onnx.ModelProto, codebooks: Mapping[str, np.ndarray], tensors: Mapping[str, "TensorCodes"],
-            *, pack: bool = True) -> onnx.ModelProto:
+def index_facts(
+    node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]
+) -> tuple[tuple[int, ...], int]:
+    """``(logical shape, k)`` of a dequantize node's indices, read from the initializers' dims and
+    the small shape or k initializer, without reading (or unpacking) the indices themselves."""
+    book, stored = inits[node.input[0]], inits[node.input[1]]
+    if node.op_type == PACKED_OP:
+        shape = tuple(int(d) for d in numpy_helper.to_array(inits[node.input[2]]).reshape(-1))
+        return shape, int(np.prod(book.dims, dtype=np.int64))
+    if node.op_type == GROUPED_OP:
+        return tuple(int(d) for d in stored.dims), int(numpy_helper.to_array(inits[node.input[2]]))
+    return tuple(int(d) for d in stored.dims), int(np.prod(book.dims, dtype=np.int64))
+
+
+def rewrite(
+    model: onnx.ModelProto,
+    codebooks: Mapping[str, np.ndarray],
+    tensors: Mapping[str, TensorCodes],
+    *,
+    pack: bool = True,
+) -> onnx.ModelProto:
     """A copy of ``model`` with each weight in ``tensors`` in codebook + index form.
 
     ``codebooks``: key -> (k,) or (G, k) float values. ``tensors``: weight name -> object with
     ``codebook`` (key), ``indices`` (int array of the weight's shape) and ``group_size`` (None or
     rows per codebook row). Index tensors are initializers of the returned model; with ``pack``,
-    those of k <= 16 and at least `PACK_MIN_SIZE` elements hold two indices per byte (model opset >= 10).
+    those of k <= 16 and at least `PACK_MIN_SIZE` elements hold two indices per byte (model
+    opset >= 10).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -217,10 +275,15 @@ def rewrite(model: onnx.ModelProto, codebooks: Mapping[str, np.ndarray], tensors
             raise ModelError(f"cannot rewrite {name!r}: it is not an initializer of the model")
         weight = inits[name]
         if tuple(codes.indices.shape) != tuple(weight.dims):
-            raise ModelError(f"indices of {name!r} have shape {codes.indices.shape}, the weight {tuple(weight.dims)}")
+            raise ModelError(
+                f"indices of {name!r} have shape {codes.indices.shape}, "
+                f"the weight {tuple(weight.dims)}"
+            )
         dtype = helper.tensor_dtype_to_np_dtype(weight.data_type)
         book = np.asarray(codebooks[codes.codebook])
-        cb_name = naming.codebook_tensor(codes.codebook) + ("" if dtype == np.float32 else f".{np.dtype(dtype).name}")
+        cb_name = naming.codebook_tensor(codes.codebook) + (
+            "" if dtype == np.float32 else f".{np.dtype(dtype).name}"
+        )
         if cb_name not in new_inits:
             new_inits[cb_name] = numpy_helper.from_array(book.reshape(-1).astype(dtype), cb_name)
         node = _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits)
@@ -228,7 +291,9 @@ def rewrite(model: onnx.ModelProto, codebooks: Mapping[str, np.ndarray], tensors
         new_nodes.append(node)
     clash = sorted(set(new_inits) & (set(inits) - set(tensors)))
     if clash:
-        raise ModelError(f"the model already has an initializer named {clash[0]!r}; rename it before compressing")
+        raise ModelError(
+            f"the model already has an initializer named {clash[0]!r}; rename it before compressing"
+        )
     keep = [t for t in out.graph.initializer if t.name not in tensors]
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep + list(new_inits.values()))
@@ -240,28 +305,44 @@ def rewrite(model: onnx.ModelProto, codebooks: Mapping[str, np.ndarray], tensors
 
 
 def _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits) -> onnx.NodeProto:
-    """The node computing weight ``name``; adds its index (and shape or k) initializers to ``new_inits``."""
+    """The node computing weight ``name``; adds its index (and shape or k) initializers to
+    ``new_inits``."""
     idx_name, k, size = naming.index_tensor(name), book.shape[-1], codes.indices.size
     node_name = naming.dequantize_node(name)
     if codes.group_size is not None and book.ndim > 1:
         if opset < MIN_OPSET[GROUPED_OP]:
-            raise ModelError(f"channel-group codebooks need opset >= {MIN_OPSET[GROUPED_OP]} and the model imports "
-                             f"opset {opset}; convert it (onnx.version_converter.convert_version(model, "
-                             f"{FUNCTION_OPSET})) or use scope 'network' or 'layer'")
-        new_inits[idx_name] = numpy_helper.from_array(codes.indices.astype(index_dtype(k)), idx_name)
+            raise ModelError(
+                f"channel-group codebooks need opset >= {MIN_OPSET[GROUPED_OP]} and the model "
+                f"imports opset {opset}; convert it (onnx.version_converter.convert_version(model, "
+                f"{FUNCTION_OPSET})) or use scope 'network' or 'layer'"
+            )
+        new_inits[idx_name] = numpy_helper.from_array(
+            codes.indices.astype(index_dtype(k)), idx_name
+        )
         k_name = naming.codebook_size_tensor(cb_name)
         new_inits.setdefault(k_name, numpy_helper.from_array(np.array(k, np.int64), k_name))
-        return helper.make_node(GROUPED_OP, [cb_name, idx_name, k_name], [name], domain=naming.DOMAIN, name=node_name,
-                                group_size=int(codes.group_size))
+        return helper.make_node(
+            GROUPED_OP,
+            [cb_name, idx_name, k_name],
+            [name],
+            domain=naming.DOMAIN,
+            name=node_name,
+            group_size=int(codes.group_size),
+        )
     if pack and k <= PACK_MAX_K and size >= PACK_MIN_SIZE and opset >= MIN_OPSET[PACKED_OP]:
         shape = tuple(int(d) for d in codes.indices.shape)
         shape_name = naming.shape_tensor(shape)
         new_inits[idx_name] = numpy_helper.from_array(pack4(codes.indices), idx_name)
-        new_inits.setdefault(shape_name, numpy_helper.from_array(np.array(shape, np.int64), shape_name))
-        return helper.make_node(PACKED_OP, [cb_name, idx_name, shape_name], [name], domain=naming.DOMAIN,
-                                name=node_name)
+        new_inits.setdefault(
+            shape_name, numpy_helper.from_array(np.array(shape, np.int64), shape_name)
+        )
+        return helper.make_node(
+            PACKED_OP, [cb_name, idx_name, shape_name], [name], domain=naming.DOMAIN, name=node_name
+        )
     new_inits[idx_name] = numpy_helper.from_array(codes.indices.astype(index_dtype(k)), idx_name)
-    return helper.make_node(naming.DEQUANTIZE_OP, [cb_name, idx_name], [name], domain=naming.DOMAIN, name=node_name)
+    return helper.make_node(
+        naming.DEQUANTIZE_OP, [cb_name, idx_name], [name], domain=naming.DOMAIN, name=node_name
+    )
 
 
 def _add_functions(model: onnx.ModelProto, ops: set[str], opset: int) -> None:
@@ -306,7 +387,9 @@ def dequantize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     dq_inputs = {i for n in dq_nodes for i in n.input}
     keep = [t for t in out.graph.initializer if t.name not in dq_inputs or t.name in still_used]
     del out.graph.initializer[:]
-    out.graph.initializer.extend(keep + [numpy_helper.from_array(v, name) for name, v in values.items()])
+    out.graph.initializer.extend(
+        keep + [numpy_helper.from_array(v, name) for name, v in values.items()]
+    )
     del out.graph.node[:]
     out.graph.node.extend(others)
     functions = [f for f in out.functions if f.domain != naming.DOMAIN]

@@ -3,27 +3,39 @@
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from .errors import ModelError
 
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
 
-def make_session(model: onnx.ModelProto | bytes | str, *, threads: int = 0, optimize: bool = True):
+
+def make_session(
+    model: onnx.ModelProto | bytes | str | os.PathLike,
+    *,
+    threads: int = 0,
+    optimize: bool = True,
+) -> onnxruntime.InferenceSession:
     """An ``onnxruntime.InferenceSession`` on the CPU with quiet logging.
 
-    ``threads`` = 0 lets onnxruntime choose. Errors while loading become `ModelError`.
+    ``model`` is a ModelProto, its serialized bytes or a file path; ``threads`` = 0 lets
+    onnxruntime choose. Errors while loading become `ModelError`.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # here, not at the top: `import onnxhq` stays light
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    source = model if isinstance(model, (bytes, bytearray, str)) else model.SerializeToString()
     if isinstance(source, str) and not os.path.isfile(source):
         raise ModelError(f"model file {source} does not exist")
     try:
@@ -32,19 +44,32 @@ def make_session(model: onnx.ModelProto | bytes | str, *, threads: int = 0, opti
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip()[:300]}") from None
 
 
-def run_batched(session, inputs: Mapping[str, np.ndarray], output: str, *, batch_size: int = 500) -> np.ndarray:
-    """Run ``session`` over the sample axis in batches and concatenate ``output``."""
+def run_batched(
+    session: onnxruntime.InferenceSession,
+    inputs: Mapping[str, np.ndarray],
+    output: str,
+    *,
+    batch_size: int = 500,
+) -> np.ndarray:
+    """Run ``session`` over the sample axis in batches and concatenate ``output``.
+
+    ``inputs`` are arrays with N samples on axis 0; the result has N rows too.
+    """
     n = len(next(iter(inputs.values())))
-    parts = [session.run([output], {k: v[i:i + batch_size] for k, v in inputs.items()})[0]
-             for i in range(0, n, batch_size)]
+    parts = [
+        session.run([output], {k: v[i : i + batch_size] for k, v in inputs.items()})[0]
+        for i in range(0, n, batch_size)
+    ]
     return np.concatenate(parts, axis=0)
 
 
-def compressed_session(path: str | os.PathLike, *, threads: int = 0):
-    """An ``onnxruntime.InferenceSession`` on a compressed graph (sidecar beside it) or a plain model.
+def compressed_session(
+    path: str | os.PathLike, *, threads: int = 0
+) -> onnxruntime.InferenceSession:
+    """An ``onnxruntime.InferenceSession`` on a compressed graph (sidecar beside it) or a model.
 
     Exposed as ``onnxhq.InferenceSession``.
     """
-    from .decode import load_runnable
+    from .decode import load_runnable  # here: decode loads onnx, which this module does not need
 
     return make_session(load_runnable(path), threads=threads)

@@ -1,28 +1,27 @@
 """Rate-accuracy sweeps: one Hessian estimate, many compressions, size against accuracy.
 
-`onnxhq.pipeline.estimate_hessian` computes the importances `compress` would compute, so they can be saved
-(``onnxhq hessian``) or shared: `sweep` estimates once and compresses the model at every rate
-with the same diagonal, so its points differ only in the rate.
+`sweep` checks every point's options first, estimates the importances once and compresses the
+model at every rate with them, so its points differ only in the rate. Each point's report keeps
+its full settings (`CompressOptions.to_dict`), so any point can be compressed again alone.
+This module is light (no numpy or onnx at import): the pipeline loads on first use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
-from .report import Report
+from .options import RATES, CompressOptions, OptionError, Rate, require_data, resolve_options
 
 if TYPE_CHECKING:  # the heavy modules load on first use (see onnxhq/__init__.py)
-    import numpy as np
-
     from .data import Dataset
+    from .report import Report
 
 log = logging.getLogger(__name__)
 
-#: Rate settings a sweep can vary, as `compress` keywords.
 StageProgress = Callable[[str, int, int], None]
 
 
@@ -36,7 +35,7 @@ class SweepPoint:
 
     @property
     def label(self) -> str:
-        return _label(self.rate, self.value)
+        return Rate.named(self.rate, self.value).label()
 
 
 @dataclass(frozen=True)
@@ -53,48 +52,58 @@ class Sweep:
     def to_dict(self) -> dict:
         """The JSON of ``sweep.json``: settings, the float model, and one entry per point."""
         return {
-            "model": self.model, "method": self.method, "hessian": self.hessian,
-            "original_bytes": self.original_bytes, "accuracy_original": self.accuracy_original,
-            "points": [{
-                "rate": p.rate, "value": p.value, "bits_per_weight": p.report.bits_per_weight,
-                "compressed_bytes": p.report.compressed_bytes, "compression_ratio": p.report.compression_ratio,
-                "accuracy": p.report.accuracy_compressed, "report": p.report.to_dict(),
-            } for p in self.points],
+            "model": self.model,
+            "method": self.method,
+            "hessian": self.hessian,
+            "original_bytes": self.original_bytes,
+            "accuracy_original": self.accuracy_original,
+            "points": [
+                {
+                    "rate": p.rate,
+                    "value": p.value,
+                    "bits_per_weight": p.report.bits_per_weight,
+                    "compressed_bytes": p.report.compressed_bytes,
+                    "compression_ratio": p.report.compression_ratio,
+                    "accuracy": p.report.accuracy_compressed,
+                    "report": p.report.to_dict(),
+                }
+                for p in self.points
+            ],
         }
 
     def to_text(self) -> str:
         """The rate-accuracy table, for a terminal."""
-        acc = "" if self.accuracy_original is None else f", accuracy {self.accuracy_original:.2%}"
-        lines = [f"{self.model}: method {self.method}, {self.hessian} Hessian; original {self.original_bytes:,} "
-                 f"bytes{acc}",
-                 f"{'setting':<14} {'bits/w':>7} {'bytes':>10} {'ratio':>7} {'accuracy':>9} {'change':>8}"]
-        for p in self.points:
-            r = p.report
-            accuracy = "" if r.accuracy_compressed is None else f"{r.accuracy_compressed:.2%}"
-            change = ""
-            if r.accuracy_compressed is not None and self.accuracy_original is not None:
-                change = f"{100 * (r.accuracy_compressed - self.accuracy_original):+.2f}"
-            lines.append(f"{p.label:<14} {r.bits_per_weight:>7.3f} {r.compressed_bytes:>10,} "
-                         f"{r.compression_ratio:>6.2f}x {accuracy:>9} {change:>8}")
-        return "\n".join(lines)
+        from .text import sweep_table
+
+        return sweep_table(self)
 
 
-def sweep(model: str | os.PathLike, data: str | os.PathLike | Dataset | None, *,
-          eval_data: str | os.PathLike | Dataset, k: Sequence[int] = (), lam: Sequence[float] = (),
-          target_bits: Sequence[float] = (), method: str = "uniform", scope: str = "network",
-          hessian: str | Mapping[str, np.ndarray] = "fisher", hessian_samples: int = 1000,
-          output: str | None = None, seed: int = 0, progress: StageProgress | None = None) -> Sweep:
+def sweep(
+    model: str | os.PathLike,
+    data: str | os.PathLike | Dataset | None,
+    *,
+    eval_data: str | os.PathLike | Dataset,
+    rates: Sequence[Rate] = (),
+    k: Sequence[int] = (),
+    bits: Sequence[int] = (),
+    lam: Sequence[float] = (),
+    target_bits: Sequence[float] = (),
+    options: CompressOptions | None = None,
+    progress: StageProgress | None = None,
+    **keywords: Any,
+) -> Sweep:
     """Compress ``model`` at each rate of one list and measure size and accuracy; the Hessian once.
 
     Parameters
     ----------
     model : path of the model (its file size is the original size).
-    data : inputs for the Hessian estimate; may be None for ``method="kmeans"``, ``hessian="none"``
-        or a precomputed ``hessian`` mapping.
+    data : inputs for the Hessian estimate; may be None for ``method="kmeans"``,
+        ``hessian="none"`` or precomputed diagonals.
     eval_data : labelled data; the float model and every point are evaluated on it.
-    k, lam, target_bits : exactly one non-empty list: cluster counts, ECSQ rate weights, or target
-        bits per weight.
-    method, scope, hessian, hessian_samples, output, seed : as in `compress`.
+    rates : the `Rate` of each point, all of one kind; or instead exactly one non-empty list of
+        ``k``, ``bits``, ``lam`` or ``target_bits``.
+    options : the `CompressOptions` shared by the points (their rate is replaced), or None to
+        build them from ``keywords`` (those of `compress` other than the rate).
     progress : called with ``(stage, done, total)``; the stages of a point are prefixed by its
         setting (``"k=8 quantize"``).
 
@@ -102,49 +111,90 @@ def sweep(model: str | os.PathLike, data: str | os.PathLike | Dataset | None, *,
     -------
     Sweep, with one point per rate in the order given.
     """
-    from .data import Dataset, load_data
+    points_rates = _rates(rates, k=k, bits=bits, lam=lam, target_bits=target_bits)
+    given_rates = sorted(set(keywords) & set(RATES))
+    if given_rates:
+        raise OptionError(
+            f"a sweep takes its rates as lists: {given_rates[0]}=[...]", given_rates[0]
+        )
+    base = resolve_options(
+        options,
+        {**keywords, **points_rates[0].to_dict()} if options is None else keywords,
+        caller="sweep",
+    )
+    settings = [base.with_rate(r) for r in points_rates]  # every point checked before any work
+    require_data(base, data)
+    from .data import Dataset, load_data  # the heavy modules, once the options are known good
     from .evaluate import accuracy
+    from .importances import estimate_importances
     from .model import load_model
-    from .pipeline import WEIGHTED_METHODS, compress, estimate_hessian
+    from .pipeline import compress_with
 
-    rate, values = _one_rate(k=k, lam=lam, target_bits=target_bits)
     proto = load_model(model)
-    test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto, need_labels=True)
+    test = (
+        eval_data
+        if isinstance(eval_data, Dataset)
+        else load_data(eval_data, proto, need_labels=True)
+    )
     dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
-    importances: str | Mapping[str, np.ndarray] = hessian
-    if method in WEIGHTED_METHODS and isinstance(hessian, str) and hessian != "none":
-        importances = estimate_hessian(proto, dataset, method=hessian, samples=hessian_samples, seed=seed,
-                                       output=output, progress=progress)
-    before = accuracy(proto, test, output=output)
+    importances = estimate_importances(proto, dataset, base, progress)
+    before = accuracy(proto, test, output=base.output)
     points = []
-    for i, value in enumerate(values):
-        point_progress = _prefixed(progress, _label(rate, value))
-        result = compress(model, dataset, method=method, scope=scope, hessian=importances, output=output, seed=seed,
-                          progress=point_progress, **{rate: value})
-        after = accuracy(result.model(), test, output=output)
-        points.append(SweepPoint(rate, value, result.report.with_accuracy(before, after)))
-        log.info("sweep %s: %.3f bits/weight, accuracy %.4f", points[-1].label, points[-1].report.bits_per_weight,
-                 after)
+    for i, point in enumerate(settings):
+        assert point.rate is not None
+        prefixed = _prefixed(progress, point.rate.label())
+        result = compress_with(model, proto, point, importances, progress=prefixed)
+        after = accuracy(result.model(), test, output=base.output)
+        points.append(
+            SweepPoint(
+                point.rate.name, point.rate.value, result.report.with_accuracy(before, after)
+            )
+        )
+        log.info(
+            "sweep %s: %.3f bits/weight, accuracy %.4f",
+            points[-1].label,
+            points[-1].report.bits_per_weight,
+            after,
+        )
         if progress is not None:
-            progress("sweep", i + 1, len(values))
+            progress("sweep", i + 1, len(settings))
     first = points[0].report
-    return Sweep(model=first.model, method=method, hessian=hessian if isinstance(hessian, str) else "supplied",
-                 original_bytes=first.original_bytes, accuracy_original=before, points=tuple(points))
+    assert base.hessian is not None
+    return Sweep(
+        model=first.model,
+        method=base.method,
+        hessian=base.to_dict()["hessian"],
+        original_bytes=first.original_bytes,
+        accuracy_original=before,
+        points=tuple(points),
+    )
 
 
-def _one_rate(**rates: Sequence[float]) -> tuple[str, list[float]]:
-    given = {name: list(values) for name, values in rates.items() if values is not None and len(values)}
-    if len(given) != 1:
-        raise ConfigError(f"a sweep varies exactly one rate: give a list for one of k, lam, target_bits "
-                          f"(got {', '.join(given) or 'none'})")
-    (rate, values), = given.items()
+def _rates(rates: Sequence[Rate], **lists: Sequence[float]) -> list[Rate]:
+    """The points' rates: ``rates``, or the one non-empty list of ``lists``; one kind, distinct."""
+    given = {
+        name: list(values) for name, values in lists.items() if values is not None and len(values)
+    }
+    if rates and given:
+        raise OptionError(f"give rates= or one list of {', '.join(RATES)}, not both", *RATES)
+    if not rates:
+        if len(given) != 1:
+            raise OptionError(
+                f"a sweep varies exactly one rate: give a list for one of "
+                f"{', '.join(RATES)} (got {', '.join(given) or 'none'})",
+                *RATES,
+            )
+        ((name, values),) = given.items()
+        rates = [Rate.named(name, v) for v in values]
+    kinds = sorted({r.name for r in rates})
+    if len(kinds) != 1:
+        raise OptionError(f"a sweep varies exactly one rate; got {', '.join(kinds)}", *kinds)
+    values = [r.value for r in rates]
     if len(set(values)) != len(values):
-        raise ConfigError(f"the {rate} values {values} repeat a setting; give each once")
-    return rate, values
-
-
-def _label(rate: str, value: float) -> str:
-    return f"{'lambda' if rate == 'lam' else rate}={value:g}"
+        raise OptionError(
+            f"the {kinds[0]} values {values} repeat a setting; give each once", kinds[0]
+        )
+    return list(rates)
 
 
 def _prefixed(progress: StageProgress | None, prefix: str) -> StageProgress | None:

@@ -25,24 +25,29 @@ def small_convnet(seed: int = 0, activation: str = "Tanh", classes: int = 4) -> 
         "fc.bias": rng.normal(0, 0.1, classes).astype(np.float32),
     }
     nodes = [
-        helper.make_node("Conv", ["input", "conv.weight", "conv.bias"], ["c"], name="conv", kernel_shape=[3, 3]),
+        helper.make_node(
+            "Conv", ["input", "conv.weight", "conv.bias"], ["c"], name="conv", kernel_shape=[3, 3]
+        ),
         helper.make_node(activation, ["c"], ["a"], name="act"),
         helper.make_node("Flatten", ["a"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(nodes, "small_convnet",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 6, 6])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-                              [numpy_helper.from_array(v, k) for k, v in params.items()])
+    graph = helper.make_graph(
+        nodes,
+        "small_convnet",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 6, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(v, k) for k, v in params.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
 
 
 def with_dequantized_weights(model: onnx.ModelProto, books, tensors) -> onnx.ModelProto:
-    """``model`` with each coded weight replaced by its float values: the reference a rewritten graph
-    must compute. ``books``: key -> (k,) or (G, k); ``tensors``: name -> codes (codebook, indices,
-    group_size), as `onnxhq.rewrite.rewrite` takes them."""
+    """``model`` with each coded weight replaced by its float values: the reference a rewritten
+    graph must compute. ``books``: key -> (k,) or (G, k); ``tensors``: name -> codes (codebook,
+    indices, group_size), as `onnxhq.rewrite.rewrite` takes them."""
     from onnxhq.model import replace_initializers
     from onnxhq.rewrite import dequantized_value
 
@@ -67,7 +72,9 @@ def convnet_inputs() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def bundled_model() -> Path:
     if not BUNDLED_MODEL.is_file():
-        pytest.fail(f"{BUNDLED_MODEL} is missing: the repository ships it (tools/train_mnist.py makes it)")
+        pytest.fail(
+            f"{BUNDLED_MODEL} is missing: the repository ships it (tools/train_mnist.py makes it)"
+        )
     return BUNDLED_MODEL
 
 

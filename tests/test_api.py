@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import small_convnet
 
 import onnxhq
-from conftest import small_convnet
 from onnxhq import hessian as hessian_mod
 from onnxhq.data import Dataset
 
@@ -25,7 +25,9 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data() -> Dataset:
     rng = np.random.default_rng(3)
-    return Dataset({"input": rng.normal(size=(64, 1, 6, 6)).astype(np.float32)}, rng.integers(0, 4, 64))
+    return Dataset(
+        {"input": rng.normal(size=(64, 1, 6, 6)).astype(np.float32)}, rng.integers(0, 4, 64)
+    )
 
 
 def test_every_public_name_resolves_and_is_documented():
@@ -33,14 +35,26 @@ def test_every_public_name_resolves_and_is_documented():
         value = getattr(onnxhq, name)
         if callable(value):
             assert value.__doc__, name
-    assert {"compress", "load", "InferenceSession", "report", "sweep", "Result", "Report", "Sweep"} <= set(onnxhq.__all__)
+    assert {
+        "compress",
+        "load",
+        "InferenceSession",
+        "report",
+        "sweep",
+        "Result",
+        "Report",
+        "Sweep",
+    } <= set(onnxhq.__all__)
 
 
 def test_import_is_light_and_report_and_sweep_stay_functions():
-    code = ("import sys, onnxhq; heavy = [m for m in ('numpy', 'onnx', 'onnxruntime', 'scipy') if m in sys.modules]; "
-            "assert not heavy, heavy; import onnxhq.pipeline, onnxhq.plot; "
-            "assert callable(onnxhq.report) and callable(onnxhq.sweep); "
-            "from onnxhq.report import Report; from onnxhq.sweep import Sweep")
+    code = (
+        "import sys, onnxhq; heavy = [m for m in ('numpy', 'onnx', 'onnxruntime', 'scipy') "
+        "if m in sys.modules]; "
+        "assert not heavy, heavy; import onnxhq.pipeline, onnxhq.plot; "
+        "assert callable(onnxhq.report) and callable(onnxhq.sweep); "
+        "from onnxhq.report import Report; from onnxhq.sweep import Sweep"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
@@ -56,7 +70,9 @@ def test_compress_save_report_load_and_run(model_path, data, tmp_path):
     assert rebuilt.compressed_bytes == result.report.compressed_bytes
 
     model = onnxhq.load(paths[0])
-    assert isinstance(model, onnx.ModelProto) and not [i for i in model.graph.input if i.name != "input"]
+    assert isinstance(model, onnx.ModelProto) and not [
+        i for i in model.graph.input if i.name != "input"
+    ]
     session = onnxhq.InferenceSession(paths[0])
     (logits,) = session.run(None, {"input": data.inputs["input"][:5]})
     assert logits.shape == (5, 4)
@@ -81,7 +97,9 @@ def test_estimate_hessian_refuses_none_and_unknown_methods(model_path, data):
 def test_sweep_estimates_once_and_orders_points_as_given(model_path, data, monkeypatch):
     calls = []
     real = hessian_mod.estimate
-    monkeypatch.setattr(hessian_mod, "estimate", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    monkeypatch.setattr(
+        hessian_mod, "estimate", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw)
+    )
     result = onnxhq.sweep(model_path, data, eval_data=data, k=[8, 2, 4], hessian_samples=32)
     assert calls == ["fisher"]
     assert [p.value for p in result.points] == [8, 2, 4]
@@ -94,16 +112,21 @@ def test_sweep_estimates_once_and_orders_points_as_given(model_path, data, monke
 
 
 def test_sweep_with_plain_kmeans_needs_no_data_and_no_hessian(model_path, data, monkeypatch):
-    monkeypatch.setattr(hessian_mod, "estimate", lambda *a, **kw: pytest.fail("no Hessian for plain k-means"))
+    monkeypatch.setattr(
+        hessian_mod, "estimate", lambda *a, **kw: pytest.fail("no Hessian for plain k-means")
+    )
     result = onnxhq.sweep(model_path, None, eval_data=data, k=[2, 4], method="kmeans")
     assert len(result.points) == 2
 
 
-@pytest.mark.parametrize("rates, match", [
-    (dict(), "exactly one rate"),
-    (dict(k=[4], lam=[0.1]), "exactly one rate"),
-    (dict(k=[4, 4]), "repeat"),
-])
+@pytest.mark.parametrize(
+    "rates, match",
+    [
+        (dict(), "exactly one rate"),
+        (dict(k=[4], lam=[0.1]), "exactly one rate"),
+        (dict(k=[4, 4]), "repeat"),
+    ],
+)
 def test_sweep_wants_one_list_of_distinct_rates(model_path, data, rates, match):
     with pytest.raises(onnxhq.ConfigError, match=match):
         onnxhq.sweep(model_path, data, eval_data=data, **rates)

@@ -33,7 +33,9 @@ def test_decoded_model_passes_the_full_checker(kmeans_result):
 
 
 def test_outputs_equal_the_quantized_reference_exactly(kmeans_result, bundled_model, sample):
-    reference = replace_initializers(load_model(bundled_model), kmeans_result.quantized.dequantize_all())
+    reference = replace_initializers(
+        load_model(bundled_model), kmeans_result.quantized.dequantize_all()
+    )
     want = make_session(reference).run(None, sample)[0]
     np.testing.assert_array_equal(make_session(kmeans_result.model()).run(None, sample)[0], want)
 
@@ -41,7 +43,9 @@ def test_outputs_equal_the_quantized_reference_exactly(kmeans_result, bundled_mo
 def test_unfolded_dequantize_nodes_compute_the_same_model(kmeans_result, bundled_model, sample):
     # Without graph optimizations the weights are computed at run time, not constant-folded, and
     # onnxruntime then uses its non-prepacked GEMM path: equal up to float32 rounding.
-    reference = replace_initializers(load_model(bundled_model), kmeans_result.quantized.dequantize_all())
+    reference = replace_initializers(
+        load_model(bundled_model), kmeans_result.quantized.dequantize_all()
+    )
     want = make_session(reference, optimize=False).run(None, sample)[0]
     got = make_session(kmeans_result.model(), optimize=False).run(None, sample)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -49,7 +53,9 @@ def test_unfolded_dequantize_nodes_compute_the_same_model(kmeans_result, bundled
 
 
 def test_reference_evaluator_agrees(kmeans_result, bundled_model, sample):
-    reference = replace_initializers(load_model(bundled_model), kmeans_result.quantized.dequantize_all())
+    reference = replace_initializers(
+        load_model(bundled_model), kmeans_result.quantized.dequantize_all()
+    )
     x = {k: v[:8] for k, v in sample.items()}
     want = ReferenceEvaluator(reference).run(None, x)[0]
     np.testing.assert_array_equal(ReferenceEvaluator(kmeans_result.model()).run(None, x)[0], want)
@@ -58,24 +64,29 @@ def test_reference_evaluator_agrees(kmeans_result, bundled_model, sample):
 def test_saved_artifacts_load_as_session(kmeans_result, tmp_path, sample):
     paths = kmeans_result.save(tmp_path)
     session = onnxhq.InferenceSession(paths[0])
-    np.testing.assert_array_equal(session.run(None, sample)[0],
-                                  make_session(kmeans_result.model()).run(None, sample)[0])
+    np.testing.assert_array_equal(
+        session.run(None, sample)[0], make_session(kmeans_result.model()).run(None, sample)[0]
+    )
     plain = onnxhq.load(paths[0], dequantize=True)
     assert not plain.functions
-    np.testing.assert_array_equal(make_session(plain).run(None, sample)[0],
-                                  make_session(kmeans_result.model()).run(None, sample)[0])
+    np.testing.assert_array_equal(
+        make_session(plain).run(None, sample)[0],
+        make_session(kmeans_result.model()).run(None, sample)[0],
+    )
 
 
 def test_graph_file_leaves_out_function_bodies_and_decode_restores_them(kmeans_result):
     graph = onnx.load_from_string(kmeans_result.artifacts.graph_bytes)
     assert not graph.functions and any(n.domain == "onnxhq" for n in graph.graph.node)
     decoded = kmeans_result.model()
-    assert {f.name for f in decoded.functions} == {n.op_type for n in decoded.graph.node if n.domain == "onnxhq"}
+    assert {f.name for f in decoded.functions} == {
+        n.op_type for n in decoded.graph.node if n.domain == "onnxhq"
+    }
 
 
 def test_a_newer_graph_format_is_refused(kmeans_result):
     from onnxhq.decode import load_from_bytes
-    from onnxhq.encode import set_metadata
+    from onnxhq.model import set_metadata
 
     graph = onnx.load_from_string(kmeans_result.artifacts.graph_bytes)
     set_metadata(graph, {"onnxhq.version": "99"})

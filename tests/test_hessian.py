@@ -9,22 +9,17 @@ is checked against onnxruntime's logits and against finite differences of the en
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from conftest import small_convnet
 from onnx import helper, numpy_helper
 
 from onnxhq import hessian
 from onnxhq.data import Dataset
 from onnxhq.errors import ConfigError, DataError, ModelError, NumericalError
-from onnxhq.gradients import GradientEngine
-from onnxhq.hessian_gn import ProjectionEngine
-from onnxhq.hessian_io import hessian_bytes, load_hessian, save_hessian
-
-from conftest import small_convnet
+from onnxhq.training.engine import GradientEngine, ProjectionEngine
 
 ORDER = ("w1", "b1", "w2", "b2")
 MLP = """
@@ -37,10 +32,16 @@ mlp (float[N, 8] input) => (float[N, 5] logits) {
 """
 
 
-def make_mlp(seed: int = 0, text: str = MLP, **override: np.ndarray) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def make_mlp(
+    seed: int = 0, text: str = MLP, **override: np.ndarray
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    params = {"w1": rng.normal(0, 0.5, (16, 8)), "b1": rng.normal(0, 0.2, 16),
-              "w2": rng.normal(0, 0.6, (5, 16)), "b2": rng.normal(0, 0.2, 5)}
+    params = {
+        "w1": rng.normal(0, 0.5, (16, 8)),
+        "b1": rng.normal(0, 0.2, 16),
+        "w2": rng.normal(0, 0.6, (5, 16)),
+        "b2": rng.normal(0, 0.2, 5),
+    }
     params = {k: np.asarray(override.get(k, v), np.float32) for k, v in params.items()}
     model = onnx.parser.parse_model(text)
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in params.items())
@@ -48,7 +49,7 @@ def make_mlp(seed: int = 0, text: str = MLP, **override: np.ndarray) -> tuple[on
 
 
 def reference(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
-    """Exact diagonals (flattened in ORDER) and logits of the MLP on inputs x (N, 8), labels y (N,)."""
+    """Exact diagonals (flattened in ORDER) and logits of the MLP on x (N, 8), labels y (N,)."""
     x = x.astype(np.float64)
     n, classes, hidden = len(x), 5, 16
     h = np.tanh(x @ p["w1"].T + p["b1"])
@@ -58,18 +59,36 @@ def reference(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[st
     d1, d2 = 1 - h**2, -2 * h * (1 - h**2)  # tanh' and tanh''
     jw2 = np.zeros((n, classes, classes, hidden))
     jw2[:, np.arange(classes), np.arange(classes), :] = h[:, None, :]
-    jac = np.concatenate([  # J[n, k, i] = d z_k / d w_i
-        (p["w2"][None, :, :, None] * d1[:, None, :, None] * x[:, None, None, :]).reshape(n, classes, -1),
-        p["w2"][None] * d1[:, None, :], jw2.reshape(n, classes, -1), np.broadcast_to(np.eye(classes), (n, classes, classes))],
-        axis=2)
-    second = np.concatenate([  # d2 z_k / d w_i^2; zero for the output layer
-        (p["w2"][None, :, :, None] * d2[:, None, :, None] * x[:, None, None, :] ** 2).reshape(n, classes, -1),
-        p["w2"][None] * d2[:, None, :], np.zeros((n, classes, classes * hidden + classes))], axis=2)
+    jac = np.concatenate(
+        [  # J[n, k, i] = d z_k / d w_i
+            (p["w2"][None, :, :, None] * d1[:, None, :, None] * x[:, None, None, :]).reshape(
+                n, classes, -1
+            ),
+            p["w2"][None] * d1[:, None, :],
+            jw2.reshape(n, classes, -1),
+            np.broadcast_to(np.eye(classes), (n, classes, classes)),
+        ],
+        axis=2,
+    )
+    second = np.concatenate(
+        [  # d2 z_k / d w_i^2; zero for the output layer
+            (p["w2"][None, :, :, None] * d2[:, None, :, None] * x[:, None, None, :] ** 2).reshape(
+                n, classes, -1
+            ),
+            p["w2"][None] * d2[:, None, :],
+            np.zeros((n, classes, classes * hidden + classes)),
+        ],
+        axis=2,
+    )
     residual = prob - np.eye(classes)[y]
     fisher = (prob[:, :, None] * jac**2).sum(1) - (prob[:, :, None] * jac).sum(1) ** 2
-    return {"logits": z, "fisher": fisher.mean(0), "gn": (jac**2).sum(1).mean(0),
-            "hessian": fisher.mean(0) + (residual[:, :, None] * second).sum(1).mean(0),
-            "empirical": ((residual[:, :, None] * jac).sum(1) ** 2).mean(0)}
+    return {
+        "logits": z,
+        "fisher": fisher.mean(0),
+        "gn": (jac**2).sum(1).mean(0),
+        "hessian": fisher.mean(0) + (residual[:, :, None] * second).sum(1).mean(0),
+        "empirical": ((residual[:, :, None] * jac).sum(1) ** 2).mean(0),
+    }
 
 
 def flat(diag: dict[str, np.ndarray]) -> np.ndarray:
@@ -94,7 +113,8 @@ def engine(mlp):
     return GradientEngine(mlp[0])
 
 
-# --- the reference is right -------------------------------------------------------------------------
+# --- the reference is right -----------------------------------------------------------------------
+
 
 def test_reference_logits_match_onnxruntime(mlp, engine):
     _, _, data, ref = mlp
@@ -112,16 +132,23 @@ def test_reference_hessian_equals_finite_differences_of_engine_gradients(mlp, en
             _, g_plus = engine.loss_and_gradients(data.inputs, data.labels, {name: plus})
             _, g_minus = engine.loss_and_gradients(data.inputs, data.labels, {name: minus})
             fd.append((float(g_plus[name][index]) - float(g_minus[name][index])) / (2 * step))
-    np.testing.assert_allclose(fd, ref["hessian"], rtol=1e-2, atol=1e-4 * np.abs(ref["hessian"]).max())
-    assert (ref["hessian"] < 0).any(), "the MLP should have some negative curvature for hutchinson's clipping"
+    np.testing.assert_allclose(
+        fd, ref["hessian"], rtol=1e-2, atol=1e-4 * np.abs(ref["hessian"]).max()
+    )
+    assert (ref["hessian"] < 0).any(), (
+        "the MLP should have some negative curvature for hutchinson's clipping"
+    )
 
 
-# --- estimators converge to their exact targets ------------------------------------------------------
+# --- estimators converge to their exact targets ---------------------------------------------------
+
 
 def test_fisher_converges_to_the_exact_fisher(mlp, engine):
     _, _, data, ref = mlp
     few = rel_error(hessian.fisher(engine, data, samples=256, batch_size=8, seed=3), ref["fisher"])
-    many = rel_error(hessian.fisher(engine, data, samples=16384, batch_size=8, seed=3), ref["fisher"])
+    many = rel_error(
+        hessian.fisher(engine, data, samples=16384, batch_size=8, seed=3), ref["fisher"]
+    )
     assert many < 0.06
     assert many < few / 3
 
@@ -142,7 +169,9 @@ def test_gauss_newton_converges_to_the_exact_jtj(mlp):
     model, _, data, ref = mlp
     view = ProjectionEngine(model)
     few = rel_error(hessian.gauss_newton(view, data, samples=256, batch_size=8, seed=3), ref["gn"])
-    many = rel_error(hessian.gauss_newton(view, data, samples=16384, batch_size=8, seed=3), ref["gn"])
+    many = rel_error(
+        hessian.gauss_newton(view, data, samples=16384, batch_size=8, seed=3), ref["gn"]
+    )
     assert many < 0.06
     assert many < few / 3
 
@@ -150,8 +179,12 @@ def test_gauss_newton_converges_to_the_exact_jtj(mlp):
 def test_hutchinson_converges_to_the_clipped_exact_hessian(mlp, engine):
     _, _, data, ref = mlp
     target = np.maximum(ref["hessian"], 0)
-    few = rel_error(hessian.hutchinson(engine, data, samples=64 * 16, batch_size=64, seed=3), target)
-    many = rel_error(hessian.hutchinson(engine, data, samples=64 * 2048, batch_size=64, seed=3), target)
+    few = rel_error(
+        hessian.hutchinson(engine, data, samples=64 * 16, batch_size=64, seed=3), target
+    )
+    many = rel_error(
+        hessian.hutchinson(engine, data, samples=64 * 2048, batch_size=64, seed=3), target
+    )
     assert many < 0.1
     assert many < few / 3
 
@@ -160,7 +193,9 @@ def test_empirical_fisher_is_the_mean_of_squared_per_sample_gradients(mlp, engin
     _, _, data, ref = mlp
     by_hand = {k: 0.0 for k in ORDER}
     for i in range(len(data)):
-        _, g = engine.loss_and_gradients({"input": data.inputs["input"][i:i + 1]}, data.labels[i:i + 1])
+        _, g = engine.loss_and_gradients(
+            {"input": data.inputs["input"][i : i + 1]}, data.labels[i : i + 1]
+        )
         by_hand = {k: by_hand[k] + np.square(g[k], dtype=np.float64) / len(data) for k in ORDER}
     estimate = hessian.empirical_fisher(engine, data, samples=10_000)  # capped at the 64 samples
     np.testing.assert_allclose(flat(estimate), flat(by_hand), rtol=1e-5)
@@ -169,10 +204,17 @@ def test_empirical_fisher_is_the_mean_of_squared_per_sample_gradients(mlp, engin
 
 def test_gauss_newton_does_not_depend_on_the_output_layout(mlp):
     model, _, data, _ = mlp
-    reshaped, _ = make_mlp(text=MLP.replace("float[N, 5] logits", "float[N, 1, 5] out").replace(
-        "}", "    shape = Constant <value = int64[3] {-1, 1, 5}> ()\n    out = Reshape(logits, shape)\n}"))
+    reshaped, _ = make_mlp(
+        text=MLP.replace("float[N, 5] logits", "float[N, 1, 5] out").replace(
+            "}",
+            "    shape = Constant <value = int64[3] {-1, 1, 5}> ()\n"
+            "    out = Reshape(logits, shape)\n}",
+        )
+    )
     a = hessian.gauss_newton(ProjectionEngine(model), data, samples=256, seed=1)
-    b = hessian.gauss_newton(ProjectionEngine(reshaped, params=list(ORDER)), data, samples=256, seed=1)
+    b = hessian.gauss_newton(
+        ProjectionEngine(reshaped, params=list(ORDER)), data, samples=256, seed=1
+    )
     for k in ORDER:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5)
 
@@ -180,34 +222,57 @@ def test_gauss_newton_does_not_depend_on_the_output_layout(mlp):
 def test_gauss_newton_handles_batchnorm(convnet_inputs):
     model = small_convnet()
     rng = np.random.default_rng(0)
-    bn = {f"bn.{k}": v.astype(np.float32) for k, v in
-          dict(scale=rng.uniform(0.5, 2, 3), bias=rng.normal(size=3), mean=rng.normal(size=3),
-               var=rng.uniform(0.5, 2, 3)).items()}
+    bn = {
+        f"bn.{k}": v.astype(np.float32)
+        for k, v in dict(
+            scale=rng.uniform(0.5, 2, 3),
+            bias=rng.normal(size=3),
+            mean=rng.normal(size=3),
+            var=rng.uniform(0.5, 2, 3),
+        ).items()
+    }
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in bn.items())
     conv = model.graph.node[0]
     conv.output[0] = "c0"
-    model.graph.node.insert(1, helper.make_node("BatchNormalization", ["c0", *bn], ["c"], name="bn"))
-    diag = hessian.gauss_newton(ProjectionEngine(model), Dataset({"input": convnet_inputs[0]}), samples=64)
+    model.graph.node.insert(
+        1, helper.make_node("BatchNormalization", ["c0", *bn], ["c"], name="bn")
+    )
+    diag = hessian.gauss_newton(
+        ProjectionEngine(model), Dataset({"input": convnet_inputs[0]}), samples=64
+    )
     assert set(diag) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
 
 
-# --- adam -----------------------------------------------------------------------------------------------
+# --- adam -----------------------------------------------------------------------------------------
+
 
 def test_adam_importance_is_the_square_root_of_the_second_moment(tmp_path):
-    v = {"w": np.array([[4.0, 9.0], [0.25, 0.0]], np.float32), "b": np.array([1.0], np.float32), "extra": np.ones(3)}
+    v = {
+        "w": np.array([[4.0, 9.0], [0.25, 0.0]], np.float32),
+        "b": np.array([1.0], np.float32),
+        "extra": np.ones(3),
+    }
     np.savez(tmp_path / "adam.npz", **v)
     for source in (v, tmp_path / "adam.npz"):
         out = hessian.adam(source, {"w": (2, 2), "b": (1,)})
         assert set(out) == {"w", "b"}
-        np.testing.assert_allclose(out["w"], [[2, 3], [0.5, 3e-8]], rtol=1e-6)  # zero floored at 1e-8 * max
+        np.testing.assert_allclose(
+            out["w"], [[2, 3], [0.5, 3e-8]], rtol=1e-6
+        )  # zero floored at 1e-8 * max
 
 
-@pytest.mark.parametrize("state, message", [
-    ({"b": np.ones(1)}, "no entry for weight 'w'"),
-    ({"w": np.ones((3, 2)), "b": np.ones(1)}, r"'w' has shape \(3, 2\), the model's weight has \(2, 2\)"),
-    ({"w": -np.ones((2, 2)), "b": np.ones(1)}, "'w' has 4 negative entries"),
-    ({"w": np.full((2, 2), np.nan), "b": np.ones(1)}, "'w' has 4 non-finite entries"),
-])
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"b": np.ones(1)}, "no entry for weight 'w'"),
+        (
+            {"w": np.ones((3, 2)), "b": np.ones(1)},
+            r"'w' has shape \(3, 2\), the model's weight has \(2, 2\)",
+        ),
+        ({"w": -np.ones((2, 2)), "b": np.ones(1)}, "'w' has 4 negative entries"),
+        ({"w": np.full((2, 2), np.nan), "b": np.ones(1)}, "'w' has 4 non-finite entries"),
+    ],
+)
 def test_adam_state_that_does_not_match_is_a_data_error(state, message):
     with pytest.raises(DataError, match=message):
         hessian.adam(state, {"w": (2, 2), "b": (1,)})
@@ -216,13 +281,18 @@ def test_adam_state_that_does_not_match_is_a_data_error(state, message):
 def test_estimate_adam_checks_names_against_the_model(mlp, tmp_path):
     model = mlp[0]
     np.savez(tmp_path / "adam.npz", w1=np.ones((16, 8)), b1=np.ones(16))
-    out = hessian.estimate("adam", None, None, params=["w1"], adam_state=tmp_path / "adam.npz", model=model)
+    out = hessian.estimate(
+        "adam", None, None, params=["w1"], adam_state=tmp_path / "adam.npz", model=model
+    )
     np.testing.assert_array_equal(out["w1"], 1)
     with pytest.raises(DataError, match="no entry for weight 'w2'"):
-        hessian.estimate("adam", None, None, params=["w1", "w2"], adam_state=tmp_path / "adam.npz", model=model)
+        hessian.estimate(
+            "adam", None, None, params=["w1", "w2"], adam_state=tmp_path / "adam.npz", model=model
+        )
 
 
 # --- floors, non-finite values, outputs -----------------------------------------------------------
+
 
 def test_zero_entries_are_floored_relative_to_the_largest(mlp):
     _, params, data, _ = mlp
@@ -237,7 +307,9 @@ def test_zero_entries_are_floored_relative_to_the_largest(mlp):
 
 
 def test_non_finite_diagonal_is_a_numerical_error_naming_the_tensor():
-    with pytest.raises(NumericalError, match=r"'fc\.weight' has 1 non-finite entries \(first at index \(0, 1\)"):
+    with pytest.raises(
+        NumericalError, match=r"'fc\.weight' has 1 non-finite entries \(first at index \(0, 1\)"
+    ):
         hessian.finalize({"a": np.ones(3), "fc.weight": np.array([[1.0, np.inf]])})
     with pytest.raises(NumericalError, match="every Hessian diagonal entry is zero"):
         hessian.finalize({"a": np.zeros(3)})
@@ -251,7 +323,9 @@ def test_non_finite_gradient_is_a_numerical_error_naming_the_tensor():
             root = Sqrt(w)
             logits = MatMul(input, root)
         }""")
-    model.graph.initializer.append(numpy_helper.from_array(np.array([[0.0, 1], [1, 1]], np.float32), "w"))
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.array([[0.0, 1], [1, 1]], np.float32), "w")
+    )
     data = Dataset({"input": np.ones((4, 2), np.float32)}, np.zeros(4, np.int64))
     with pytest.raises(NumericalError, match="gradient of 'w' has"):
         hessian.fisher(GradientEngine(model), data, samples=4)
@@ -259,7 +333,9 @@ def test_non_finite_gradient_is_a_numerical_error_naming_the_tensor():
 
 def test_softmax_output_gives_the_same_fisher_as_its_logits(mlp, engine):
     _, _, data, _ = mlp
-    prob, _ = make_mlp(text=MLP.replace("logits = Gemm", "z = Gemm").replace("}", "    logits = Softmax(z)\n}"))
+    prob, _ = make_mlp(
+        text=MLP.replace("logits = Gemm", "z = Gemm").replace("}", "    logits = Softmax(z)\n}")
+    )
     a = hessian.fisher(engine, data, samples=128, seed=2)
     b = hessian.fisher(GradientEngine(prob), data, samples=128, seed=2)
     for k in ORDER:
@@ -268,32 +344,54 @@ def test_softmax_output_gives_the_same_fisher_as_its_logits(mlp, engine):
 
 def test_probabilities_without_a_softmax_node_are_refused_naming_the_output(mlp):
     _, _, data, _ = mlp
-    text = MLP.replace("=> (float[N, 5] logits)", "=> (float[N, 5] probs, float[N, 5] logits)").replace(
-        "}", "    e = Exp(logits)\n    s = ReduceSum <keepdims = 1> (e, axes)\n    probs = Div(e, s)\n}").replace(
-        "a = Gemm", "axes = Constant <value = int64[1] {1}> ()\n    a = Gemm")
+    text = (
+        MLP.replace("=> (float[N, 5] logits)", "=> (float[N, 5] probs, float[N, 5] logits)")
+        .replace(
+            "}",
+            "    e = Exp(logits)\n    s = ReduceSum <keepdims = 1> (e, axes)\n"
+            "    probs = Div(e, s)\n}",
+        )
+        .replace("a = Gemm", "axes = Constant <value = int64[1] {1}> ()\n    a = Gemm")
+    )
     model, _ = make_mlp(text=text)
-    with pytest.raises(DataError, match="output 'probs' holds probabilities.*--output-name.*gauss-newton"):
+    with pytest.raises(
+        DataError, match=r"output 'probs' holds probabilities.*--output-name.*gauss-newton"
+    ):
         hessian.estimate("fisher", GradientEngine(model), data, params=list(ORDER), samples=16)
-    named = hessian.estimate("fisher", GradientEngine(model, output="logits"), data, params=["w2"], samples=16)
+    named = hessian.estimate(
+        "fisher", GradientEngine(model, output="logits"), data, params=["w2"], samples=16
+    )
     assert set(named) == {"w2"}
 
 
 # --- estimate -------------------------------------------------------------------------------------
 
+
 def test_estimate_dispatches_and_reports_progress(mlp, engine):
-    model, _, data, _ = mlp
+    _, _, data, _ = mlp
     assert hessian.estimate("none", None, None, params=["w1"]) is None
     calls = []
     for method in ("fisher", "empirical-fisher", "hutchinson", "gauss-newton"):
-        diag = hessian.estimate(method, engine, data, params=["w1", "b2"], samples=40, seed=1,
-                                progress=lambda done, total: calls.append((done, total)))
+        diag = hessian.estimate(
+            method,
+            engine,
+            data,
+            params=["w1", "b2"],
+            samples=40,
+            seed=1,
+            progress=lambda done, total: calls.append((done, total)),
+        )
         assert set(diag) == {"w1", "b2"}
-        assert all(v.dtype == np.float32 and v.shape == engine.values[k].shape and (v > 0).all()
-                   for k, v in diag.items())
+        assert all(
+            v.dtype == np.float32 and v.shape == engine.values[k].shape and (v > 0).all()
+            for k, v in diag.items()
+        )
         assert calls[-1] == (40, 40)
     again = hessian.estimate("fisher", engine, data, params=["w1", "b2"], samples=40, seed=1)
-    np.testing.assert_array_equal(again["w1"], hessian.estimate("fisher", engine, data, params=["w1"],
-                                                                samples=40, seed=1)["w1"])
+    np.testing.assert_array_equal(
+        again["w1"],
+        hessian.estimate("fisher", engine, data, params=["w1"], samples=40, seed=1)["w1"],
+    )
 
 
 def test_estimate_refuses_bad_options(mlp, engine):
@@ -305,7 +403,9 @@ def test_estimate_refuses_bad_options(mlp, engine):
         hessian.estimate("hutchinson", engine, unlabelled, params=["w1"])
     with pytest.raises(DataError, match="'empirical-fisher' Hessian needs the true labels"):
         hessian.empirical_fisher(engine, unlabelled)
-    with pytest.raises(DataError, match=r"labels range over \[0, 7\] but the model scores 5 classes"):
+    with pytest.raises(
+        DataError, match=r"labels range over \[0, 7\] but the model scores 5 classes"
+    ):
         hessian.hutchinson(engine, Dataset(data.inputs, np.arange(64) % 8))
     with pytest.raises(ConfigError, match="rel_step applies to the 'hutchinson' Hessian only"):
         hessian.estimate("fisher", engine, data, params=["w1"], rel_step=1e-3)
@@ -315,44 +415,3 @@ def test_estimate_refuses_bad_options(mlp, engine):
         hessian.estimate("adam", engine, None, params=["w1"])
     with pytest.raises(ModelError, match="no output 'nope'"):
         hessian.estimate("gauss-newton", None, data, params=["w1"], model=mlp[0], output="nope")
-
-
-# --- Hessian files ---------------------------------------------------------------------------------
-
-def test_hessian_file_round_trips_and_is_deterministic(mlp, tmp_path):
-    model = mlp[0]
-    diag = {"w2": np.random.default_rng(0).random((5, 16)).astype(np.float32), "b1": np.ones(16, np.float32)}
-    size = save_hessian(tmp_path / "h.npz", diag)
-    assert size == os.path.getsize(tmp_path / "h.npz")
-    assert os.listdir(tmp_path) == ["h.npz"]  # no temporary file left behind
-    for reference_ in (model, {"w2": (5, 16)}):
-        back = load_hessian(tmp_path / "h.npz", reference_)
-        np.testing.assert_array_equal(back["w2"], diag["w2"])
-    assert set(load_hessian(tmp_path / "h.npz", {"w2": (5, 16)})) == {"w2"}
-    assert hessian_bytes(diag) == hessian_bytes(dict(reversed(list(diag.items()))))
-
-
-@pytest.mark.parametrize("arrays, message", [
-    ({"w9": np.ones(3)}, "entry 'w9' is not a float initializer of the model"),
-    ({"w2": np.ones((16, 5))}, r"'w2' has shape \(16, 5\), the model's weight has \(5, 16\)"),
-    ({"w2": np.full((5, 16), np.nan)}, "'w2' has 80 non-finite entries"),
-    ({"w2": -np.ones((5, 16))}, r"'w2' has 80 negative entries \(min -1\)"),
-    ({"w2": np.ones((5, 16), np.int64)}, "'w2' has dtype int64"),
-])
-def test_bad_hessian_file_is_a_data_error_naming_the_entry(mlp, tmp_path, arrays, message):
-    np.savez(tmp_path / "h.npz", **arrays)
-    with pytest.raises(DataError, match=message):
-        load_hessian(tmp_path / "h.npz", mlp[0])
-
-
-def test_unreadable_hessian_files_are_data_errors(mlp, tmp_path):
-    (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    np.save(tmp_path / "single.npy", np.ones(3))
-    np.savez(tmp_path / "pickled.npz", w2=np.array([{"a": 1}], dtype=object))
-    for name, message in [("missing.npz", "does not exist"), ("junk.npz", "not a readable .npz"),
-                          ("single.npy", "single .npy array"), ("pickled.npz", "pickled objects")]:
-        with pytest.raises(DataError, match=message):
-            load_hessian(tmp_path / name, mlp[0])
-    with pytest.raises(NumericalError, match="Hessian diagonal of 'w' has 1 negative"):
-        save_hessian(tmp_path / "bad.npz", {"w": np.array([-1.0, 1.0])})
-    assert not (tmp_path / "bad.npz").exists()

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxhq import huffdecode, huffman
+from onnxhq.coding import huffdecode, huffman
 from onnxhq.errors import ConfigError, SidecarError
+from onnxhq.numeric import entropy_bits
 
 
 def huffman_cost(counts) -> int:
@@ -39,7 +40,9 @@ def round_trip(symbols, lengths, block_size=None):
         return huffdecode.decode(payload, lengths, len(symbols))
     blocks = huffman.block_bits(symbols, lengths, block_size)
     assert blocks.sum() == n_bits
-    return huffdecode.decode(payload, lengths, len(symbols), block_size=block_size, block_bits=blocks)
+    return huffdecode.decode(
+        payload, lengths, len(symbols), block_size=block_size, block_bits=blocks
+    )
 
 
 def geometric(rng, n, k, p=0.3):
@@ -97,10 +100,14 @@ def test_lengths_respect_limit_and_kraft(counts, max_length):
 
 def test_average_length_lies_between_entropy_and_entropy_plus_one():
     rng = np.random.default_rng(0)
-    for counts in (rng.integers(1, 100, 50), np.bincount(geometric(rng, 50_000, 40)), np.array([990, 5, 5])):
+    for counts in (
+        rng.integers(1, 100, 50),
+        np.bincount(geometric(rng, 50_000, 40)),
+        np.array([990, 5, 5]),
+    ):
         lengths = huffman.code_lengths(counts)
         mean = (lengths * counts).sum() / counts.sum()
-        h = huffman.entropy_bits(counts)
+        h = entropy_bits(counts)
         assert h <= mean < h + 1
 
 
@@ -142,7 +149,9 @@ def test_round_trip(k, kind):
     rng = np.random.default_rng(k)
     n = 20_000
     x = rng.integers(0, k, size=n) if kind == "uniform" else geometric(rng, n, k)
-    lengths = huffman.code_lengths(np.bincount(x, minlength=k), max_length=max(16, (k - 1).bit_length()))
+    lengths = huffman.code_lengths(
+        np.bincount(x, minlength=k), max_length=max(16, (k - 1).bit_length())
+    )
     for block_size in (None, 1, 7, 256):
         y = round_trip(x, lengths, block_size)
         assert y.dtype == np.int32 and np.array_equal(y, x)
@@ -154,14 +163,18 @@ def test_round_trip_of_a_single_used_symbol_costs_one_bit_each(n):
     lengths = huffman.code_lengths(np.bincount(x, minlength=5))
     payload, n_bits = huffman.encode(x, lengths)
     assert n_bits == n and payload == bytes((n + 7) // 8)
-    assert np.array_equal(round_trip(x, lengths), x) and np.array_equal(round_trip(x, lengths, 4), x)
+    assert np.array_equal(round_trip(x, lengths), x) and np.array_equal(
+        round_trip(x, lengths, 4), x
+    )
 
 
 def test_round_trip_of_nothing():
     lengths = np.array([1, 1])
     assert huffman.encode(np.zeros(0, int), lengths) == (b"", 0)
     assert huffdecode.decode(b"", lengths, 0).shape == (0,)
-    assert huffdecode.decode(b"", lengths, 0, block_size=4, block_bits=np.zeros(0, int)).shape == (0,)
+    assert huffdecode.decode(b"", lengths, 0, block_size=4, block_bits=np.zeros(0, int)).shape == (
+        0,
+    )
 
 
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=2000), st.sampled_from([1, 3, 64, 256]))
@@ -217,7 +230,11 @@ def test_decode_rejects_bits_that_are_no_code_word():
 
 @pytest.mark.parametrize(
     "lengths, match",
-    [(np.array([1, 1, 1]), "Kraft"), (np.array([21, 1]), r"\[0, 20\]"), (np.array([0, 0]), "no symbol")],
+    [
+        (np.array([1, 1, 1]), "Kraft"),
+        (np.array([21, 1]), r"\[0, 20\]"),
+        (np.array([0, 0]), "no symbol"),
+    ],
 )
 def test_decode_rejects_impossible_code_lengths(lengths, match):
     with pytest.raises(SidecarError, match=match):
@@ -238,14 +255,16 @@ def test_pack_bits_round_trip(width):
     data, n_bits = huffman.pack_bits(values, width)
     assert n_bits == 37 * width
     assert len(data) == (n_bits + 7) // 8
-    assert np.array_equal(huffman.read_bits(data, width * np.arange(37), np.full(37, width)), values)
+    assert np.array_equal(
+        huffman.read_bits(data, width * np.arange(37), np.full(37, width)), values
+    )
 
 
-def test_entropy_bits():
-    assert huffman.entropy_bits([1, 1, 1, 1]) == pytest.approx(2.0)
-    assert huffman.entropy_bits([7, 0]) == 0.0
-    assert huffman.entropy_bits([]) == 0.0
-    assert huffman.entropy_bits([3, 1]) == pytest.approx(0.8112781244591328)
+def test_entropy_bits_of_the_coded_histograms():
+    assert entropy_bits([1, 1, 1, 1]) == pytest.approx(2.0)
+    assert entropy_bits([7, 0]) == 0.0
+    assert entropy_bits([]) == 0.0
+    assert entropy_bits([3, 1]) == pytest.approx(0.8112781244591328)
 
 
 def test_many_streams_decode_together_as_they_decode_alone():
@@ -253,8 +272,14 @@ def test_many_streams_decode_together_as_they_decode_alone():
     # shared lock-step loop must give each stream exactly what decoding it alone gives.
     rng = np.random.default_rng(11)
     streams, expected = [], []
-    for k, n, block_size, with_extra in [(2, 37, 32, False), (300, 5000, 64, False), (5, 0, 32, False),
-                                         (17, 2000, 256, True), (1, 9, 32, False), (64, 777, 32, True)]:
+    for k, n, block_size, with_extra in [
+        (2, 37, 32, False),
+        (300, 5000, 64, False),
+        (5, 0, 32, False),
+        (17, 2000, 256, True),
+        (1, 9, 32, False),
+        (64, 777, 32, True),
+    ]:
         symbols = np.minimum(rng.geometric(0.3, size=n) - 1, k - 1)
         lengths = huffman.code_lengths(np.bincount(symbols, minlength=k), max_length=16)
         widths = rng.integers(0, 6, size=k) if with_extra else None
@@ -265,8 +290,14 @@ def test_many_streams_decode_together_as_they_decode_alone():
         expected.append((symbols, extra))
     decoded = huffdecode.decode_many(streams)
     for (symbols, extra), coded, got in zip(expected, streams, decoded):
-        alone = huffdecode.decode(coded.payload, coded.lengths, coded.count, block_size=coded.block_size,
-                               block_bits=coded.block_bits, extra_widths=coded.extra_widths)
+        alone = huffdecode.decode(
+            coded.payload,
+            coded.lengths,
+            coded.count,
+            block_size=coded.block_size,
+            block_bits=coded.block_bits,
+            extra_widths=coded.extra_widths,
+        )
         if extra is None:
             np.testing.assert_array_equal(got, symbols)
             np.testing.assert_array_equal(alone, symbols)
@@ -278,7 +309,7 @@ def test_many_streams_decode_together_as_they_decode_alone():
 
 def test_streams_split_into_several_lock_step_groups_decode_alike(monkeypatch):
     # Positions and tables bound how many streams share one loop; past the bounds the streams are
-    # decoded in consecutive groups, with symbols and extra-bit positions numbered across all of them.
+    # decoded in consecutive groups, with symbols and extra-bit positions numbered across them all.
     rng = np.random.default_rng(5)
     streams, expected = [], []
     for k, n in [(3, 50), (40, 900), (7, 0), (2, 33), (9, 400)]:
@@ -287,7 +318,11 @@ def test_streams_split_into_several_lock_step_groups_decode_alike(monkeypatch):
         widths = rng.integers(0, 4, size=k)
         extra = rng.integers(0, 1 << widths[symbols])
         payload, _ = huffman.encode(symbols, lengths, extra, widths)
-        streams.append(huffdecode.Coded(payload, lengths, n, 32, huffman.block_bits(symbols, lengths, 32, widths), widths))
+        streams.append(
+            huffdecode.Coded(
+                payload, lengths, n, 32, huffman.block_bits(symbols, lengths, 32, widths), widths
+            )
+        )
         expected.append((symbols, extra))
     together = huffdecode.decode_many(streams)
     monkeypatch.setattr(huffdecode, "_GROUP_BYTES", 60)  # about one stream per group

@@ -1,22 +1,27 @@
-"""Pruning masks hit their sparsity exactly, rank by the right score, and retraining keeps zeros at zero."""
+"""Pruning masks hit their sparsity exactly, rank by the right score, and retraining keeps zeros
+at zero."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from conftest import small_convnet
 
 from onnxhq.data import Dataset
 from onnxhq.errors import ConfigError, DataError
-from onnxhq.gradients import GradientEngine
 from onnxhq.model import read_initializers
 from onnxhq.prune import apply_masks, prune_masks, prune_model, sparsity_of, sparsity_schedule
-
-from conftest import small_convnet
+from onnxhq.training.engine import GradientEngine
 
 
 def random_weights(seed=0):
     rng = np.random.default_rng(seed)
-    return {"a": rng.normal(0, 1.0, (6, 5)).astype(np.float32), "b": rng.normal(0, 0.1, (40,)).astype(np.float32)}
+    return {
+        "a": rng.normal(0, 1.0, (6, 5)).astype(np.float32),
+        "b": rng.normal(0, 0.1, (40,)).astype(np.float32),
+    }
 
 
 def test_global_magnitude_prunes_exactly_the_smallest():
@@ -26,7 +31,9 @@ def test_global_magnitude_prunes_exactly_the_smallest():
     kept = np.concatenate([np.abs(weights[n][masks[n]]) for n in weights])
     dropped = np.concatenate([np.abs(weights[n][~masks[n]]) for n in weights])
     assert kept.min() >= dropped.max()
-    assert masks["b"].mean() < masks["a"].mean()  # the small-scale layer loses more under one global threshold
+    assert (
+        masks["b"].mean() < masks["a"].mean()
+    )  # the small-scale layer loses more under one global threshold
 
 
 def test_layer_scope_prunes_each_tensor_to_its_own_fraction():
@@ -79,24 +86,41 @@ def test_masks_nest_when_pruning_further():
 
 def test_cubic_schedule_ends_at_the_target():
     s = sparsity_schedule(0.9, 4)
-    assert s[-1] == pytest.approx(0.9) and all(a < b for a, b in zip(s, s[1:]))
+    assert s[-1] == pytest.approx(0.9) and all(a < b for a, b in itertools.pairwise(s))
     assert s[0] > 0.9 / 4  # front-loaded
     assert sparsity_schedule(0.6, 1) == [0.6]
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(sparsity=1.0), ConfigError, r"sparsity 1.0 of 'a' is outside \[0, 1\)"),
-    (dict(sparsity=-0.1), ConfigError, "outside"),
-    (dict(sparsity={"nope": 0.5}), ConfigError, "'nope'"),
-    (dict(sparsity={"a": 0.5}, scope="global"), ConfigError, "scope='layer'"),
-    (dict(sparsity=0.5, scope="row"), ConfigError, "'row'"),
-    (dict(sparsity=0.5, criterion="random"), ConfigError, "'random'"),
-    (dict(sparsity=0.5, criterion="saliency"), ConfigError, "needs importances"),
-    (dict(sparsity=0.5, criterion="saliency", importances={"a": np.ones((6, 5)), "b": np.ones(3)}), DataError,
-     r"'b' has shape \(3,\)"),
-    (dict(sparsity=0.5, criterion="saliency", importances={"a": -np.ones((6, 5)), "b": np.ones(40)}), DataError,
-     "nonnegative"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(sparsity=1.0), ConfigError, r"sparsity 1.0 of 'a' is outside \[0, 1\)"),
+        (dict(sparsity=-0.1), ConfigError, "outside"),
+        (dict(sparsity={"nope": 0.5}), ConfigError, "'nope'"),
+        (dict(sparsity={"a": 0.5}, scope="global"), ConfigError, "scope='layer'"),
+        (dict(sparsity=0.5, scope="row"), ConfigError, "'row'"),
+        (dict(sparsity=0.5, criterion="random"), ConfigError, "'random'"),
+        (dict(sparsity=0.5, criterion="saliency"), ConfigError, "needs importances"),
+        (
+            dict(
+                sparsity=0.5,
+                criterion="saliency",
+                importances={"a": np.ones((6, 5)), "b": np.ones(3)},
+            ),
+            DataError,
+            r"'b' has shape \(3,\)",
+        ),
+        (
+            dict(
+                sparsity=0.5,
+                criterion="saliency",
+                importances={"a": -np.ones((6, 5)), "b": np.ones(40)},
+            ),
+            DataError,
+            "nonnegative",
+        ),
+    ],
+)
 def test_bad_arguments_raise_named_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         prune_masks(random_weights(), **kwargs)
@@ -115,9 +139,18 @@ def test_prune_model_reaches_the_target_and_keeps_pruned_weights_at_zero(criteri
     model = small_convnet(seed=7)
     data = classification_data()
     stages = []
-    pruned, masks = prune_model(model, data, sparsity=0.6, criterion=criterion, steps=2, retrain_epochs=2,
-                                lr=0.01, batch_size=32, hessian_samples=64,
-                                progress=lambda stage, done, total: stages.append((stage, done, total)))
+    pruned, masks = prune_model(
+        model,
+        data,
+        sparsity=0.6,
+        criterion=criterion,
+        steps=2,
+        retrain_epochs=2,
+        lr=0.01,
+        batch_size=32,
+        hessian_samples=64,
+        progress=lambda stage, done, total: stages.append((stage, done, total)),
+    )
     assert set(masks) == {"conv.weight", "fc.weight"}  # biases are never pruned
     assert sparsity_of(masks) == pytest.approx(0.6, abs=1e-2)
     values = read_initializers(pruned, ["conv.weight", "fc.weight", "conv.bias", "fc.bias"])
@@ -128,7 +161,9 @@ def test_prune_model_reaches_the_target_and_keeps_pruned_weights_at_zero(criteri
     assert ("hessian" in {s for s, _, _ in stages}) == (criterion == "saliency")
     original = read_initializers(model, ["conv.bias"])["conv.bias"]
     assert not np.array_equal(values["conv.bias"], original)  # biases were retrained
-    np.testing.assert_array_equal(read_initializers(model, ["conv.bias"])["conv.bias"], original)  # input untouched
+    np.testing.assert_array_equal(
+        read_initializers(model, ["conv.bias"])["conv.bias"], original
+    )  # input untouched
 
 
 def test_retraining_recovers_accuracy():
@@ -139,7 +174,9 @@ def test_retraining_recovers_accuracy():
         return float(np.mean(GradientEngine(m).logits(data.inputs).argmax(1) == data.labels))
 
     one_shot, _ = prune_model(model, data, sparsity=0.8, steps=1, retrain_epochs=0)
-    retrained, _ = prune_model(model, data, sparsity=0.8, steps=2, retrain_epochs=3, lr=0.01, batch_size=32)
+    retrained, _ = prune_model(
+        model, data, sparsity=0.8, steps=2, retrain_epochs=3, lr=0.01, batch_size=32
+    )
     assert acc(retrained) > acc(one_shot) + 0.05
 
 
@@ -147,5 +184,7 @@ def test_retraining_needs_labels():
     data = classification_data()
     with pytest.raises(DataError, match="labels"):
         prune_model(small_convnet(), Dataset(data.inputs), sparsity=0.5)
-    pruned, masks = prune_model(small_convnet(), Dataset(data.inputs), sparsity=0.5, retrain_epochs=0, steps=1)
+    _, masks = prune_model(
+        small_convnet(), Dataset(data.inputs), sparsity=0.5, retrain_epochs=0, steps=1
+    )
     assert sparsity_of(masks) == pytest.approx(0.5, abs=1e-2)

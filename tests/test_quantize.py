@@ -53,7 +53,9 @@ def test_pruned_weights_stay_exactly_zero_and_move_no_center(method):
     # The other codewords are what the unpruned weights alone give (pruned ones take k's last slot).
     # (A fixed lam, not a target: a target counts the pruned symbol, so it means another lam.)
     rate = {"lam": 1e-3} if method == "ecsq" else dict(RATES[method], k=RATES[method]["k"] - 1)
-    q = quantize(w, h, method=method, pruned=pruned, **({"lam": 1e-3} if method == "ecsq" else RATES[method]))
+    q = quantize(
+        w, h, method=method, pruned=pruned, **({"lam": 1e-3} if method == "ecsq" else RATES[method])
+    )
     alone = quantize(w[~pruned], h[~pruned], method=method, **rate)
     np.testing.assert_allclose(np.setdiff1d(q.codebook, [0.0]), alone.codebook, rtol=1e-12)
 
@@ -83,14 +85,25 @@ def test_same_seed_same_result(method):
 
 def test_k_means_plus_plus_init_is_seeded():
     w, h = laplace(n=5000, seed=4)
-    runs = [quantize(w, h, method="hkmeans", k=12, init="k-means++", seed=s) for s in (0, 0, 1, 2, 3)]
+    runs = [
+        quantize(w, h, method="hkmeans", k=12, init="k-means++", seed=s) for s in (0, 0, 1, 2, 3)
+    ]
     np.testing.assert_array_equal(runs[0].indices, runs[1].indices)
-    assert len({r.codebook.tobytes() for r in runs[1:]}) > 1, "different seeds should differ somewhere"
+    assert len({r.codebook.tobytes() for r in runs[1:]}) > 1, (
+        "different seeds should differ somewhere"
+    )
 
 
-@pytest.mark.parametrize("method,rate", [("hkmeans", {"k": 10}), ("uniform", {"k": 10}),
-                                         ("hkmeans", {"target_bits": 2.0}), ("uniform", {"target_bits": 2.0}),
-                                         ("ecsq", {"target_bits": 2.0})])
+@pytest.mark.parametrize(
+    "method,rate",
+    [
+        ("hkmeans", {"k": 10}),
+        ("uniform", {"k": 10}),
+        ("hkmeans", {"target_bits": 2.0}),
+        ("uniform", {"target_bits": 2.0}),
+        ("ecsq", {"target_bits": 2.0}),
+    ],
+)
 def test_scaling_all_importances_changes_nothing(method, rate):
     w, h = laplace(seed=5)
     a = quantize(w, h, method=method, **rate)
@@ -154,8 +167,10 @@ def test_target_bits_above_the_lossless_rate_keeps_every_value():
 
 def test_bits_means_k_is_two_to_the_bits():
     w, h = laplace(seed=11)
-    np.testing.assert_array_equal(quantize(w, h, method="hkmeans", bits=3).indices,
-                                  quantize(w, h, method="hkmeans", k=8).indices)
+    np.testing.assert_array_equal(
+        quantize(w, h, method="hkmeans", bits=3).indices,
+        quantize(w, h, method="hkmeans", k=8).indices,
+    )
 
 
 def test_k_equal_to_the_distinct_values_is_lossless():
@@ -180,25 +195,28 @@ def test_uniform_mean_values_beat_grid_values():
     assert mean.distortion <= grid.distortion
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"method": "median"}, "unknown method 'median'"),
-    ({"method": "hkmeans"}, "exactly one of k, bits, lam, target_bits; got none"),
-    ({"method": "hkmeans", "k": 4, "bits": 2}, "got k, bits"),
-    ({"method": "hkmeans", "lam": 0.1}, "lam=0.1 is ECSQ's multiplier"),
-    ({"method": "ecsq", "k": 8}, "not k=8"),
-    ({"method": "ecsq", "bits": 3}, "not bits=3"),
-    ({"method": "hkmeans", "k": 0}, "k=0 must be an integer >= 1"),
-    ({"method": "hkmeans", "k": 2.5}, "k=2.5 must be an integer"),
-    ({"method": "hkmeans", "bits": 2.5}, "bits=2.5 must be a whole number"),
-    ({"method": "ecsq", "lam": -1.0}, "lam=-1.0 must be a finite number >= 0"),
-    ({"method": "uniform", "target_bits": -1}, "target_bits=-1"),
-    ({"method": "uniform", "k": 4, "exact": True}, "method 'uniform' has no DP solver"),
-    ({"method": "hkmeans", "k": 4, "seed": -1}, "seed=-1"),
-    ({"method": "hkmeans", "k": 4, "max_iter": 0}, "max_iter=0"),
-    ({"method": "hkmeans", "k": 4, "init": "random"}, "init='random'"),
-    ({"method": "uniform", "k": 4, "cell_value": "median"}, "cell_value='median'"),
-    ({"method": "hkmeans", "k": 300}, "k=300 exceeds the 256 distinct unpruned weights"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"method": "median"}, "unknown method 'median'"),
+        ({"method": "hkmeans"}, "exactly one of k, bits, lam, target_bits; got none"),
+        ({"method": "hkmeans", "k": 4, "bits": 2}, "got k, bits"),
+        ({"method": "hkmeans", "lam": 0.1}, "lam=0.1 is ECSQ's multiplier"),
+        ({"method": "ecsq", "k": 8}, "not k=8"),
+        ({"method": "ecsq", "bits": 3}, "not bits=3"),
+        ({"method": "hkmeans", "k": 0}, "k=0 must be an integer >= 1"),
+        ({"method": "hkmeans", "k": 2.5}, "k=2.5 must be an integer"),
+        ({"method": "hkmeans", "bits": 2.5}, "bits=2.5 must be a whole number"),
+        ({"method": "ecsq", "lam": -1.0}, "lam=-1.0 must be a finite number >= 0"),
+        ({"method": "uniform", "target_bits": -1}, "target_bits=-1"),
+        ({"method": "uniform", "k": 4, "exact": True}, "method 'uniform' has no DP solver"),
+        ({"method": "hkmeans", "k": 4, "seed": -1}, "seed=-1"),
+        ({"method": "hkmeans", "k": 4, "max_iter": 0}, "max_iter=0"),
+        ({"method": "hkmeans", "k": 4, "init": "random"}, "init='random'"),
+        ({"method": "uniform", "k": 4, "cell_value": "median"}, "cell_value='median'"),
+        ({"method": "hkmeans", "k": 300}, "k=300 exceeds the 256 distinct unpruned weights"),
+    ],
+)
 def test_bad_options_raise_config_error_with_the_numbers(kwargs, match):
     w = np.linspace(-1, 1, 256)
     with pytest.raises(ConfigError, match=match):
@@ -222,16 +240,22 @@ def test_unreachable_target_raises():
         quantize(w, method="uniform", target_bits=0.5, pruned=pruned)
 
 
-@pytest.mark.parametrize("args,match", [
-    ((np.zeros((2, 3)),), r"w must be 1-D, got shape \(2, 3\)"),
-    ((np.zeros(0),), "w is empty"),
-    ((np.array([1.0, np.nan]),), "1 non-finite values"),
-    ((np.array(["a", "b"]),), "expected floating-point"),
-    ((np.zeros(3), np.ones(4)), r"importances of w have shape \(4,\), the weights \(3,\)"),
-    ((np.arange(3.0), np.array([1.0, -1.0, 1.0])), r"finite and >= 0; 1 are not \(the first, at index 1, is -1.0\)"),
-    ((np.arange(3.0), np.array([1.0, np.inf, 1.0])), "finite and >= 0"),
-    ((np.arange(3.0), np.zeros(3)), "all 3 importances of the unpruned weights are 0"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((np.zeros((2, 3)),), r"w must be 1-D, got shape \(2, 3\)"),
+        ((np.zeros(0),), "w is empty"),
+        ((np.array([1.0, np.nan]),), "1 non-finite values"),
+        ((np.array(["a", "b"]),), "expected floating-point"),
+        ((np.zeros(3), np.ones(4)), r"importances of w have shape \(4,\), the weights \(3,\)"),
+        (
+            (np.arange(3.0), np.array([1.0, -1.0, 1.0])),
+            r"finite and >= 0; 1 are not \(the first, at index 1, is -1.0\)",
+        ),
+        ((np.arange(3.0), np.array([1.0, np.inf, 1.0])), "finite and >= 0"),
+        ((np.arange(3.0), np.zeros(3)), "all 3 importances of the unpruned weights are 0"),
+    ],
+)
 def test_bad_arrays_raise_data_error(args, match):
     with pytest.raises(DataError, match=match):
         quantize(*args, method="hkmeans", k=2)

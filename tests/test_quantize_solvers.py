@@ -8,11 +8,11 @@ import warnings
 import numpy as np
 import pytest
 
+from onnxhq.numeric import entropy_bits
 from onnxhq.quantize import ecsq as ecsq_mod
 from onnxhq.quantize import exact, kmeans, quantize
 from onnxhq.quantize._sorted import interval_sums, means, sort_weights, sse
 from onnxhq.quantize.kmeans import lloyd, seed_centers
-from onnxhq.quantize.rate import entropy_bits
 from onnxhq.quantize.uniform import step_for_levels
 
 
@@ -50,7 +50,9 @@ def test_exact_kmeans_is_never_worse_than_lloyd(seed, k):
     h = rng.lognormal(size=w.size)
     best = quantize(w, h, method="hkmeans", k=k, exact=True).distortion
     for init, s in (("dp", 0), ("k-means++", seed), ("k-means++", seed + 100)):
-        assert best <= quantize(w, h, method="hkmeans", k=k, init=init, seed=s).distortion * (1 + 1e-12)
+        assert best <= quantize(w, h, method="hkmeans", k=k, init=init, seed=s).distortion * (
+            1 + 1e-12
+        )
 
 
 def test_exact_kmeans_on_binned_weights_keeps_its_promises(caplog):
@@ -76,7 +78,9 @@ def test_lloyd_is_at_least_as_good_as_scikit_learn(k):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for state in range(3):
-            km = sklearn_cluster.KMeans(n_clusters=k, n_init=1, random_state=state).fit(w[:, None], sample_weight=h)
+            km = sklearn_cluster.KMeans(n_clusters=k, n_init=1, random_state=state).fit(
+                w[:, None], sample_weight=h
+            )
             assert ours <= km.inertia_ * (1 + 1e-9)
 
 
@@ -86,7 +90,7 @@ def test_lloyd_never_raises_its_objective_and_ends_at_a_fixed_point():
     sw = sort_weights(w, h)
     start = seed_centers(sw, 10, np.random.default_rng(0))
     objectives = [lloyd(sw, start, max_iter=i, tol=0.0).objective for i in (1, 2, 5, 20, 100)]
-    assert all(a >= b - 1e-12 for a, b in zip(objectives, objectives[1:]))
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(objectives))
     res = lloyd(sw, start, max_iter=10_000, tol=0.0)
     again = lloyd(sw, res.centers, max_iter=1, tol=0.0)
     np.testing.assert_array_equal(again.thresholds, res.thresholds)
@@ -95,7 +99,9 @@ def test_lloyd_never_raises_its_objective_and_ends_at_a_fixed_point():
 def test_lloyd_refills_clusters_that_empty_out():
     w = np.array([0.0, 0.1, 0.2, 10.0, 10.1, 10.2])
     sw = sort_weights(w, None)
-    res = lloyd(sw, np.array([-5.0, -4.0, 10.1]), max_iter=50, tol=0.0)  # two centers far from any weight
+    res = lloyd(
+        sw, np.array([-5.0, -4.0, 10.1]), max_iter=50, tol=0.0
+    )  # two centers far from any weight
     assert len(res.centers) == 3 and np.all(res.counts > 0)
 
 
@@ -118,15 +124,23 @@ def test_unit_importances_equal_unweighted_lloyd():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sorting_keeps_pairs_together_and_prefix_sums_are_exact(dtype):
     rng = np.random.default_rng(4)
-    w = np.concatenate([rng.laplace(size=3000), [0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38]]).astype(dtype)
+    w = np.concatenate([rng.laplace(size=3000), [0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38]]).astype(
+        dtype
+    )
     h = rng.random(w.size).astype(dtype)
     sw = sort_weights(w, h)
     assert np.all(np.diff(sw.values) >= 0)
-    assert sorted(zip(sw.values.tolist(), sw.weights.tolist())) == sorted(zip(w.tolist(), h.tolist()))
+    assert sorted(zip(sw.values.tolist(), sw.weights.tolist())) == sorted(
+        zip(w.tolist(), h.tolist())
+    )
     v, g = sw.values.astype(float) - sw.shift, sw.weights.astype(float)
     for p in (0, 1, 777, w.size):
-        np.testing.assert_allclose(sw.prefix([p])[:, 0], [g[:p].sum(), (g * v)[:p].sum(), (g * v * v)[:p].sum()],
-                                   rtol=1e-10, atol=1e-300)
+        np.testing.assert_allclose(
+            sw.prefix([p])[:, 0],
+            [g[:p].sum(), (g * v)[:p].sum(), (g * v * v)[:p].sum()],
+            rtol=1e-10,
+            atol=1e-300,
+        )
 
 
 @pytest.mark.parametrize("block", [1, 7, 32])
@@ -172,7 +186,9 @@ def test_packed_key_sort_is_a_stable_argsort(monkeypatch, chunk):
     h = rng.random(w.size).astype(np.float32)
     values, bits = sorted_mod._sort_f32(w, h.view(np.uint32), stable=False)
     np.testing.assert_array_equal(values, w[order])
-    assert sorted(zip(values.tolist(), bits.view(np.float32).tolist())) == sorted(zip(w.tolist(), h.tolist()))
+    assert sorted(zip(values.tolist(), bits.view(np.float32).tolist())) == sorted(
+        zip(w.tolist(), h.tolist())
+    )
 
 
 @pytest.mark.parametrize("case", range(12))
@@ -182,7 +198,9 @@ def test_table_labels_equal_searchsorted(monkeypatch, case):
     monkeypatch.setattr(sorted_mod, "PASS_CHUNK", 500 if case % 2 else 1 << 16)
     rng = np.random.default_rng(case)
     w = _special_floats(rng, 4000)
-    t = np.unique(rng.choice(w, int(rng.integers(1, 40))))  # thresholds on weights, ties and zeros too
+    t = np.unique(
+        rng.choice(w, int(rng.integers(1, 40)))
+    )  # thresholds on weights, ties and zeros too
     if case % 3 == 0:
         t[t == 0] = -0.0
     expected = np.searchsorted(t, w, side="right")
@@ -204,7 +222,11 @@ def test_refine_never_worsens_a_partition_and_keeps_an_optimum(seed):
     for k in (2, 5, 12):
         start = np.concatenate([[0], np.sort(rng.choice(starts, k - 1, replace=False)), [w.size]])
         refined = kmeans.refine(sw, start)
-        assert refined.size == k + 1 and np.all(np.diff(refined) > 0) and np.all(np.isin(refined[1:-1], starts))
+        assert (
+            refined.size == k + 1
+            and np.all(np.diff(refined) > 0)
+            and np.all(np.isin(refined[1:-1], starts))
+        )
         assert error(refined) <= error(start) * (1 + 1e-12)
         units = exact.make_units(sw, exact.KMEANS_UNITS)  # single weights: the exact optimum
         optimum = units.bounds[exact.kmeans_dp(units, k)]
@@ -220,7 +242,9 @@ def test_ecsq_assignment_is_the_exact_argmin():
     points = ecsq_mod._Points(x, h, None, False)
     labels = ecsq_mod._assign(points, c, pen)
     cost = h[:, None] * (x[:, None] - c[None, :]) ** 2 + pen[None, :]
-    np.testing.assert_allclose(cost[np.arange(x.size), labels], cost.min(axis=1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        cost[np.arange(x.size), labels], cost.min(axis=1), rtol=1e-12, atol=1e-15
+    )
 
 
 def _ecsq_path(w, h, lams, **kwargs):
@@ -253,8 +277,10 @@ def test_exact_ecsq_equals_brute_force_with_equal_importances():
     for r in range(0, len(v)):
         for cuts in itertools.combinations(range(1, len(v)), r):
             bounds = (0, *cuts, len(v))
-            total = sum(np.sum((v[a:b] - v[a:b].mean()) ** 2) + lam * (b - a) * np.log2(len(v) / (b - a))
-                        for a, b in zip(bounds, bounds[1:]))
+            total = sum(
+                np.sum((v[a:b] - v[a:b].mean()) ** 2) + lam * (b - a) * np.log2(len(v) / (b - a))
+                for a, b in itertools.pairwise(bounds)
+            )
             best = min(best, total)
     q = quantize(w, method="ecsq", lam=lam, exact=True)
     assert q.distortion + lam * len(w) * q.entropy_bits == pytest.approx(best, rel=1e-9)
@@ -268,7 +294,7 @@ def test_ecsq_objective_never_rises_across_iterations():
     for it in (1, 2, 4, 8, 16):
         q = quantize(w, h, method="ecsq", lam=lam, max_iter=it, tol=0.0)
         js.append(q.distortion + lam * w.size * q.entropy_bits)
-    assert all(a >= b - 1e-9 for a, b in zip(js, js[1:]))
+    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(js))
 
 
 def test_uniform_spans_the_weights_with_at_most_k_cells():
@@ -276,7 +302,9 @@ def test_uniform_spans_the_weights_with_at_most_k_cells():
         step = step_for_levels(vmin, vmax, k)
         cells = np.floor(vmax / step + 0.5) - np.floor(vmin / step + 0.5) + 1
         finer = step * (1 - 1e-6)
-        assert cells <= k < np.floor(vmax / finer + 0.5) - np.floor(vmin / finer + 0.5) + 1 or k == 1
+        assert (
+            cells <= k < np.floor(vmax / finer + 0.5) - np.floor(vmin / finer + 0.5) + 1 or k == 1
+        )
 
 
 def test_entropy_of_counts():
@@ -297,14 +325,24 @@ def test_dp_layers_agree_and_prefix_moments_match_direct_sums(n, monkeypatch):
     pos = units.bounds[cuts]
     sums = interval_sums(sw, pos)
     v, g = sw.values.astype(float), sw.weights.astype(float)
-    direct = sum(np.dot(g[a:b], (v[a:b] - np.dot(g[a:b], v[a:b]) / g[a:b].sum()) ** 2) for a, b in zip(pos, pos[1:]))
+    direct = sum(
+        np.dot(g[a:b], (v[a:b] - np.dot(g[a:b], v[a:b]) / g[a:b].sum()) ** 2)
+        for a, b in itertools.pairwise(pos)
+    )
     assert float(sse(sw, sums, means(sw, pos, sums)).sum()) == pytest.approx(direct, rel=1e-12)
 
 
-@pytest.mark.parametrize("method,rate", [("hkmeans", {"k": 12}), ("uniform", {"target_bits": 3.0}),
-                                         ("ecsq", {"lam": 3e-4}), ("hkmeans", {"k": 12, "exact": True})])
+@pytest.mark.parametrize(
+    "method,rate",
+    [
+        ("hkmeans", {"k": 12}),
+        ("uniform", {"target_bits": 3.0}),
+        ("ecsq", {"lam": 3e-4}),
+        ("hkmeans", {"k": 12, "exact": True}),
+    ],
+)
 def test_chunked_and_blocked_paths_match_whole_arrays(monkeypatch, method, rate):
-    """The paths taken at tens of millions of weights (chunks, block prefix sums, no permutation)."""
+    """The paths taken at tens of millions of weights (chunks, block prefix sums, no order)."""
     import onnxhq.quantize._quantize as quantize_mod
     import onnxhq.quantize._sorted as sorted_mod
 

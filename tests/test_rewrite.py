@@ -1,7 +1,9 @@
-"""Rewritten graphs compute exactly the quantized weights, under onnxruntime and the reference evaluator.
+"""Rewritten graphs compute exactly the quantized weights, under onnxruntime and the reference
+evaluator.
 
 Covers the three dequantize functions (plain, 4-bit packed, channel-grouped), their opsets, and
-the packed storage's way through the artifacts (sidecar: one symbol per weight; graph: two per byte).
+the packed storage's way through the artifacts (sidecar: one symbol per weight; graph: two per
+byte), and the artifacts themselves (`encode`, `decode`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+from conftest import with_dequantized_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -18,31 +21,42 @@ from onnx.reference import ReferenceEvaluator
 
 import onnxhq
 from onnxhq import naming
-from onnxhq.decode import join_artifacts, load_from_bytes
-from onnxhq.encode import index_streams, split_artifacts
-from onnxhq.errors import ModelError, SidecarError
+from onnxhq.decode import graph_format, join_artifacts, load_from_bytes
+from onnxhq.encode import GRAPH_FORMAT_VERSION, index_streams, index_streams_of, split_artifacts
+from onnxhq.errors import ConfigError, ModelError, SidecarError
 from onnxhq.model import load_model, read_initializers
-from onnxhq.rewrite import (PACK_MIN_SIZE, PACKED_OP, dequantize_model, index_dtype, pack4, rewrite,
-                            unpack4)
+from onnxhq.rewrite import (
+    PACK_MIN_SIZE,
+    PACKED_OP,
+    dequantize_model,
+    index_dtype,
+    pack4,
+    rewrite,
+    unpack4,
+)
 from onnxhq.runtime import make_session
-from onnxhq.sidecar import IndexStream
-
-from conftest import with_dequantized_weights
+from onnxhq.sidecar import IndexStream, describe_sidecar
 
 
 def codes_for(model, k, rng, grouped=False):
     """Random codebooks and indices for the conv and fc weights of the small convnet."""
     weights = read_initializers(model, ["conv.weight", "fc.weight"])
     if grouped:
-        books = {"conv.weight": rng.normal(size=(3, k)).astype(np.float32),
-                 "fc.weight": rng.normal(size=(2, k)).astype(np.float32)}
+        books = {
+            "conv.weight": rng.normal(size=(3, k)).astype(np.float32),
+            "fc.weight": rng.normal(size=(2, k)).astype(np.float32),
+        }
         sizes = {"conv.weight": 1, "fc.weight": 2}
-        tensors = {n: SimpleNamespace(codebook=n, indices=rng.integers(0, k, w.shape), group_size=sizes[n])
-                   for n, w in weights.items()}
+        tensors = {
+            n: SimpleNamespace(codebook=n, indices=rng.integers(0, k, w.shape), group_size=sizes[n])
+            for n, w in weights.items()
+        }
         return books, tensors
     books = {"shared": np.sort(rng.normal(size=k)).astype(np.float32)}
-    tensors = {n: SimpleNamespace(codebook="shared", indices=rng.integers(0, k, w.shape), group_size=None)
-               for n, w in weights.items()}
+    tensors = {
+        n: SimpleNamespace(codebook="shared", indices=rng.integers(0, k, w.shape), group_size=None)
+        for n, w in weights.items()
+    }
     return books, tensors
 
 
@@ -52,7 +66,9 @@ def test_outputs_equal_the_numpy_reference(convnet, convnet_inputs, k, grouped):
     model = rewrite(convnet, books, tensors)
     onnx.checker.check_model(model, full_check=True)
     x, _ = convnet_inputs
-    want = make_session(with_dequantized_weights(convnet, books, tensors)).run(None, {"input": x})[0]
+    want = make_session(with_dequantized_weights(convnet, books, tensors)).run(None, {"input": x})[
+        0
+    ]
     np.testing.assert_array_equal(make_session(model).run(None, {"input": x})[0], want)
     got_ref = ReferenceEvaluator(model).run(None, {"input": x})[0]
     np.testing.assert_allclose(got_ref, want, rtol=1e-5, atol=1e-6)
@@ -68,12 +84,17 @@ def test_index_tensors_are_small_unsigned(convnet):
     idx = {t.name: t for t in model.graph.initializer if t.name.endswith("onnxhq_indices")}
     assert set(idx) == {naming.index_tensor("conv.weight"), naming.index_tensor("fc.weight")}
     assert all(t.data_type == onnx.TensorProto.UINT8 for t in idx.values())
-    assert sum(t.name.startswith("onnxhq.codebook") for t in model.graph.initializer) == 1  # shared once
+    # the shared codebook once
+    assert sum(t.name.startswith("onnxhq.codebook") for t in model.graph.initializer) == 1
     assert "conv.weight" not in {t.name for t in model.graph.initializer}
 
 
 def test_index_dtype_bounds():
-    assert index_dtype(256) == np.uint8 and index_dtype(257) == np.uint16 and index_dtype(65536) == np.uint16
+    assert (
+        index_dtype(256) == np.uint8
+        and index_dtype(257) == np.uint16
+        and index_dtype(65536) == np.uint16
+    )
     with pytest.raises(Exception, match="65,536"):
         index_dtype(65537)
 
@@ -102,15 +123,18 @@ def mlp(opset: int = 17, out: int = 10) -> onnx.ModelProto:
     model = onnx.parser.parse_model(MLP.replace("OPSET", str(opset)).replace("OUT", str(out)))
     rng = np.random.default_rng(opset)
     shapes = {"w1": (13, 7), "w2": (7, out)}
-    model.graph.initializer.extend(numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
-                                   for n, s in shapes.items())
+    model.graph.initializer.extend(
+        numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n) for n, s in shapes.items()
+    )
     return model
 
 
 def shared_codes(k, rng, shapes=MLP_SHAPES):
     books = {"shared": np.sort(rng.normal(size=k)).astype(np.float32)}
-    return books, {n: SimpleNamespace(codebook="shared", indices=rng.integers(0, k, s), group_size=None)
-                   for n, s in shapes.items()}
+    return books, {
+        n: SimpleNamespace(codebook="shared", indices=rng.integers(0, k, s), group_size=None)
+        for n, s in shapes.items()
+    }
 
 
 def ops(model):
@@ -146,24 +170,37 @@ def test_packed_graph_computes_what_the_unpacked_one_does(opset, k):
     model = mlp(opset)
     books, tensors = shared_codes(k, np.random.default_rng(k))
     packed, plain = rewrite(model, books, tensors), rewrite(model, books, tensors, pack=False)
-    assert ops(packed) == {"w1": PACKED_OP, "w2": PACKED_OP} and set(ops(plain).values()) == {"Dequantize"}
+    assert ops(packed) == {"w1": PACKED_OP, "w2": PACKED_OP} and set(ops(plain).values()) == {
+        "Dequantize"
+    }
     for m in (packed, plain):
         onnx.checker.check_model(m, full_check=True)
-        assert [(o.domain, o.version) for o in m.opset_import] == [("", opset), ("onnxhq", 1)]  # model opset kept
-        assert all([(o.domain, o.version) for o in f.opset_import] == [("", opset)] for f in m.functions)
+        assert [(o.domain, o.version) for o in m.opset_import] == [
+            ("", opset),
+            ("onnxhq", 1),
+        ]  # model opset kept
+        assert all(
+            [(o.domain, o.version) for o in f.opset_import] == [("", opset)] for f in m.functions
+        )
     x = {"x": np.random.default_rng(0).normal(size=(5, 13)).astype(np.float32)}
     want = make_session(with_dequantized_weights(model, books, tensors)).run(None, x)[0]
     np.testing.assert_array_equal(make_session(packed).run(None, x)[0], want)
     # Unfolded, both graphs compute their weights at run time, through the same kernels.
-    np.testing.assert_array_equal(make_session(packed, optimize=False).run(None, x)[0],
-                                  make_session(plain, optimize=False).run(None, x)[0])
-    np.testing.assert_array_equal(ReferenceEvaluator(packed).run(None, x)[0],
-                                  ReferenceEvaluator(plain).run(None, x)[0])
+    np.testing.assert_array_equal(
+        make_session(packed, optimize=False).run(None, x)[0],
+        make_session(plain, optimize=False).run(None, x)[0],
+    )
+    np.testing.assert_array_equal(
+        ReferenceEvaluator(packed).run(None, x)[0], ReferenceEvaluator(plain).run(None, x)[0]
+    )
     flat = dequantize_model(packed)
     assert not flat.functions and all(n.domain == "" for n in flat.graph.node)
-    assert not any(t.name.startswith("onnxhq.") for t in flat.graph.initializer)  # codebook, shapes dropped
+    # codebook, shapes dropped
+    assert not any(t.name.startswith("onnxhq.") for t in flat.graph.initializer)
     for name, c in tensors.items():
-        np.testing.assert_array_equal(read_initializers(flat, [name])[name], books["shared"][c.indices])
+        np.testing.assert_array_equal(
+            read_initializers(flat, [name])[name], books["shared"][c.indices]
+        )
 
 
 def test_onnxruntime_folds_the_packed_weights_into_constants(tmp_path):
@@ -174,7 +211,9 @@ def test_onnxruntime_folds_the_packed_weights_into_constants(tmp_path):
     books, tensors = shared_codes(16, np.random.default_rng(0))
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(rewrite(mlp(), books, tensors).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(
+        rewrite(mlp(), books, tensors).SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
     left = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
     assert left <= {"MatMul", "Tanh"}, left
 
@@ -187,12 +226,15 @@ def test_packed_storage_is_half_a_byte_per_weight():
     np.testing.assert_array_equal(numpy_helper.to_array(w1), pack4(tensors["w1"].indices))
 
 
-@pytest.mark.parametrize("k, out, pack, packed", [
-    (16, 10, True, {"w1", "w2"}),
-    (17, 10, True, set()),     # 17 codewords do not fit in 4 bits
-    (16, 9, True, {"w1"}),     # w2 has 63 < PACK_MIN_SIZE weights
-    (16, 10, False, set()),    # packing turned off
-])
+@pytest.mark.parametrize(
+    "k, out, pack, packed",
+    [
+        (16, 10, True, {"w1", "w2"}),
+        (17, 10, True, set()),  # 17 codewords do not fit in 4 bits
+        (16, 9, True, {"w1"}),  # w2 has 63 < PACK_MIN_SIZE weights
+        (16, 10, False, set()),  # packing turned off
+    ],
+)
 def test_what_gets_packed(k, out, pack, packed):
     assert PACK_MIN_SIZE == 64
     books, tensors = shared_codes(k, np.random.default_rng(0), {"w1": (13, 7), "w2": (7, out)})
@@ -226,17 +268,86 @@ def test_artifacts_keep_logical_indices_and_the_graph_packs_them():
     np.testing.assert_array_equal(w1.indices, tensors["w1"].indices)
     artifacts = split_artifacts(model, "mlp")
     decoded = load_from_bytes(artifacts.graph_bytes, artifacts.sidecar_bytes)
-    assert {t.name: t for t in decoded.graph.initializer} == {t.name: t for t in model.graph.initializer}
+    assert {t.name: t for t in decoded.graph.initializer} == {
+        t.name: t for t in model.graph.initializer
+    }
     packed = {t.name: t for t in decoded.graph.initializer}[naming.index_tensor("w1")]
     assert list(packed.dims) == [46]
+
+
+@pytest.mark.parametrize("k, grouped", [(5, False), (300, False), (8, True)])
+def test_streams_of_the_quantized_weights_are_those_of_the_rewritten_graph(convnet, k, grouped):
+    # Plain, 4-bit packed and channel-grouped index tensors: encoding straight from the codes gives
+    # the very bytes of encoding from the graph, and the layouts describe_sidecar reads from them.
+    books, tensors = codes_for(convnet, k, np.random.default_rng(k), grouped)
+    model = rewrite(convnet, books, tensors)
+    streams = index_streams_of(tensors, books)
+    assert streams == index_streams(model)
+    given = split_artifacts(model, "net", streams=streams, original_bytes=123)
+    read = split_artifacts(model, "net", original_bytes=123)
+    assert given == read
+    assert list(given.layouts) == describe_sidecar(given.sidecar_bytes)
+
+
+def test_split_refuses_streams_that_are_not_the_models():
+    books, tensors = shared_codes(5, np.random.default_rng(3))
+    model = rewrite(mlp(), books, tensors)
+    streams = index_streams_of(tensors, books)
+    w1 = naming.index_tensor("w1")
+    wider = index_streams_of(tensors, {"shared": np.zeros(6, np.float32)})
+    with pytest.raises(
+        ConfigError,
+        match=rf"stream '{w1}' is of shape \(13, 7\) with 6 levels, "
+        r"the model's index tensor is of shape \(13, 7\) with 5",
+    ):
+        split_artifacts(model, "mlp", streams=wider)
+    with pytest.raises(ConfigError, match=rf"stream '{w1}' is missing"):
+        split_artifacts(model, "mlp", streams=[s for s in streams if s.name != w1])
+    extra = IndexStream("x", (2,), 5, np.zeros(2, np.uint8))
+    with pytest.raises(
+        ConfigError,
+        match="stream 'x' is of shape \\(2,\\) with 5 levels, the model's index tensor is missing",
+    ):
+        split_artifacts(model, "mlp", streams=[*streams, extra])
+    with pytest.raises(ConfigError, match="codebook 'shared', which is not among the 0 given"):
+        index_streams_of(tensors, {})
+
+
+@pytest.mark.parametrize(
+    "recorded, version",
+    [("1", 1), ("2", 2), (None, GRAPH_FORMAT_VERSION), ("3", None), ("02", None), ("two", None)],
+)
+def test_the_graph_format_is_written_as_its_decimal_and_read_back_exactly(recorded, version):
+    from onnxhq.model import get_metadata, set_metadata
+
+    books, tensors = shared_codes(5, np.random.default_rng(3))
+    graph = onnx.load_from_string(
+        split_artifacts(rewrite(mlp(), books, tensors), "mlp").graph_bytes
+    )
+    assert get_metadata(graph)[naming.METADATA_VERSION] == str(GRAPH_FORMAT_VERSION)
+    if recorded is None:
+        del graph.metadata_props[:]
+    else:
+        set_metadata(graph, {naming.METADATA_VERSION: recorded})
+    if version is None:
+        with pytest.raises(
+            ModelError, match=f"graph format {recorded}; this onnxhq reads formats 1, 2"
+        ):
+            graph_format(graph)
+    else:
+        assert graph_format(graph) == version
 
 
 @pytest.mark.parametrize("scope_codebooks", ["shared", "per weight"])
 def test_the_stored_graph_leaves_out_what_decode_restores(scope_codebooks):
     books, tensors = shared_codes(5, np.random.default_rng(3))
-    if scope_codebooks == "per weight":  # codebooks named after their weight: decode derives that input too
+    if (
+        scope_codebooks == "per weight"
+    ):  # codebooks named after their weight: decode derives that input too
         books = {name: books["shared"] for name in tensors}
-        tensors = {name: SimpleNamespace(**{**vars(t), "codebook": name}) for name, t in tensors.items()}
+        tensors = {
+            name: SimpleNamespace(**{**vars(t), "codebook": name}) for name, t in tensors.items()
+        }
     model = rewrite(mlp(), books, tensors)
     artifacts = split_artifacts(model, "mlp")
     stored = onnx.load_from_string(artifacts.graph_bytes)
@@ -254,10 +365,12 @@ def test_the_stored_graph_leaves_out_what_decode_restores(scope_codebooks):
 
 
 def _as_format_1(artifacts) -> bytes:
-    """The graph as onnxhq 0.2.0 wrote it: full node inputs, index tensors declared as graph inputs."""
+    """The graph as onnxhq 0.2.0 wrote it: full node inputs, index tensors declared as graph
+    inputs."""
     from onnx import helper
 
-    from onnxhq.encode import restore_derived_names, set_metadata
+    from onnxhq.encode import restore_derived_names
+    from onnxhq.model import set_metadata
 
     graph = onnx.load_from_string(artifacts.graph_bytes)
     streams = {s.name: s for s in onnxhq.sidecar.decode_sidecar(artifacts.sidecar_bytes)[0]}
@@ -269,8 +382,16 @@ def _as_format_1(artifacts) -> bytes:
     for node in nodes:
         if node.domain == naming.DOMAIN:
             name = node.input[1]
-            shape = [-(-streams[name].indices.size // 2)] if name in packed else list(streams[name].shape)
-            dtype = onnx.TensorProto.UINT8 if name in packed or streams[name].alphabet_size <= 256 else onnx.TensorProto.UINT16
+            shape = (
+                [-(-streams[name].indices.size // 2)]
+                if name in packed
+                else list(streams[name].shape)
+            )
+            dtype = (
+                onnx.TensorProto.UINT8
+                if name in packed or streams[name].alphabet_size <= 256
+                else onnx.TensorProto.UINT16
+            )
             graph.graph.input.append(helper.make_tensor_value_info(name, dtype, shape))
     kept = [p for p in graph.metadata_props if p.key != naming.METADATA_SIDECAR_CRC]
     del graph.metadata_props[:]
@@ -286,13 +407,18 @@ def test_graphs_of_format_1_still_decode_and_check_declared_shapes():
     old = _as_format_1(artifacts)
     decoded = load_from_bytes(old, artifacts.sidecar_bytes)
     assert list(decoded.graph.node) == list(model.graph.node)
-    assert {t.name: t for t in decoded.graph.initializer} == {t.name: t for t in model.graph.initializer}
+    assert {t.name: t for t in decoded.graph.initializer} == {
+        t.name: t for t in model.graph.initializer
+    }
     assert list(decoded.graph.input) == list(model.graph.input)
-    unpacked = rewrite(mlp(), books, tensors, pack=False)  # shapes of plain index tensors come from the declarations
+    # shapes of plain index tensors come from the declarations
+    unpacked = rewrite(mlp(), books, tensors, pack=False)
     graph = onnx.load_from_string(_as_format_1(split_artifacts(unpacked, "mlp")))
     streams = index_streams(unpacked)
     plain = streams[0]
-    wrong = IndexStream(plain.name, (plain.indices.size,), plain.alphabet_size, plain.indices.reshape(-1))
+    wrong = IndexStream(
+        plain.name, (plain.indices.size,), plain.alphabet_size, plain.indices.reshape(-1)
+    )
     with pytest.raises(SidecarError, match="gives shape"):
         join_artifacts(graph, [wrong] + streams[1:])
 
@@ -306,17 +432,22 @@ def test_a_sidecar_of_another_model_is_refused_before_decoding():
         load_from_bytes(ours.graph_bytes, theirs.sidecar_bytes)
 
 
-@pytest.mark.parametrize("change, match", [
-    (dict(alphabet_size=17), "at most 16"),
-    (dict(shape=(7, 13)), r"shape \(7, 13\), the graph expects \(13, 7\)"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(alphabet_size=17), "at most 16"),
+        (dict(shape=(7, 13)), r"shape \(7, 13\), the graph expects \(13, 7\)"),
+    ],
+)
 def test_join_refuses_streams_that_do_not_fit_the_packed_input(change, match):
     books, tensors = shared_codes(5, np.random.default_rng(3))
     model = rewrite(mlp(), books, tensors)
     graph = load_model(split_artifacts(model, "mlp").graph_bytes)
     streams = index_streams(model)
     bad = streams[0]
-    fields = dict(name=bad.name, shape=bad.shape, alphabet_size=bad.alphabet_size, indices=bad.indices)
+    fields = dict(
+        name=bad.name, shape=bad.shape, alphabet_size=bad.alphabet_size, indices=bad.indices
+    )
     fields.update(change)
     fields["indices"] = fields["indices"].reshape(fields["shape"])
     with pytest.raises(SidecarError, match=match):
@@ -326,7 +457,9 @@ def test_join_refuses_streams_that_do_not_fit_the_packed_input(change, match):
 def test_decoded_lenet5_at_k16_is_about_half_the_unpacked_size(bundled_model):
     result = onnxhq.compress(bundled_model, method="kmeans", k=16)
     packed = result.model()
-    plain = rewrite(load_model(bundled_model), result.quantized.codebooks, result.quantized.tensors, pack=False)
+    plain = rewrite(
+        load_model(bundled_model), result.quantized.codebooks, result.quantized.tensors, pack=False
+    )
     assert set(ops(packed).values()) == {PACKED_OP}
     assert 0.45 < packed.ByteSize() / plain.ByteSize() < 0.55
     onnx.checker.check_model(packed, full_check=True)

@@ -1,6 +1,6 @@
 """Benchmark onnxhq's index coding against entropy, zlib/bz2/lzma and the pure-Python dahuffman.
 
-    python tools/bench_coding.py [--npz FILE | --sidecar FILE ...] [--repeat 20] [--seed 0]
+    python -m tools.bench_coding [--npz FILE | --sidecar FILE ...] [--repeat 20] [--seed 0]
 
 Without ``--npz`` it codes synthetic index streams shaped like the real ones: Laplacian weights of
 LeNet-5 (431,080) and ResNet-32 (464,154) size on a uniform 32-level grid over [min, max], dense,
@@ -13,6 +13,7 @@ Per stream: bits per weight of the order-0 entropy, of the onnxhq payload alone 
 tables; of zlib -9, bz2 -9 and lzma (preset 9 | EXTREME) on the same indices as uint8 bytes (uint16
 when k > 256); and the decode time of the one-stream sidecar against dahuffman decoding its own
 Huffman code of the same indices (best of ``--repeat`` runs, dahuffman best of 5). Prints markdown.
+``--smoke``: synthetic streams of 20,000 weights and the committed LeNet-5 sidecar, one run each.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ import zlib
 import numpy as np
 
 from onnxhq.sidecar import IndexStream, decode_sidecar, describe_sidecar, encode_sidecar
+from tools import datasets
 
 SIZES = {"lenet5": 431_080, "resnet32": 464_154}
+SMOKE_SIZES = {"lenet5": 20_000, "resnet32": 20_000}
+SMOKE_SIDECAR = datasets.MODELS / "compressed" / "lenet5" / "lenet5.onnxhq"
 
 
-def synthetic_streams(seed: int) -> list[IndexStream]:
+def synthetic_streams(seed: int, sizes: dict[str, int] = SIZES) -> list[IndexStream]:
     rng = np.random.default_rng(seed)
     streams = []
-    for model, n in SIZES.items():
+    for model, n in sizes.items():
         w = rng.laplace(scale=0.05, size=n)
         dense = np.clip(np.digitize(w, np.linspace(w.min(), w.max(), 33)) - 1, 0, 31)
         streams.append(IndexStream(f"{model}_dense", (n,), 32, dense.astype(np.uint8)))
@@ -69,7 +73,7 @@ def best_time(fn, repeat: int) -> float:
     return best
 
 
-def measure(stream: IndexStream, repeat: int, dahuffman) -> dict:
+def measure(stream: IndexStream, repeat: int, dahuffman, theirs: int = 5) -> dict:
     n = stream.indices.size
     data = encode_sidecar([stream])
     (layout,) = describe_sidecar(data)
@@ -86,78 +90,116 @@ def measure(stream: IndexStream, repeat: int, dahuffman) -> dict:
     coded = codec.encode(symbols)
     assert codec.decode(coded) == symbols, "dahuffman round trip failed"
     return {
-        "name": stream.name, "n": n, "k": stream.alphabet_size, "runs": layout.run_symbol,
-        "entropy": layout.entropy_bits, "payload": 8 * layout.payload_bytes / n,
-        "coded": layout.coded_bits_per_weight, "file": 8 * len(data) / n,
+        "name": stream.name,
+        "n": n,
+        "k": stream.alphabet_size,
+        "runs": layout.run_symbol,
+        "entropy": layout.entropy_bits,
+        "payload": 8 * layout.payload_bytes / n,
+        "coded": layout.coded_bits_per_weight,
+        "file": 8 * len(data) / n,
         **{key: 8 * size / n for key, size in generic.items()},
         "dahuffman_bits": 8 * len(coded) / n,
         "ours_s": best_time(lambda: decode_sidecar(data), repeat),
-        "dahuffman_s": best_time(lambda: codec.decode(coded), 5),
+        "dahuffman_s": best_time(lambda: codec.decode(coded), theirs),
         "encode_s": best_time(lambda: encode_sidecar([stream]), 1),
     }
 
 
 def report(rows: list[dict]) -> str:
     lines = [
-        "| stream | n | k | coding | entropy | onnxhq payload | onnxhq +tables | vs entropy | whole file "
-        "| zlib -9 | bz2 -9 | lzma 9e | dahuffman | decode onnxhq | decode dahuffman | speed-up |",
+        "| stream | n | k | coding | entropy | onnxhq payload | onnxhq +tables | vs entropy "
+        "| whole file | zlib -9 | bz2 -9 | lzma 9e | dahuffman | decode onnxhq "
+        "| decode dahuffman | speed-up |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         coding = "plain" if r["runs"] is None else f"runs of {r['runs']}"
         excess = 100 * (r["coded"] / r["entropy"] - 1) if r["entropy"] else float("nan")
         lines.append(
-            f"| {r['name']} | {r['n']:,} | {r['k']} | {coding} | {r['entropy']:.4f} | {r['payload']:.4f} "
-            f"| {r['coded']:.4f} | {excess:+.2f} % | {r['file']:.4f} | {r['zlib']:.4f} | {r['bz2']:.4f} "
-            f"| {r['lzma']:.4f} | {r['dahuffman_bits']:.4f} | {1e3 * r['ours_s']:.1f} ms "
-            f"| {1e3 * r['dahuffman_s']:.0f} ms | {r['dahuffman_s'] / r['ours_s']:.0f}x |"
+            f"| {r['name']} | {r['n']:,} | {r['k']} | {coding} | {r['entropy']:.4f} "
+            f"| {r['payload']:.4f} | {r['coded']:.4f} | {excess:+.2f} % | {r['file']:.4f} "
+            f"| {r['zlib']:.4f} | {r['bz2']:.4f} | {r['lzma']:.4f} | {r['dahuffman_bits']:.4f} "
+            f"| {1e3 * r['ours_s']:.1f} ms | {1e3 * r['dahuffman_s']:.0f} ms "
+            f"| {r['dahuffman_s'] / r['ours_s']:.0f}x |"
         )
+    encode = ", ".join(f"{r['name']} {1e3 * r['encode_s']:.0f} ms" for r in rows)
     lines += [
         "",
-        "Sizes in bits per weight. 'onnxhq +tables' adds the code table and the block index; 'whole file'",
-        "is the one-stream sidecar with its prefix and compressed header. 'vs entropy' compares '+tables' with the entropy.",
-        "Decode times: least CPU time of the repeats, onnxhq = decode_sidecar of the one-stream file (CRCs, checks,",
-        "run expansion included); dahuffman = HuffmanCodec.decode of its own code of the same indices.",
-        "Encode times (one run): " + ", ".join(f"{r['name']} {1e3 * r['encode_s']:.0f} ms" for r in rows) + ".",
+        "Sizes in bits per weight. 'onnxhq +tables' adds the code table and the block index; "
+        "'whole file'",
+        "is the one-stream sidecar with its prefix and compressed header. 'vs entropy' compares "
+        "'+tables' with the entropy.",
+        "Decode times: least CPU time of the repeats, onnxhq = decode_sidecar of the one-stream "
+        "file (CRCs, checks,",
+        "run expansion included); dahuffman = HuffmanCodec.decode of its own code of the same "
+        "indices.",
+        f"Encode times (one run): {encode}.",
     ]
     return "\n".join(lines)
 
 
-def sidecar_totals(paths: list[str], repeat: int, dahuffman) -> str:
-    """One row per sidecar file: every stream coded alone, as compress does, against zlib/bz2/lzma;
+def sidecar_row(path: str, repeat: int, dahuffman, theirs: int) -> str:
+    """Every stream coded alone, as compress does, against zlib/bz2/lzma on the same indices;
     decoding the whole file against dahuffman decoding its own code of all the indices."""
-    lines = ["| sidecar | streams | n | onnxhq payload + tables | whole file | zlib -9 | bz2 -9 | lzma 9e "
-             "| lzma per tensor | decode onnxhq / dahuffman | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for path in paths:
-        data = open(path, "rb").read()
-        streams, _ = decode_sidecar(data)
-        layouts = describe_sidecar(data, streams=streams)
-        n = sum(s.indices.size for s in streams)
-        raws = [s.indices.astype(np.uint8 if s.alphabet_size <= 256 else np.uint16).tobytes() for s in streams]
-        whole = b"".join(raws)
-        per_tensor = sum(len(lzma.compress(r, preset=9 | lzma.PRESET_EXTREME)) for r in raws)
-        coded = sum(x.payload_bytes + x.table_bytes for x in layouts)
-        symbols = np.concatenate([s.indices.ravel() for s in streams]).tolist()
-        codec = dahuffman.HuffmanCodec.from_data(symbols)
-        theirs = codec.encode(symbols)
-        ours_s = best_time(lambda: decode_sidecar(data), repeat)
-        theirs_s = best_time(lambda: codec.decode(theirs), 5)
-        lines.append(
-            f"| {os.path.basename(path)} | {len(streams)} | {n:,} | {8 * coded / n:.4f} | {8 * len(data) / n:.4f} "
-            f"| {8 * len(zlib.compress(whole, 9)) / n:.4f} | {8 * len(bz2.compress(whole, 9)) / n:.4f} "
-            f"| {8 * len(lzma.compress(whole, preset=9 | lzma.PRESET_EXTREME)) / n:.4f} | {8 * per_tensor / n:.4f} "
-            f"| {1e3 * ours_s:.1f} / {1e3 * theirs_s:.0f} ms | {theirs_s / ours_s:.0f}x |")
-    return "\n".join(lines + ["", "Bits per weight over all streams of the file; 'whole file' counts the prefix and header."])
+    with open(path, "rb") as f:
+        data = f.read()
+    streams, _ = decode_sidecar(data)
+    layouts = describe_sidecar(data, streams=streams)
+    n = sum(s.indices.size for s in streams)
+    raws = [
+        s.indices.astype(np.uint8 if s.alphabet_size <= 256 else np.uint16).tobytes()
+        for s in streams
+    ]
+    whole = b"".join(raws)
+    per_tensor = sum(len(lzma.compress(r, preset=9 | lzma.PRESET_EXTREME)) for r in raws)
+    coded = sum(x.payload_bytes + x.table_bytes for x in layouts)
+    symbols = np.concatenate([s.indices.ravel() for s in streams]).tolist()
+    codec = dahuffman.HuffmanCodec.from_data(symbols)
+    their_code = codec.encode(symbols)
+    ours_s = best_time(lambda: decode_sidecar(data), repeat)
+    theirs_s = best_time(lambda: codec.decode(their_code), theirs)
+    bits = {
+        "zlib": len(zlib.compress(whole, 9)),
+        "bz2": len(bz2.compress(whole, 9)),
+        "lzma": len(lzma.compress(whole, preset=9 | lzma.PRESET_EXTREME)),
+    }
+    bits = {key: 8 * size / n for key, size in bits.items()}
+    return (
+        f"| {os.path.basename(path)} | {len(streams)} | {n:,} | {8 * coded / n:.4f} "
+        f"| {8 * len(data) / n:.4f} | {bits['zlib']:.4f} | {bits['bz2']:.4f} "
+        f"| {bits['lzma']:.4f} | {8 * per_tensor / n:.4f} "
+        f"| {1e3 * ours_s:.1f} / {1e3 * theirs_s:.0f} ms | {theirs_s / ours_s:.0f}x |"
+    )
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sidecar_totals(paths: list[str], repeat: int, dahuffman, theirs: int = 5) -> str:
+    """One row per sidecar file (:func:`sidecar_row`), markdown."""
+    lines = [
+        "| sidecar | streams | n | onnxhq payload + tables | whole file | zlib -9 | bz2 -9 "
+        "| lzma 9e | lzma per tensor | decode onnxhq / dahuffman | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [sidecar_row(path, repeat, dahuffman, theirs) for path in paths]
+    lines += [
+        "",
+        "Bits per weight over all streams of the file; 'whole file' counts the prefix and header.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--npz", help="real index arrays: keys = stream names, values = integer arrays")
     ap.add_argument("--sidecar", nargs="+", help="whole .onnxhq files written by compress")
-    ap.add_argument("--repeat", type=int, default=20, help="decode repeats for onnxhq (best is kept)")
+    ap.add_argument(
+        "--repeat", type=int, default=20, help="decode repeats for onnxhq (best is kept)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="seconds: small streams, one repeat")
+    args = ap.parse_args(argv)
     try:
         import dahuffman
     except ImportError:
@@ -166,15 +208,24 @@ def main() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print("# onnxhq index coding benchmark\n")
     print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, nproc={cpus}")
-    print(f"- python {platform.python_version()}, numpy {np.__version__}, dahuffman {importlib.metadata.version('dahuffman')}")
-    print(f"- load average (1, 5, 15 min) at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"- command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
+    cpu = platform.processor() or platform.machine()
+    print(f"- machine: {platform.platform()}, {cpu}, nproc={cpus}")
+    versions = f"numpy {np.__version__}, dahuffman {importlib.metadata.version('dahuffman')}"
+    print(f"- python {platform.python_version()}, {versions}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"- load average (1, 5, 15 min) at start: {load}")
+    print(f"- command: python -m tools.bench_coding {' '.join(sys.argv[1:])}")
+    if args.smoke:
+        streams = synthetic_streams(args.seed, SMOKE_SIZES)
+        print(report([measure(s, 1, dahuffman, theirs=1) for s in streams]) + "\n")
+        print(sidecar_totals([str(SMOKE_SIDECAR)], 1, dahuffman, theirs=1))
+        return 0
     if args.sidecar:
         print(f"- sidecars: {', '.join(args.sidecar)}\n")
         print(sidecar_totals(args.sidecar, args.repeat, dahuffman))
         return 0
-    print(f"- streams: {'--npz ' + args.npz if args.npz else f'synthetic Laplacian, seed {args.seed}'}\n")
+    where = f"--npz {args.npz}" if args.npz else f"synthetic Laplacian, seed {args.seed}"
+    print(f"- streams: {where}\n")
     streams = npz_streams(args.npz) if args.npz else synthetic_streams(args.seed)
     print(report([measure(s, args.repeat, dahuffman) for s in streams]))
     return 0

@@ -7,19 +7,26 @@ are left for the others and indices always fit in ``ceil(log2 k)`` bits.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..numeric import entropy_bits, is_int
 from ._fits import Fit, Task, fit
 from ._sorted import CHUNK, bounds_from_thresholds, labels_f32, sort_weights
-from .rate import entropy_bits
 from .uniform import CELL_VALUES
 
 METHODS = ("kmeans", "hkmeans", "uniform", "ecsq")
 INITS = ("dp", "k-means++")
+#: Largest power of two (either way) of the weights' or importances' magnitude that `solve` takes
+#: as it is; beyond, it scales them (see there).
+SAFE_EXPONENT = 64
+#: ECSQ's lam is capped here: at safe magnitudes all distortion is below 2**240, so one cluster is
+#: already optimal, and ``lam`` times code lengths times counts stays finite.
+LAM_CAP = 2.0**300
 
 
 @dataclass(frozen=True)
@@ -41,10 +48,23 @@ class Quantization:
     entropy_bits: float
 
 
-def quantize(w, h=None, *, method: str = "uniform", k: int | None = None, bits: int | None = None,
-             lam: float | None = None, target_bits: float | None = None, pruned=None, exact: bool = False,
-             seed: int = 0, max_iter: int = 100, tol: float = 1e-7, init: str = "dp",
-             cell_value: str = "mean") -> Quantization:
+def quantize(
+    w,
+    h=None,
+    *,
+    method: str = "uniform",
+    k: int | None = None,
+    bits: int | None = None,
+    lam: float | None = None,
+    target_bits: float | None = None,
+    pruned=None,
+    exact: bool = False,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-7,
+    init: str = "dp",
+    cell_value: str = "mean",
+) -> Quantization:
     """Quantize a flat array of weights with importances.
 
     Parameters
@@ -87,16 +107,30 @@ def quantize(w, h=None, *, method: str = "uniform", k: int | None = None, bits: 
         (plus one for the pruned codeword), an unreachable ``target_bits``.
     """
     w, h, pruned = check_arrays(w, h, pruned)
-    task = check_task(method=method, k=k, bits=bits, lam=lam, target_bits=target_bits, exact=exact, seed=seed,
-                      max_iter=max_iter, tol=tol, cell_value=cell_value, init=init)
+    task = check_task(
+        method=method,
+        k=k,
+        bits=bits,
+        lam=lam,
+        target_bits=target_bits,
+        exact=exact,
+        seed=seed,
+        max_iter=max_iter,
+        tol=tol,
+        cell_value=cell_value,
+        init=init,
+    )
     return solve(w, h, pruned, task)[0]
 
 
 def check_arrays(w, h, pruned, *, name: str = "w"):
-    """Validated ``(w, h, pruned)``: float32/float64 1-D weights, float importances, bool mask or None."""
+    """Validated ``(w, h, pruned)``: float32/float64 1-D weights, float importances, bool mask or
+    None."""
     w = np.asarray(w)
     if w.ndim != 1:
-        raise DataError(f"{name} must be 1-D, got shape {w.shape}; flatten it (or use quantize_weights)")
+        raise DataError(
+            f"{name} must be 1-D, got shape {w.shape}; flatten it (or use quantize_weights)"
+        )
     if w.size == 0:
         raise DataError(f"{name} is empty: there is nothing to quantize")
     if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
@@ -116,87 +150,177 @@ def check_arrays(w, h, pruned, *, name: str = "w"):
         bad = ~np.isfinite(h) | (h < 0)
         if np.any(bad):
             i = int(np.argmax(bad))
-            raise DataError(f"importances of {name} must be finite and >= 0; {np.count_nonzero(bad)} are not "
-                            f"(the first, at index {i}, is {h[i]})")
+            raise DataError(
+                f"importances of {name} must be finite and >= 0; {np.count_nonzero(bad)} are not "
+                f"(the first, at index {i}, is {h[i]})"
+            )
     if pruned is not None:
         pruned = np.asarray(pruned)
         if pruned.shape != w.shape or pruned.dtype != np.bool_:
-            raise DataError(f"the pruned mask of {name} must be bool of shape {w.shape}, got {pruned.dtype} "
-                            f"of shape {pruned.shape}")
+            raise DataError(
+                f"the pruned mask of {name} must be bool of shape {w.shape}, got {pruned.dtype} "
+                f"of shape {pruned.shape}"
+            )
         if not pruned.any():
             pruned = None
     return w, h, pruned
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def check_task(*, method, k, bits, lam, target_bits, exact, seed, max_iter, tol, cell_value, init) -> Task:
+def check_task(
+    *, method, k, bits, lam, target_bits, exact, seed, max_iter, tol, cell_value, init
+) -> Task:
     """Validated options; ``bits`` becomes ``k = 2**bits``."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    given = [n for n, v in (("k", k), ("bits", bits), ("lam", lam), ("target_bits", target_bits)) if v is not None]
+    given = [
+        n
+        for n, v in (("k", k), ("bits", bits), ("lam", lam), ("target_bits", target_bits))
+        if v is not None
+    ]
     if len(given) != 1:
-        raise ConfigError(f"give exactly one of k, bits, lam, target_bits; got {', '.join(given) or 'none'}")
+        raise ConfigError(
+            f"give exactly one of k, bits, lam, target_bits; got {', '.join(given) or 'none'}"
+        )
     if lam is not None and method != "ecsq":
-        raise ConfigError(f"lam={lam} is ECSQ's multiplier; method {method!r} takes k, bits or target_bits")
+        raise ConfigError(
+            f"lam={lam} is ECSQ's multiplier; method {method!r} takes k, bits or target_bits"
+        )
     if method == "ecsq" and (k is not None or bits is not None):
-        raise ConfigError(f"method 'ecsq' takes its number of codewords from the rate: give lam or target_bits, "
-                          f"not {given[0]}={k if k is not None else bits} (hkmeans and uniform take a fixed k)")
+        raise ConfigError(
+            f"method 'ecsq' takes its number of codewords from the rate: give lam or target_bits, "
+            f"not {given[0]}={k if k is not None else bits} (hkmeans and uniform take a fixed k)"
+        )
     if bits is not None:
-        if not isinstance(bits, numbers.Real) or isinstance(bits, bool) or bits != int(bits) or not 0 <= bits <= 30:
-            raise ConfigError(f"bits={bits} must be a whole number from 0 to 30; for a fractional rate use "
-                              "target_bits")
-        k = 2 ** int(bits)
-    if k is not None and (not _is_int(k) or k < 1):
+        b = float(bits) if isinstance(bits, numbers.Real) and not isinstance(bits, bool) else -1.0
+        if not (0 <= b <= 30 and b == int(b)):
+            raise ConfigError(
+                f"bits={bits} must be a whole number from 0 to 30; for a fractional rate use "
+                "target_bits"
+            )
+        k = 2 ** int(b)
+    if k is not None and (not is_int(k) or k < 1):
         raise ConfigError(f"k={k} must be an integer >= 1")
-    if lam is not None and not (isinstance(lam, numbers.Real) and np.isfinite(lam) and lam >= 0):
+    if lam is not None and not (isinstance(lam, numbers.Real) and 0 <= float(lam) < math.inf):
         raise ConfigError(f"lam={lam} must be a finite number >= 0")
-    if target_bits is not None and not (isinstance(target_bits, numbers.Real) and 0 <= target_bits < 64):
-        raise ConfigError(f"target_bits={target_bits} must be a number of bits per weight in [0, 64)")
+    if target_bits is not None and not (
+        isinstance(target_bits, numbers.Real) and 0 <= float(target_bits) < 64
+    ):
+        raise ConfigError(
+            f"target_bits={target_bits} must be a number of bits per weight in [0, 64)"
+        )
     if exact and method == "uniform":
-        raise ConfigError("exact=True applies to kmeans, hkmeans and ecsq; method 'uniform' has no DP solver")
-    if not _is_int(seed) or seed < 0:
+        raise ConfigError(
+            "exact=True applies to kmeans, hkmeans and ecsq; method 'uniform' has no DP solver"
+        )
+    if not is_int(seed) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be an integer >= 0")
-    if not _is_int(max_iter) or max_iter < 1:
+    if not is_int(max_iter) or max_iter < 1:
         raise ConfigError(f"max_iter={max_iter!r} must be an integer >= 1")
-    if not (isinstance(tol, numbers.Real) and tol >= 0):
+    if not (isinstance(tol, numbers.Real) and float(tol) >= 0):
         raise ConfigError(f"tol={tol!r} must be a number >= 0")
     if cell_value not in CELL_VALUES:
         raise ConfigError(f"cell_value={cell_value!r}; choose one of {', '.join(CELL_VALUES)}")
     if init not in INITS:
         raise ConfigError(f"init={init!r}; choose one of {', '.join(INITS)}")
-    return Task(method, None if k is None else int(k), None if lam is None else float(lam),
-                None if target_bits is None else float(target_bits), bool(exact), int(seed), int(max_iter),
-                float(tol), cell_value, init)
+    return Task(
+        method,
+        None if k is None else int(k),
+        None if lam is None else float(lam),
+        None if target_bits is None else float(target_bits),
+        bool(exact),
+        int(seed),
+        int(max_iter),
+        float(tol),
+        cell_value,
+        init,
+    )
 
 
-def solve(w: np.ndarray, h: np.ndarray | None, pruned: np.ndarray | None, task: Task, *,
-          cap: bool = False) -> tuple[Quantization, bool]:
+def solve(
+    w: np.ndarray, h: np.ndarray | None, pruned: np.ndarray | None, task: Task, *, cap: bool = False
+) -> tuple[Quantization, bool]:
     """Quantize validated arrays; returns ``(result, capped)``.
 
     With ``cap``, a ``k`` beyond the distinct unpruned weights keeps them all instead of raising.
+
+    Every method is scale-equivariant: weights times ``2**a`` and importances times ``2**b`` give
+    the same indices, the codebook times ``2**a`` and the distortion times ``2**(b + 2a)`` (with
+    ``lam`` scaled alike). Weights whose largest magnitude, or importances whose largest entry,
+    lie outside ``[2**-SAFE_EXPONENT, 2**SAFE_EXPONENT]`` are therefore scaled by such a power of
+    two (exactly) into [0.5, 1) and the result scaled back: the solvers' squares and sums of
+    squares then neither overflow (weights of 1e300) nor underflow (denormal weights).
     """
+    a, b = _exponent(w), _exponent(h)
+    if task.lam is not None and task.lam > LAM_CAP:
+        task = replace(task, lam=LAM_CAP)
+    if a == 0 and b == 0:
+        return _solve(w, h, pruned, task, cap=cap)
+    e = b + 2 * a
+    lam = None if task.lam is None else min(_ldexp(task.lam, -e), LAM_CAP)
+    q, capped = _solve(
+        np.ldexp(w, -a),
+        None if h is None else np.ldexp(h, -b),
+        pruned,
+        replace(task, lam=lam),
+        cap=cap,
+    )
+    return replace(q, codebook=np.ldexp(q.codebook, a), distortion=_ldexp(q.distortion, e)), capped
+
+
+def _exponent(x: np.ndarray | None) -> int:
+    """``e`` with ``max |x| / 2**e`` in [0.5, 1) where ``max |x|`` lies outside the safe range,
+    else 0.
+    """
+    if x is None or x.size == 0:
+        return 0
+    top = max(float(np.max(x)), -float(np.min(x)))
+    if top == 0.0 or 2.0**-SAFE_EXPONENT <= top <= 2.0**SAFE_EXPONENT:
+        return 0
+    return int(np.frexp(top)[1])
+
+
+def _ldexp(x: float, e: int) -> float:
+    """``x * 2**e``, infinite where that overflows."""
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.inf
+
+
+def _solve(
+    w: np.ndarray, h: np.ndarray | None, pruned: np.ndarray | None, task: Task, *, cap: bool
+) -> tuple[Quantization, bool]:
+    """`solve` on weights and importances of safe magnitude."""
     n_pruned = 0 if pruned is None else int(np.count_nonzero(pruned))
     wu = w if pruned is None else w[~pruned]
     hu = None if h is None or task.method == "kmeans" else (h if pruned is None else h[~pruned])
     if wu.size == 0:
-        return _assemble(w, h, pruned, Fit(np.zeros(0), np.zeros(0, np.int64), 0.0), np.zeros(0, np.int32)), False
+        return _assemble(
+            w, h, pruned, Fit(np.zeros(0), np.zeros(0, np.int64), 0.0), np.zeros(0, np.int32)
+        ), False
     sw = sort_weights(wu, hu)
     if hu is not None and not sw.prefix([sw.size])[0, 0] > 0:
-        raise DataError(f"all {sw.size} importances of the unpruned weights are 0, so every quantization looks "
-                        "free; check the Hessian estimate, or use method='kmeans'")
+        raise DataError(
+            f"all {sw.size} importances of the unpruned weights are 0, so every quantization looks "
+            "free; check the Hessian estimate, or use method='kmeans'"
+        )
     result, capped = fit(sw, wu, hu, n_pruned, task, cap=cap)
-    labels = result.labels if result.labels is not None else _labels(sw, wu, result.thresholds)
+    if result.labels is not None:
+        labels = result.labels
+    else:
+        assert result.thresholds is not None  # a Fit has one or the other
+        labels = _labels(sw, wu, result.thresholds)
     q = _assemble(w, h, pruned, result, labels)
-    if hu is None and h is not None:  # plain k-means clustered without h; its distortion still uses h
+    if (
+        hu is None and h is not None
+    ):  # plain k-means clustered without h; its distortion still uses h
         q = replace(q, distortion=_distortion(w, h, q.codebook, q.indices))
     return q, capped
 
 
 def _labels(sw, wu: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Cluster of each weight: ``searchsorted(thresholds, w, "right")``: a scatter of sorted runs, a table, or a search."""
+    """Cluster of each weight, ``searchsorted(thresholds, w, "right")``: a scatter of sorted runs,
+    a table, or a search."""
     out = np.empty(wu.size, dtype=np.int32)
     if sw.order is not None:
         counts = np.diff(bounds_from_thresholds(sw, thresholds))
@@ -205,13 +329,16 @@ def _labels(sw, wu: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     if wu.dtype == np.float32 and thresholds.dtype == np.float32:
         return labels_f32(wu, thresholds)
     for s in range(0, wu.size, CHUNK):
-        out[s:s + CHUNK] = np.searchsorted(thresholds, wu[s:s + CHUNK], side="right")
+        out[s : s + CHUNK] = np.searchsorted(thresholds, wu[s : s + CHUNK], side="right")
     return out
 
 
 def _assemble(w, h, pruned, result: Fit, labels: np.ndarray) -> Quantization:
     """Add the pruned weights' 0.0 codeword, merge equal codewords, total distortion and entropy."""
-    book, counts = np.asarray(result.centers, dtype=np.float64), np.asarray(result.counts, dtype=np.int64)
+    book, counts = (
+        np.asarray(result.centers, dtype=np.float64),
+        np.asarray(result.counts, dtype=np.int64),
+    )
     distortion = result.distortion
     if pruned is None:
         indices = labels.astype(np.int32, copy=False)
@@ -225,12 +352,14 @@ def _assemble(w, h, pruned, result: Fit, labels: np.ndarray) -> Quantization:
         book, inverse = np.unique(book, return_inverse=True)
         counts = np.bincount(inverse, weights=counts, minlength=book.size).astype(np.int64)
         indices = inverse.astype(np.int32)[indices]
-    return Quantization(book + 0.0, indices, distortion, entropy_bits(counts))  # + 0.0 turns -0.0 into 0.0
+    return Quantization(
+        book + 0.0, indices, distortion, entropy_bits(counts)
+    )  # + 0.0 turns -0.0 into 0.0
 
 
 def _distortion(w, h, book, indices) -> float:
     total = 0.0
     for s in range(0, w.size, CHUNK):
-        e = (w[s:s + CHUNK].astype(np.float64) - book[indices[s:s + CHUNK]]) ** 2
-        total += float(e.sum() if h is None else np.dot(h[s:s + CHUNK].astype(np.float64), e))
+        e = (w[s : s + CHUNK].astype(np.float64) - book[indices[s : s + CHUNK]]) ** 2
+        total += float(e.sum() if h is None else np.dot(h[s : s + CHUNK].astype(np.float64), e))
     return total

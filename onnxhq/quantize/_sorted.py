@@ -54,14 +54,16 @@ class SortedWeights:
     def size(self) -> int:
         return int(self.values.size)
 
-    def prefix(self, pos: np.ndarray) -> np.ndarray:
-        """Moments ``(S0, S1, S2)`` of ``values[:p]`` for each ``p`` in ``pos``; shape (3, len(pos))."""
+    def prefix(self, pos: np.ndarray | list[int]) -> np.ndarray:
+        """Moments ``(S0, S1, S2)`` of ``values[:p]`` for each ``p`` in ``pos``: (3, len(pos))."""
         pos = np.asarray(pos, dtype=np.int64)
         if not self.size:
             return np.zeros((3, pos.size))
         start = pos - pos % self.block
         lane = np.arange(self.block)
-        idx = np.minimum(start[:, None] + lane, self.size - 1)  # (len(pos), block): the block from start
+        idx = np.minimum(
+            start[:, None] + lane, self.size - 1
+        )  # (len(pos), block): the block from start
         h = (lane < (pos - start)[:, None]).astype(np.float64)  # only the weights before p count
         if self.weights is not None:
             h *= self.weights[idx]
@@ -72,23 +74,37 @@ class SortedWeights:
 
     def positions(self, thresholds: np.ndarray) -> np.ndarray:
         """Number of weights below each threshold (thresholds are compared in the values' dtype)."""
-        return np.searchsorted(self.values, np.asarray(thresholds).astype(self.values.dtype), side="left")
+        return np.searchsorted(
+            self.values, np.asarray(thresholds).astype(self.values.dtype), side="left"
+        )
 
     def distinct(self) -> int:
         """Number of distinct values."""
         v, last = self.values, self.values.size - 1
-        return 1 + sum(int(np.count_nonzero(v[s + 1:min(s + CHUNK, last) + 1] != v[s:min(s + CHUNK, last)]))
-                       for s in range(0, last, CHUNK)) if v.size else 0
+        return (
+            1
+            + sum(
+                int(
+                    np.count_nonzero(
+                        v[s + 1 : min(s + CHUNK, last) + 1] != v[s : min(s + CHUNK, last)]
+                    )
+                )
+                for s in range(0, last, CHUNK)
+            )
+            if v.size
+            else 0
+        )
 
     def lossless_bits(self, extra: int = 0) -> float:
-        """Entropy in bits of the distinct values' multiplicities, plus one symbol of ``extra`` counts.
+        """Entropy in bits of the distinct values' multiplicities, with a symbol of ``extra``
+        counts.
 
         Runs of equal values are counted chunk by chunk, so no array of all run lengths is made.
         """
         v, total, carry = self.values, 0.0, 0
         for s in range(0, v.size, CHUNK):
             e = min(s + CHUNK, v.size)
-            starts = np.flatnonzero(v[s + 1:e] != v[s:e - 1]) + 1
+            starts = np.flatnonzero(v[s + 1 : e] != v[s : e - 1]) + 1
             runs = np.diff(np.concatenate([[0], starts, [e - s]])).astype(np.float64)
             runs[0] += carry
             carry = 0
@@ -110,10 +126,10 @@ def sort_weights(w: np.ndarray, h: np.ndarray | None) -> SortedWeights:
     order = None
     if w.dtype == np.float32 and h is None:
         values, weights = np.sort(w), None
-    elif w.dtype == np.float32 and (h.dtype == np.float32 or w.size > ORDER_MAX):
+    elif w.dtype == np.float32 and h is not None and (h.dtype == np.float32 or w.size > ORDER_MAX):
         values, bits = _sort_f32(w, h.astype(np.float32, copy=False).view(np.uint32), stable=False)
         weights = bits.view(np.float32).astype(h.dtype, copy=False)
-    elif w.dtype == np.float32:  # float64 importances, kept exact: carry the index, then gather
+    elif w.dtype == np.float32 and h is not None:  # float64 importances, kept exact: gather them
         values, order = _sort_f32(w, np.arange(w.size, dtype=np.uint32), stable=True)
         order = order.astype(np.intp)
         weights = h[order]
@@ -123,7 +139,9 @@ def sort_weights(w: np.ndarray, h: np.ndarray | None) -> SortedWeights:
         order = order if w.size <= ORDER_MAX else None
     m = values.size
     shift = float(values[m // 2]) if m else 0.0
-    return SortedWeights(values, weights, shift, BLOCK, _block_prefix(values, weights, shift, BLOCK), order)
+    return SortedWeights(
+        values, weights, shift, BLOCK, _block_prefix(values, weights, shift, BLOCK), order
+    )
 
 
 def _sort_f32(w: np.ndarray, tag: np.ndarray, *, stable: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -148,14 +166,16 @@ def _sort_f32(w: np.ndarray, tag: np.ndarray, *, stable: bool) -> tuple[np.ndarr
     key = buf[:n]
     halves = key.view(np.uint32).reshape(n, 2)
     lo, hi = (0, 1) if np.little_endian else (1, 0)
-    sign = np.empty(min(n, CHUNK) if stable else 0, dtype=np.int32)  # 0, or -1 (all bits set) where w < 0
+    sign = np.empty(
+        min(n, CHUNK) if stable else 0, dtype=np.int32
+    )  # 0, or -1 (all bits set) where w < 0
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         top = halves[s:e, hi]
         np.add(w[s:e], np.float32(0.0), out=top.view(np.float32))  # -0.0 + 0.0 is 0.0
         if stable:
-            np.right_shift(top.view(np.int32), 31, out=sign[:e - s])
-            np.bitwise_xor(tag[s:e], sign[:e - s].view(np.uint32), out=halves[s:e, lo])
+            np.right_shift(top.view(np.int32), 31, out=sign[: e - s])
+            np.bitwise_xor(tag[s:e], sign[: e - s].view(np.uint32), out=halves[s:e, lo])
         else:
             halves[s:e, lo] = tag[s:e]
     key.sort()
@@ -165,14 +185,16 @@ def _sort_f32(w: np.ndarray, tag: np.ndarray, *, stable: bool) -> tuple[np.ndarr
         e = min(n, s + CHUNK)
         np.copyto(values[s:e].view(np.uint32), halves[s:e, hi])
         if stable:
-            np.right_shift(values[s:e].view(np.int32), 31, out=sign[:e - s])
-            np.bitwise_xor(halves[s:e, lo], sign[:e - s].view(np.uint32), out=tags[s:e])
+            np.right_shift(values[s:e].view(np.int32), 31, out=sign[: e - s])
+            np.bitwise_xor(halves[s:e, lo], sign[: e - s].view(np.uint32), out=tags[s:e])
         else:
             tags[s:e] = halves[s:e, lo]
     return values, tags
 
 
-def _block_prefix(values: np.ndarray, weights: np.ndarray | None, shift: float, block: int) -> np.ndarray:
+def _block_prefix(
+    values: np.ndarray, weights: np.ndarray | None, shift: float, block: int
+) -> np.ndarray:
     """Moments of ``values[:j * block]`` for each ``j``: shape (3, m // block + 1).
 
     Each block's sums are one ``einsum`` over a (blocks, block) view, chunk by chunk: the float64
@@ -207,7 +229,8 @@ def interval_sums(sw: SortedWeights, bounds: np.ndarray) -> np.ndarray:
 
 
 def bounds_from_thresholds(sw: SortedWeights, thresholds: np.ndarray) -> np.ndarray:
-    """Interval boundaries ``[0, positions..., m]`` for thresholds (weight >= threshold goes right)."""
+    """Interval boundaries ``[0, positions..., m]`` of thresholds (weights >= a threshold go
+    right)."""
     return np.concatenate([[0], sw.positions(thresholds), [sw.size]]).astype(np.int64)
 
 
@@ -221,7 +244,7 @@ def drop_empty(sw: SortedWeights, thresholds: np.ndarray) -> np.ndarray:
 
 
 def means(sw: SortedWeights, bounds: np.ndarray, sums: np.ndarray) -> np.ndarray:
-    """Weighted mean of each (nonempty) interval; intervals of zero importance take their midrange."""
+    """Weighted mean of each (nonempty) interval; one of zero importance takes its midrange."""
     s0, s1 = sums[0], sums[1]
     weighed = s0 > 0
     if weighed.all():
@@ -248,7 +271,9 @@ def labels_f32(w: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     searched.
     """
     t = np.asarray(thresholds, dtype=np.float32)
-    first = (np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)).view(np.float32)  # a float in each bucket
+    first = (np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)).view(
+        np.float32
+    )  # a float in each bucket
     with np.errstate(invalid="ignore"):  # NaN buckets, which hold no finite weight
         table = np.searchsorted(t, first, side="right").astype(np.int32)
     table[t.view(np.uint32) >> np.uint32(16)] = -1
@@ -258,7 +283,7 @@ def labels_f32(w: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     bucket = np.empty(min(w.size, PASS_CHUNK), dtype=np.uint32)
     for s in range(0, w.size, PASS_CHUNK):
         e = min(w.size, s + PASS_CHUNK)
-        b = bucket[:e - s]
+        b = bucket[: e - s]
         np.right_shift(w[s:e].view(np.uint32), np.uint32(16), out=b)
         np.take(table, b, out=out[s:e], mode="clip")  # always in range; mode "raise" would buffer
         mixed = s + np.flatnonzero(out[s:e] < 0)

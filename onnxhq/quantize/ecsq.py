@@ -1,7 +1,7 @@
 """Iterative entropy-constrained scalar quantization (Chou, Lookabaugh & Gray 1989), weighted.
 
-Minimises ``J = D + lam R`` with ``D = sum_i h_i (w_i - c_{a(i)})^2`` and ``R = sum_i l_{a(i)}``, the
-ideal code length ``l_j = -log2(n_j / N)`` in bits. Each iteration assigns every weight to
+Minimises ``J = D + lam R`` with ``D = sum_i h_i (w_i - c_{a(i)})^2`` and ``R = sum_i l_{a(i)}``,
+the ideal code length ``l_j = -log2(n_j / N)`` in bits. Each iteration assigns every weight to
 ``argmin_j h_i (w_i - c_j)^2 + lam l_j``, then sets each center to its cluster's weighted mean and
 each length to the cluster's ideal code length, and drops empty clusters; ``J`` never rises.
 
@@ -55,7 +55,7 @@ class EcsqResult:
 
 @dataclass(frozen=True)
 class _Points:
-    """Weighted points to cluster: value, importance per member, members (None: 1), sorted or not."""
+    """Weighted points to cluster: value, importance per member, members (None: 1), sorted?"""
 
     x: np.ndarray
     h: np.ndarray | None
@@ -79,8 +79,20 @@ def unit_points(sw: SortedWeights, units: Units) -> _Points:
     return _Points(x, s[0] / n, n, True, float(spread.sum()))
 
 
-def ecsq(sw: SortedWeights, w: np.ndarray, h: np.ndarray | None, units: Units | None, centers: np.ndarray,
-         lengths: np.ndarray, *, lam: float, n_total: int, max_iter: int, tol: float, polish: int) -> EcsqResult:
+def ecsq(
+    sw: SortedWeights,
+    w: np.ndarray,
+    h: np.ndarray | None,
+    units: Units | None,
+    centers: np.ndarray,
+    lengths: np.ndarray,
+    *,
+    lam: float,
+    n_total: int,
+    max_iter: int,
+    tol: float,
+    polish: int,
+) -> EcsqResult:
     """ECSQ from ``centers`` (ascending) with code ``lengths``, on units then per weight.
 
     ``sw`` holds the weights that clustering may move, sorted; ``w`` and ``h`` (None: all ones)
@@ -95,7 +107,9 @@ def ecsq(sw: SortedWeights, w: np.ndarray, h: np.ndarray | None, units: Units | 
         used += it
     if polish > 0 or units is None or units.size == sw.size:
         rounds = max_iter if units is None or units.size == sw.size else polish
-        c, pen, _, it = _iterate(_Points(sw.values, sw.weights, None, True), c, pen, lam, n_total, rounds, tol)
+        c, pen, _, it = _iterate(
+            _Points(sw.values, sw.weights, None, True), c, pen, lam, n_total, rounds, tol
+        )
         used += it
     # One more assignment, in the caller's order, gives the labels (J can only fall again).
     points = _Points(w, h, None, False)
@@ -105,11 +119,18 @@ def ecsq(sw: SortedWeights, w: np.ndarray, h: np.ndarray | None, units: Units | 
     return EcsqResult(c, labels, counts, dist, obj, used)
 
 
-def _iterate(points: _Points, c: np.ndarray, pen: np.ndarray, lam: float, n_total: int, max_iter: int,
-             tol: float):
-    """CLG iterations from ``(c, pen)``; returns the last centers, penalties, J and iterations run."""
-    prev, it = np.inf, 0
-    for it in range(1, max_iter + 1):
+def _iterate(
+    points: _Points,
+    c: np.ndarray,
+    pen: np.ndarray,
+    lam: float,
+    n_total: int,
+    max_iter: int,
+    tol: float,
+):
+    """CLG iterations from ``(c, pen)``; returns the last centers, penalties, J and iterations."""
+    prev, it, obj = np.inf, 0, np.inf
+    for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
         c, _, counts, dist = _update(points, _assign(points, c, pen), len(c))
         pen = lam * code_lengths(counts, n_total)
         obj = dist + float(np.dot(counts, pen))
@@ -165,13 +186,17 @@ def _assign(points: _Points, c: np.ndarray, pen: np.ndarray) -> np.ndarray:
 
 
 def _update(points: _Points, labels: np.ndarray, k: int):
-    """Centers as weighted means of the nonempty clusters (ascending), relabelled; their sizes and D."""
+    """Centers as weighted means of the nonempty clusters (ascending), relabelled; sizes and D."""
     counts = np.zeros(k)
     s0, s1, sx = np.zeros(k), np.zeros(k), np.zeros(k)
     for s in range(0, points.x.size, CHUNK):
-        lab, x = labels[s:s + CHUNK], points.x[s:s + CHUNK].astype(np.float64)
-        m = np.ones_like(x) if points.mult is None else points.mult[s:s + CHUNK].astype(np.float64)
-        hm = m if points.h is None else points.h[s:s + CHUNK] * m
+        lab, x = labels[s : s + CHUNK], points.x[s : s + CHUNK].astype(np.float64)
+        m = (
+            np.ones_like(x)
+            if points.mult is None
+            else points.mult[s : s + CHUNK].astype(np.float64)
+        )
+        hm = m if points.h is None else points.h[s : s + CHUNK] * m
         counts += np.bincount(lab, weights=m, minlength=k)
         s0 += np.bincount(lab, weights=hm, minlength=k)
         s1 += np.bincount(lab, weights=hm * x, minlength=k)
@@ -186,11 +211,11 @@ def _update(points: _Points, labels: np.ndarray, k: int):
     c, counts = c[order], np.rint(counts[keep][order]).astype(np.int64)
     dist = points.const
     for s in range(0, points.x.size, CHUNK):
-        x = points.x[s:s + CHUNK].astype(np.float64)
-        err = (x - c[labels[s:s + CHUNK]]) ** 2
+        x = points.x[s : s + CHUNK].astype(np.float64)
+        err = (x - c[labels[s : s + CHUNK]]) ** 2
         if points.h is not None:
-            err *= points.h[s:s + CHUNK]
+            err *= points.h[s : s + CHUNK]
         if points.mult is not None:
-            err *= points.mult[s:s + CHUNK]
+            err *= points.mult[s : s + CHUNK]
         dist += float(err.sum())
     return c, labels, counts, dist

@@ -35,7 +35,8 @@ from ._sorted import SortedWeights
 
 #: Default number of DP units for k-means (bins beyond this many weights).
 KMEANS_UNITS = 1 << 16
-#: Up to this many units, each k-means layer is one dense (u x u) minimum instead of divide and conquer.
+#: Up to this many units, each k-means layer is one dense (u x u) minimum instead of divide and
+#: conquer.
 DENSE_UNITS = 512
 #: Default number of DP units for the O(m^2) ECSQ recursion.
 ECSQ_UNITS = 1 << 12
@@ -64,7 +65,7 @@ class Units:
 
 
 def make_units(sw: SortedWeights, max_units: int) -> Units:
-    """Single weights when there are at most ``max_units``, else equal-width plus equal-count bins."""
+    """Single weights when there are at most ``max_units``, else equal-width + equal-count bins."""
     m, v = sw.size, sw.values
     if m <= max_units:
         bounds = np.arange(m + 1, dtype=np.int64)
@@ -100,7 +101,7 @@ def kmeans_dp(units: Units, k: int) -> np.ndarray:
     for j in range(2, k + 1):
         g = np.full(u + 1, np.inf)
         if dense is not None and j < k:
-            val = dense[j:, j - 1:] + f[j - 1:]  # val[b - j, a - j + 1] = F[j-1][a] + D(a, b)
+            val = dense[j:, j - 1 :] + f[j - 1 :]  # val[b - j, a - j + 1] = F[j-1][a] + D(a, b)
             best = np.argmin(val, axis=1)
             opt[j, j:] = best + j - 1
             g[j:] = val[np.arange(best.size), best]
@@ -120,7 +121,7 @@ def kmeans_dp(units: Units, k: int) -> np.ndarray:
 
 
 def _dense_costs(cum: np.ndarray, u: int) -> np.ndarray:
-    """``out[b, a] = D(a, b)`` for all unit pairs, ``inf`` where ``a >= b``; shape (u + 1, u + 1)."""
+    """``out[b, a] = D(a, b)`` for all unit pairs, ``inf`` where ``a >= b``: (u + 1, u + 1)."""
     b, a = np.tril_indices(u + 1, k=-1)
     out = np.full((u + 1, u + 1), np.inf)
     out[b, a] = _sse(cum, a, b)
@@ -128,7 +129,7 @@ def _dense_costs(cum: np.ndarray, u: int) -> np.ndarray:
 
 
 def _layer(f: np.ndarray, g: np.ndarray, opt: np.ndarray, cum: np.ndarray, j: int, u: int) -> None:
-    """One DP layer by divide and conquer: ``g[b] = min_{a in [j-1, b-1]} f[a] + D(a, b)`` for b >= j."""
+    """One DP layer, divide and conquer: ``g[b] = min_{a in [j-1, b-1]} f[a] + D(a, b)``, b >= j."""
     b_lo, b_hi = np.array([j]), np.array([u])
     o_lo, o_hi = np.array([j - 1]), np.array([u - 1])
     while b_lo.size:
@@ -146,12 +147,19 @@ def _layer(f: np.ndarray, g: np.ndarray, opt: np.ndarray, cum: np.ndarray, j: in
         g[mid], opt[mid] = low, best
         left = b_lo <= mid - 1
         right = mid + 1 <= b_hi
-        b_lo, b_hi = np.concatenate([b_lo[left], mid[right] + 1]), np.concatenate([mid[left] - 1, b_hi[right]])
-        o_lo, o_hi = np.concatenate([o_lo[left], best[right]]), np.concatenate([best[left], o_hi[right]])
+        b_lo, b_hi = (
+            np.concatenate([b_lo[left], mid[right] + 1]),
+            np.concatenate([mid[left] - 1, b_hi[right]]),
+        )
+        o_lo, o_hi = (
+            np.concatenate([o_lo[left], best[right]]),
+            np.concatenate([best[left], o_hi[right]]),
+        )
 
 
 def ecsq_dp(units: Units, lam: float, n_total: int) -> np.ndarray:
-    """Unit boundaries of the interval partition minimising ``D + lam * sum_j n_j log2(n_total / n_j)``."""
+    """Unit boundaries of the interval partition minimising
+    ``D + lam * sum_j n_j log2(n_total / n_j)``."""
     u, cum = units.size, units.cum
     count = units.bounds.astype(np.float64)
     f = np.zeros(u + 1)

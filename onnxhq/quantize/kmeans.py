@@ -19,9 +19,11 @@ import numpy as np
 
 from ._sorted import SortedWeights, bounds_from_thresholds, drop_empty, interval_sums, means, sse
 
-#: Candidates per boundary and level in `refine`: its cost grows as k REFINE_WIDTH^2 log(m) / log(REFINE_WIDTH).
+#: Candidates per boundary and level in `refine`: its cost grows as
+#: k REFINE_WIDTH^2 log(m) / log(REFINE_WIDTH).
 REFINE_WIDTH = 16
-#: `refine` stops once candidates are this few weights apart: Lloyd's iteration converges fast from there.
+#: `refine` stops once candidates are this few weights apart: Lloyd's iteration converges fast
+#: from there.
 REFINE_FINEST = 64
 
 
@@ -47,7 +49,8 @@ class LloydResult:
 
 
 def lloyd(sw: SortedWeights, centers: np.ndarray, *, max_iter: int, tol: float) -> LloydResult:
-    """Lloyd's iteration from ``centers`` (sorted, k <= distinct values) until the partition is stable.
+    """Lloyd's iteration from ``centers`` (sorted, k <= distinct values) until the partition is
+    stable.
 
     Stops when the partition repeats, when the objective falls by less than ``tol`` (relative) in
     one step, or after ``max_iter`` steps. Clusters that empty out are refilled by splitting the
@@ -56,11 +59,13 @@ def lloyd(sw: SortedWeights, centers: np.ndarray, *, max_iter: int, tol: float) 
     dtype = sw.values.dtype
     c = np.sort(np.asarray(centers, dtype=np.float64))
     prev_bounds, prev_obj = np.zeros(0, dtype=np.int64), np.inf
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
         cuts = np.empty(c.size + 1, dtype=dtype)  # the k - 1 thresholds, between -inf and inf
         cuts[0], cuts[-1] = -np.inf, np.inf
         cuts[1:-1] = (c[1:] + c[:-1]) / 2
-        bounds = sw.values.searchsorted(cuts, side="left")  # 0 and m at the ends: weights are finite
+        bounds = sw.values.searchsorted(
+            cuts, side="left"
+        )  # 0 and m at the ends: weights are finite
         t = cuts[1:-1]
         if not (bounds[1:] > bounds[:-1]).all():
             t, bounds = _refill(sw, drop_empty(sw, t), c.size)
@@ -88,8 +93,9 @@ def _update(sw: SortedWeights, bounds: np.ndarray) -> tuple[np.ndarray, float]:
     return d + sw.shift, float(np.maximum(s2 - d * s1, 0.0).sum())
 
 
-def refine(sw: SortedWeights, bounds: np.ndarray, *, width: int = REFINE_WIDTH,
-           finest: int = REFINE_FINEST) -> np.ndarray:
+def refine(
+    sw: SortedWeights, bounds: np.ndarray, *, width: int = REFINE_WIDTH, finest: int = REFINE_FINEST
+) -> np.ndarray:
     """Move the inner boundaries of a partition to the best places near them; never makes it worse.
 
     ``bounds`` (k + 1,) int64: 0, the inner boundaries (ascending, each at the start of a run of
@@ -133,7 +139,9 @@ def _best_path(sw: SortedWeights, cand: np.ndarray) -> np.ndarray:
     score, cols = first, np.arange(cand.shape[1])
     back = np.empty((links.shape[0], cand.shape[1]), dtype=np.intp)
     for j, link in enumerate(links):
-        via = link + score[:, None]  # via[a, b]: best score ending at cand[j, a], then on to cand[j + 1, b]
+        via = (
+            link + score[:, None]
+        )  # via[a, b]: best score ending at cand[j, a], then on to cand[j + 1, b]
         back[j] = via.argmax(axis=0)
         score = via[back[j], cols]
     pick = np.empty(cand.shape[0], dtype=np.intp)
@@ -144,7 +152,8 @@ def _best_path(sw: SortedWeights, cand: np.ndarray) -> np.ndarray:
 
 
 def _explained(s: np.ndarray) -> np.ndarray:
-    """``S1^2 / S0`` of moments ``s`` (2, ...): the part of ``S2`` an interval's mean takes away (0 where ``S0`` is)."""
+    """``S1^2 / S0`` of moments ``s`` (2, ...): the part of ``S2`` an interval's mean takes away
+    (0 where ``S0`` is)."""
     out = np.zeros_like(s[1])
     np.divide(s[1] * s[1], s[0], out=out, where=s[0] > 0)
     return out
@@ -162,7 +171,7 @@ def _refill(sw: SortedWeights, thresholds: np.ndarray, k: int) -> tuple[np.ndarr
         if not np.any(splittable):
             break
         j = int(np.argmax(np.where(splittable, err, -1.0)))
-        mean = means(sw, bounds[j:j + 2], sums[:, j:j + 1])[0]
+        mean = means(sw, bounds[j : j + 2], sums[:, j : j + 1])[0]
         p = int(np.clip(np.searchsorted(sw.values, mean, side="left"), lo[j] + 1, hi[j] - 1))
         p = int(np.searchsorted(sw.values, sw.values[p], side="left"))
         if p <= lo[j]:
@@ -171,7 +180,9 @@ def _refill(sw: SortedWeights, thresholds: np.ndarray, k: int) -> tuple[np.ndarr
     return t, bounds_from_thresholds(sw, t)
 
 
-def seed_centers(sw: SortedWeights, k: int, rng: np.random.Generator, *, n_trials: int | None = None) -> np.ndarray:
+def seed_centers(
+    sw: SortedWeights, k: int, rng: np.random.Generator, *, n_trials: int | None = None
+) -> np.ndarray:
     """Greedy weighted k-means++: up to ``k`` distinct sorted centers drawn from the weights.
 
     Each step draws ``n_trials`` candidates (default ``2 + floor(ln k)``, as scikit-learn) with
@@ -182,7 +193,9 @@ def seed_centers(sw: SortedWeights, k: int, rng: np.random.Generator, *, n_trial
     n_trials = 2 + int(np.log(k)) if n_trials is None else n_trials
     m = sw.size
     u = rng.random() * sw.prefix([m])[0, 0]
-    first = _search(sw, np.zeros(1, np.int64), np.full(1, m), np.zeros(1), np.array([u]), weight_only=True)[0]
+    first = _search(
+        sw, np.zeros(1, np.int64), np.full(1, m), np.zeros(1), np.array([u]), weight_only=True
+    )[0]
     c = np.array([float(sw.values[first])])
     stalls = 0
     while len(c) < k and stalls < 3:
@@ -207,7 +220,9 @@ def _voronoi_bounds(sw: SortedWeights, c: np.ndarray) -> np.ndarray:
     return bounds_from_thresholds(sw, (c[1:] + c[:-1]) / 2)
 
 
-def _gain(sw: SortedWeights, c: np.ndarray, bounds: np.ndarray, pot: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _gain(
+    sw: SortedWeights, c: np.ndarray, bounds: np.ndarray, pot: np.ndarray, x: np.ndarray
+) -> np.ndarray:
     """Change of the potential when each candidate ``x`` joins the centers ``c``.
 
     A new center only takes weights from the intervals of its two neighbours, so each candidate
@@ -229,9 +244,18 @@ def _gain(sw: SortedWeights, c: np.ndarray, bounds: np.ndarray, pot: np.ndarray,
     return new - pext[i] - pext[i + 1]
 
 
-def _search(sw: SortedWeights, lo: np.ndarray, hi: np.ndarray, c: np.ndarray, target: np.ndarray, *,
-            weight_only: bool = False, fan: int = 64) -> np.ndarray:
-    """Per query, the position p in [lo, hi) where the running potential of ``[lo, p]`` passes target.
+def _search(
+    sw: SortedWeights,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    c: np.ndarray,
+    target: np.ndarray,
+    *,
+    weight_only: bool = False,
+    fan: int = 64,
+) -> np.ndarray:
+    """Per query, the position p in [lo, hi) where the running potential of ``[lo, p]`` passes
+    target.
 
     The running potential is ``sum h (w - c)^2`` (or ``sum h`` with ``weight_only``) from ``lo``;
     it is nondecreasing in p, so a vectorised search over all queries finds p, narrowing each

@@ -30,19 +30,14 @@ P = TypeVar("P")
 Fit = Callable[[float], tuple[float, P]]
 
 
-def entropy_bits(counts: np.ndarray) -> float:
-    """Empirical entropy ``-sum p log2 p`` of symbol counts, in bits per symbol."""
-    counts = np.asarray(counts, dtype=np.float64)
-    counts = counts[counts > 0]
-    n = counts.sum()
-    if n == 0:
-        return 0.0
-    p = counts / n
-    return float(max(-np.dot(p, np.log2(p)), 0.0))
-
-
-def search_k(fit: Callable[[int], tuple[float, P]], target: float, k_min: int, k_max: int, *,
-             tol: float = RATE_TOL) -> P:
+def search_k(
+    fit: Callable[[int], tuple[float, P]],
+    target: float,
+    k_min: int,
+    k_max: int,
+    *,
+    tol: float = RATE_TOL,
+) -> P:
     """Largest ``k`` in ``[k_min, k_max]`` whose rate is at most ``target`` (rate grows with k).
 
     ``fit(k_min)`` must meet the target. Brackets by doubling, then bisects on integers.
@@ -68,15 +63,27 @@ def search_k(fit: Callable[[int], tuple[float, P]], target: float, k_min: int, k
     return good
 
 
-def search_falling(fit: Fit, target: float, start: float, *, tol: float = RATE_TOL, max_steps: int = 60) -> P:
-    """A knob value ``x > 0`` whose rate is at most ``target``, within ``tol`` of it if it can (rate falls with x).
+def search_falling(
+    fit: Fit[P],
+    target: float,
+    start: float,
+    *,
+    tol: float = RATE_TOL,
+    max_steps: int = 60,
+    lowest_x: float = 0.0,
+) -> P:
+    """A knob value ``x > 0`` whose rate is at most ``target``, within ``tol`` of it if it can
+    (rate falls with x).
 
     Starts at ``start`` and moves by factors of 4 until the target is bracketed, then narrows the
     bracket by false position on ``(log x, rate)`` (rates are close to linear in ``log x`` for both
     the grid step and lambda), falling back to bisection when a step would land near an end.
-    Raises ConfigError when no knob value tried reaches the target.
+    It goes no lower than ``lowest_x`` (where the rate stops rising, e.g. the finest grid the
+    weights' precision resolves), and no higher than a finite float: the fit at the end reached
+    is then the answer, below the target. Raises ConfigError when no knob value tried reaches the
+    target.
     """
-    x = start
+    x = max(float(start), lowest_x)
     bits, payload = fit(x)
     good = (np.log(x), bits, payload) if bits <= target else None
     bad = None if bits <= target else (np.log(x), bits)
@@ -84,7 +91,10 @@ def search_falling(fit: Fit, target: float, start: float, *, tol: float = RATE_T
     for _ in range(max_steps):
         if (good is not None and bad is not None) or (good is not None and good[1] >= target - tol):
             break
-        x = x / 4 if bad is None else x * 4
+        nxt = max(x / 4, lowest_x) if bad is None else x * 4
+        if nxt == x or not np.isfinite(nxt) or nxt <= 0:
+            break
+        x = nxt
         bits, payload = fit(x)
         lowest = min(lowest, bits)
         if bits <= target:
@@ -92,8 +102,10 @@ def search_falling(fit: Fit, target: float, start: float, *, tol: float = RATE_T
         else:
             bad = (np.log(x), bits)
     if good is None:
-        raise ConfigError(f"target_bits={target:g} is not reached: the lowest rate found was {lowest:.4f} "
-                          "bits/weight; ask for more bits")
+        raise ConfigError(
+            f"target_bits={target:g} is not reached: the lowest rate found was {lowest:.4f} "
+            "bits/weight; ask for more bits"
+        )
     for _ in range(max_steps):
         if bad is None or good[1] >= target - tol or good[0] - bad[0] < MIN_LOG_WIDTH:
             break

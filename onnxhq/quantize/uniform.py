@@ -4,6 +4,12 @@ Cell ``j`` holds the weights with ``floor(w / step + 1/2) == j``, i.e. ``[(j - 1
 step)``. Its value is the importance-weighted mean of its members (the paper's choice, which
 makes uniform quantization plus entropy coding close to the optimal entropy-constrained
 quantizer at high rate) or the grid point ``j * step``.
+
+No grid is finer than `finest_step`, two units in the last place of the largest weight: a finer
+grid separates no more weights at the top, its thresholds (rounded to the weights' dtype) would
+land on the weights and merge cells far apart, and its cell numbers would outgrow float64's
+integers (and then int64). Weights far smaller than the largest then share the zero cell, with
+an error below that step.
 """
 
 from __future__ import annotations
@@ -15,11 +21,20 @@ from ._sorted import SortedWeights, bounds_from_thresholds, interval_sums, means
 CELL_VALUES = ("mean", "grid")
 
 
+def finest_step(sw: SortedWeights) -> float:
+    """The smallest grid step worth using: ``2 * eps * max |w|`` in the weights' dtype (> 0).
+
+    Cell numbers then stay below ``2**23`` (float32 weights) or ``2**52`` (float64).
+    """
+    top = max(abs(float(sw.values[0])), abs(float(sw.values[-1]))) if sw.size else 0.0
+    return max(2.0 * float(np.finfo(sw.values.dtype).eps) * top, np.finfo(np.float64).tiny)
+
+
 def occupied_cells(sw: SortedWeights, step: float) -> tuple[np.ndarray, np.ndarray]:
     """Cell numbers of the occupied cells and the thresholds between them (in the weights' dtype).
 
-    Returns ``(cells (c,) int64, thresholds (c - 1,))``; weight ``x`` is in occupied cell
-    ``searchsorted(thresholds, x, side="right")``.
+    ``step`` is at least `finest_step`. Returns ``(cells (c,) int64, thresholds (c - 1,))``;
+    weight ``x`` is in occupied cell ``searchsorted(thresholds, x, side="right")``.
     """
     v = sw.values
     lo, hi = _cell(float(v[0]), step), _cell(float(v[-1]), step)
@@ -30,20 +45,33 @@ def occupied_cells(sw: SortedWeights, step: float) -> tuple[np.ndarray, np.ndarr
     else:
         ids = np.floor(v / np.float64(step) + 0.5)
         cells = ids[np.concatenate([[True], ids[1:] != ids[:-1]])].astype(np.int64)
-    while True:  # thresholds are rounded to the weights' dtype: drop any cell that rounding emptied
-        t = ((cells[:-1] + 0.5) * step).astype(v.dtype)
+    # Thresholds in the weights' dtype, rounded up: a weight below a cell's edge stays below the
+    # rounded edge (rounded to nearest, it could land on the weight, empty the cell and merge the
+    # weight with the next occupied cell, however far). The loop is a safety net only.
+    while True:
+        t = _round_up((cells[:-1] + 0.5) * step, v.dtype)
         counts = np.diff(bounds_from_thresholds(sw, t))
         if np.all(counts > 0):
             return cells, t
         cells = cells[counts > 0]
 
 
+def _round_up(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The least value of ``dtype`` at or above each of ``x`` (float64)."""
+    t = x.astype(dtype)
+    low = t.astype(np.float64) < x
+    if np.any(low):
+        t[low] = np.nextafter(t[low], dtype.type(np.inf))
+    return t
+
+
 def _cell(x: float, step: float) -> int:
     return int(np.floor(x / step + 0.5))
 
 
-def cell_centers(sw: SortedWeights, cells: np.ndarray, thresholds: np.ndarray, step: float, *,
-                 cell_value: str) -> tuple[np.ndarray, np.ndarray]:
+def cell_centers(
+    sw: SortedWeights, cells: np.ndarray, thresholds: np.ndarray, step: float, *, cell_value: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Each occupied cell's value and the cells' moments ``(3, c)``.
 
     ``cell_value="mean"`` takes the weighted mean (the grid point where a cell has zero importance);
@@ -68,7 +96,7 @@ def step_for_levels(vmin: float, vmax: float, levels: int) -> float:
     if top == 0.0:
         return 1.0
     hi = 2.0 * top * (1 + 1e-9) + np.finfo(np.float64).tiny
-    lo = hi * 2.0 ** -60
+    lo = hi * 2.0**-60
     if _cell(vmax, lo) - _cell(vmin, lo) + 1 <= levels:
         return lo
     for _ in range(200):

@@ -12,40 +12,23 @@ symbols, which lets :mod:`.huffdecode` decode all blocks at once.
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
-from .errors import ConfigError, SidecarError
+from ..errors import ConfigError, SidecarError
+from ..numeric import is_int
 
 MAX_LENGTH = 20
 """Longest code length supported: the decode table has ``2**max_length`` entries."""
 MAX_PAYLOAD = 1 << 29
 """Largest payload of one stream in bytes (bit positions must fit in uint32)."""
 MAX_EXTRA = 31
-"""Most extra bits one symbol may carry (code + extra bits stay below 64, the decoder's length field)."""
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+"""Most extra bits one symbol may carry (code + extra bits stay below 64, the decoder's length
+field)."""
 
 
 def _check_count(value, what: str, *, low: int = 0) -> None:
-    if not _is_int(value) or value < low:
+    if not is_int(value) or value < low:
         raise ConfigError(f"{what}={value!r} must be an int >= {low}")
-
-
-def entropy_bits(counts) -> float:
-    """Empirical entropy in bits per symbol of a histogram.
-
-    Parameters
-    ----------
-    counts : array_like, shape (k,)
-        Non-negative symbol counts.
-    """
-    counts = np.asarray(counts, dtype=np.float64).ravel()
-    total = counts.sum()
-    if total <= 0:
-        return 0.0
-    p = counts[counts > 0] / total
-    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def code_lengths(counts: np.ndarray, *, max_length: int = 16) -> np.ndarray:
@@ -66,15 +49,18 @@ def code_lengths(counts: np.ndarray, *, max_length: int = 16) -> np.ndarray:
     """
     counts = np.asarray(counts)
     if counts.ndim != 1 or not (counts.dtype.kind in "iu" or counts.size == 0):
-        raise ConfigError(f"counts must be a 1-D integer array, got shape {counts.shape} dtype {counts.dtype}")
+        raise ConfigError(
+            f"counts must be a 1-D integer array, got shape {counts.shape} dtype {counts.dtype}"
+        )
     if counts.size and counts.min() < 0:
         raise ConfigError(f"counts must be non-negative, got minimum {counts.min()}")
-    if not _is_int(max_length) or not 1 <= max_length <= MAX_LENGTH:
+    if not is_int(max_length) or not 1 <= max_length <= MAX_LENGTH:
         raise ConfigError(f"max_length={max_length!r} must be an int in [1, {MAX_LENGTH}]")
     used = np.flatnonzero(counts)
-    if used.size > 2 ** max_length:
+    if used.size > 2**max_length:
         raise ConfigError(
-            f"{used.size} used symbols need codes longer than max_length={max_length}; raise max_length"
+            f"{used.size} used symbols need codes longer than max_length={max_length}; "
+            "raise max_length"
         )
     lengths = np.zeros(counts.size, dtype=np.uint8)
     if used.size == 1:
@@ -86,14 +72,17 @@ def code_lengths(counts: np.ndarray, *, max_length: int = 16) -> np.ndarray:
 
 
 def _package_merge(weights: np.ndarray, max_length: int) -> np.ndarray:
-    """Lengths for ascending ``weights`` (n >= 2): each leaf's count among the 2n-2 cheapest items."""
+    """Lengths for ascending ``weights`` (n >= 2): each leaf's count among the 2n-2 cheapest
+    items."""
     n = weights.size
     levels = []  # is-leaf flags of the merged list at depths max_length-1 .. 1
     items = weights
     for _ in range(max_length - 1):
         half = items.size // 2
-        packages = items[0:2 * half:2] + items[1:2 * half:2]
-        at = np.searchsorted(weights, packages, side="right") + np.arange(half)  # leaves first on ties
+        packages = items[0 : 2 * half : 2] + items[1 : 2 * half : 2]
+        at = np.searchsorted(weights, packages, side="right") + np.arange(
+            half
+        )  # leaves first on ties
         is_leaf = np.ones(n + half, dtype=bool)
         is_leaf[at] = False
         items = np.empty(n + half, dtype=np.int64)
@@ -114,13 +103,20 @@ def _check_lengths(lengths) -> np.ndarray:
     """Lengths as int64, or SidecarError when they cannot describe a prefix code."""
     lengths = np.asarray(lengths)
     if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
-        raise SidecarError(f"code lengths must be a 1-D integer array, got shape {lengths.shape} dtype {lengths.dtype}")
+        raise SidecarError(
+            "code lengths must be a 1-D integer array, "
+            f"got shape {lengths.shape} dtype {lengths.dtype}"
+        )
     lengths = lengths.astype(np.int64)
     if lengths.size and (lengths.min() < 0 or lengths.max() > MAX_LENGTH):
-        raise SidecarError(f"code lengths must lie in [0, {MAX_LENGTH}], got [{lengths.min()}, {lengths.max()}]")
+        raise SidecarError(
+            f"code lengths must lie in [0, {MAX_LENGTH}], got [{lengths.min()}, {lengths.max()}]"
+        )
     used = lengths[lengths > 0]
     if used.size and int((1 << (MAX_LENGTH - used)).sum()) > 1 << MAX_LENGTH:
-        raise SidecarError("code lengths violate the Kraft inequality (over-subscribed prefix code)")
+        raise SidecarError(
+            "code lengths violate the Kraft inequality (over-subscribed prefix code)"
+        )
     return lengths
 
 
@@ -140,7 +136,7 @@ def _canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 PACK_CHUNK = 1 << 20
 
 
-def pack_bits(values: np.ndarray, widths: np.ndarray) -> tuple[bytes, int]:
+def pack_bits(values: npt.ArrayLike, widths: npt.ArrayLike) -> tuple[bytes, int]:
     """Concatenate ``values[i]`` written in ``widths[i]`` bits (<= 32), MSB-first, zero-padded.
 
     Works through the values in chunks of `PACK_CHUNK`, so the temporaries stay a few tens of MB
@@ -148,7 +144,9 @@ def pack_bits(values: np.ndarray, widths: np.ndarray) -> tuple[bytes, int]:
     """
     values = np.asarray(values, dtype=np.int64).ravel()
     widths = np.broadcast_to(np.asarray(widths, dtype=np.int64), values.shape)
-    if values.size and (widths.min() < 0 or widths.max() > 32 or values.min() < 0 or np.any(values >> widths)):
+    if values.size and (
+        widths.min() < 0 or widths.max() > 32 or values.min() < 0 or np.any(values >> widths)
+    ):
         raise ConfigError("pack_bits needs widths in [0, 32] and 0 <= values < 2**widths")
     n_bits = int(widths.sum())
     n_bytes = (n_bits + 7) // 8
@@ -158,7 +156,7 @@ def pack_bits(values: np.ndarray, widths: np.ndarray) -> tuple[bytes, int]:
     out = np.zeros(n_bytes + spill, dtype=np.float64)
     offset = 0
     for begin in range(0, values.size, PACK_CHUNK):
-        v, w = values[begin:begin + PACK_CHUNK], widths[begin:begin + PACK_CHUNK]
+        v, w = values[begin : begin + PACK_CHUNK], widths[begin : begin + PACK_CHUNK]
         ends = np.cumsum(w) + offset
         starts = ends - w
         aligned = v << (8 * spill - w - (starts & 7))  # value placed in a `spill`-byte window
@@ -167,13 +165,13 @@ def pack_bits(values: np.ndarray, widths: np.ndarray) -> tuple[bytes, int]:
         for k in range(spill):  # values occupy disjoint bits, so summing bytes is OR-ing them
             part = (aligned >> (8 * (spill - 1 - k))) & 0xFF
             counts = np.bincount(first - low + k, weights=part)
-            out[low:low + counts.size] += counts
+            out[low : low + counts.size] += counts
         offset = int(ends[-1])
     return out[:n_bytes].astype(np.uint8).tobytes(), n_bits
 
 
-def read_bits(data: bytes, positions: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """The ``widths[i]``-bit (0..32) MSB-first value starting at bit ``positions[i]`` of ``data``; int64.
+def read_bits(data: bytes, positions: npt.ArrayLike, widths: npt.ArrayLike) -> np.ndarray:
+    """The ``widths[i]``-bit (0..32) MSB-first value from bit ``positions[i]`` of ``data``; int64.
 
     Bits past the end of ``data`` read as zero; callers check lengths themselves.
     """
@@ -194,8 +192,12 @@ def read_bits(data: bytes, positions: np.ndarray, widths: np.ndarray) -> np.ndar
     return out
 
 
-def encode(symbols: np.ndarray, lengths: np.ndarray, extra: np.ndarray | None = None,
-           extra_widths: np.ndarray | None = None) -> tuple[bytes, int]:
+def encode(
+    symbols: np.ndarray,
+    lengths: np.ndarray,
+    extra: np.ndarray | None = None,
+    extra_widths: np.ndarray | None = None,
+) -> tuple[bytes, int]:
     """Canonical Huffman code of ``symbols``, MSB-first; returns ``(payload, n_bits)``.
 
     Parameters
@@ -217,7 +219,9 @@ def encode(symbols: np.ndarray, lengths: np.ndarray, extra: np.ndarray | None = 
     if symbols.dtype.kind not in "iu":
         raise ConfigError(f"symbols must be integers, got dtype {symbols.dtype}")
     if symbols.min() < 0 or symbols.max() >= lengths.size or np.any(lengths[symbols] == 0):
-        raise ConfigError(f"symbols must lie in [0, {lengths.size}) and have a non-zero code length")
+        raise ConfigError(
+            f"symbols must lie in [0, {lengths.size}) and have a non-zero code length"
+        )
     codes, _, _ = _canonical(lengths)
     if extra_widths is None:
         return pack_bits(codes[symbols], lengths[symbols])
@@ -234,9 +238,13 @@ def _check_extra_widths(extra_widths, size: int, error) -> np.ndarray:
     return widths.astype(np.int64)
 
 
-def block_bits(symbols: np.ndarray, lengths: np.ndarray, block_size: int,
-               extra_widths: np.ndarray | None = None) -> np.ndarray:
-    """Bit length (code words and extra bits) of each block of ``block_size`` consecutive symbols."""
+def block_bits(
+    symbols: np.ndarray,
+    lengths: np.ndarray,
+    block_size: int,
+    extra_widths: np.ndarray | None = None,
+) -> np.ndarray:
+    """Bit length (code words and extra bits) of each block of ``block_size`` symbols."""
     per_symbol = np.asarray(lengths, dtype=np.int64)
     if extra_widths is not None:
         per_symbol = per_symbol + np.asarray(extra_widths, dtype=np.int64)

@@ -3,8 +3,8 @@
 Decoding is sequential by nature (where a code word starts depends on all earlier ones), so it is
 vectorised across *blocks*: the symbols are cut into blocks of ``block_size`` symbols, and given
 the bit length of every block, all blocks are decoded at once, one symbol per block per step,
-with a ``2**max(lengths)`` lookup table. The sidecar stores the block bit lengths for this; without
-them the block starts are found by pointer doubling, slower but still vectorised.
+with a ``2**max(lengths)`` lookup table (see `kernels`). The sidecar stores the block bit lengths
+for this; without them the block starts are found by pointer doubling, slower but vectorised.
 
 Several streams decode *together*: their blocks share the lock-step loop, and their checks, tables
 and extra bits are computed on the streams laid end to end, so a file of 64 small tensors costs a
@@ -19,18 +19,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError, SidecarError
+from ..errors import SidecarError
 from .huffman import MAX_EXTRA, MAX_LENGTH, MAX_PAYLOAD, _check_count, read_bits
+from .kernels import (
+    LEN_BITS,
+    LEN_MASK,
+    decode_blocks,
+    decode_table,
+    decode_tables,
+    find_block_starts,
+    windows,
+)
 
 FALLBACK_BLOCK = 64
 """Symbols per block when no block index is given."""
 
-_LEN_BITS = 6  # decode-table entries are (symbol << 6) | (length + extra bits); 0 marks an invalid code
-_LEN_MASK = (1 << _LEN_BITS) - 1
 #: Most payload bytes, table entries and symbols one lock-step group takes: bit positions stay below
-#: 2**31, ``(symbol << _LEN_BITS) | advance`` fits in uint32, and the tables in 64 MiB.
+#: 2**31, ``(symbol << LEN_BITS) | advance`` fits in uint32, and the tables in 64 MiB.
 _GROUP_BYTES = 1 << 28
-_GROUP_SYMBOLS = 1 << (31 - _LEN_BITS)
+_GROUP_SYMBOLS = 1 << (31 - LEN_BITS)
 _GROUP_TABLE = 1 << 24
 
 
@@ -63,21 +70,28 @@ class Joined:
     extra: np.ndarray  # (m,) int64
 
 
-def decode(payload: bytes, lengths: np.ndarray, count: int, *, block_size: int = FALLBACK_BLOCK,
-           block_bits: np.ndarray | None = None, extra_widths: np.ndarray | None = None):
+def decode(
+    payload: bytes,
+    lengths: np.ndarray,
+    count: int,
+    *,
+    block_size: int = FALLBACK_BLOCK,
+    block_bits: np.ndarray | None = None,
+    extra_widths: np.ndarray | None = None,
+):
     """Inverse of :func:`.huffman.encode`: ``count`` symbols as an int32 array of shape (count,).
 
     ``block_bits`` (shape ``(ceil(count / block_size),)``), when given, must be the bit length of
-    each block of ``block_size`` symbols (see :func:`.huffman.block_bits`); it makes decoding several
-    times faster. With ``extra_widths`` (as given to ``encode``) the result is ``(symbols, extra)``,
-    both of shape (count,). Raises SidecarError when the payload is too short, holds an unused code,
-    or disagrees with ``block_bits``.
+    each block of ``block_size`` symbols (see :func:`.huffman.block_bits`); it makes decoding
+    several times faster. With ``extra_widths`` (as given to ``encode``) the result is
+    ``(symbols, extra)``, both of shape (count,). Raises SidecarError when the payload is too
+    short, holds an unused code, or disagrees with ``block_bits``.
     """
     return decode_many([Coded(payload, lengths, count, block_size, block_bits, extra_widths)])[0]
 
 
 def decode_many(streams: list[Coded], names: list[str] | None = None) -> list:
-    """:func:`decode` of several streams at once (see :func:`decode_joined`); one result per stream."""
+    """:func:`decode` of several streams at once (see :func:`decode_joined`); a result each."""
     joined = decode_joined(streams, names)
     results = []
     for i, coded in enumerate(streams):
@@ -94,7 +108,7 @@ def decode_many(streams: list[Coded], names: list[str] | None = None) -> list:
 
 
 def decode_joined(streams: list[Coded], names: list[str] | None = None) -> Joined:
-    """Decode several streams together; SidecarError messages name the stream when ``names`` are given.
+    """Decode several streams together; SidecarError messages name the stream if ``names`` given.
 
     Small streams cost a numpy step per symbol of a block like large ones, and each stream's checks
     and bookkeeping cost fixed numpy calls, so decoding the 64 streams of a ResNet one by one spends
@@ -107,7 +121,11 @@ def decode_joined(streams: list[Coded], names: list[str] | None = None) -> Joine
     elif parts:
         symbols, extra_at, extra = (np.concatenate(p) for p in zip(*parts))
     else:
-        symbols, extra_at, extra = np.zeros(0, np.intp), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        symbols, extra_at, extra = (
+            np.zeros(0, np.intp),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+        )
     return Joined(symbols, code.symbol_base, code.count_base, extra_at, extra)
 
 
@@ -116,7 +134,8 @@ def _named(message: str, names, i: int) -> SidecarError:
 
 
 class _Code:
-    """The streams' arguments, checked and laid end to end: code lengths, extra widths, block starts."""
+    """The streams' arguments, checked and laid end to end: code lengths, extra widths, block
+    starts."""
 
     def __init__(self, streams: list[Coded], names):
         self.n, self.names = len(streams), names
@@ -128,7 +147,7 @@ class _Code:
         self._check_lengths()
         self.widths = self._widths(streams)
         self.counts, self.block_sizes = [], []
-        for i, c in enumerate(streams):
+        for c in streams:
             _check_count(c.count, "count")
             _check_count(c.block_size, "block_size", low=1)
             self.counts.append(int(c.count))
@@ -137,7 +156,11 @@ class _Code:
         self.payloads = [bytes(c.payload) for c in streams]
         for i, payload in enumerate(self.payloads):
             if len(payload) > MAX_PAYLOAD:
-                self.fail(i, f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit of one stream")
+                self.fail(
+                    i,
+                    f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD}-byte limit "
+                    "of one stream",
+                )
         coded = np.bincount(self.stream_of_symbol, weights=self.lengths > 0, minlength=self.n)
         for i in np.flatnonzero((coded == 0) & (np.array(self.counts) > 0))[:1]:
             self.fail(int(i), f"{self.counts[i]} symbols to decode but no symbol has a code length")
@@ -150,7 +173,7 @@ class _Code:
         raise _named(message, self.names, i)
 
     def groups(self):
-        """Runs ``[a, b)`` of consecutive streams whose payloads, symbols and tables fit one loop."""
+        """Runs ``[a, b)`` of consecutive streams whose payloads, symbols and tables fit a loop."""
         limits, first, total = (_GROUP_BYTES, _GROUP_SYMBOLS, _GROUP_TABLE), 0, (0, 0, 0)
         for i in range(self.n):
             need = (len(self.payloads[i]), self.sizes[i], 1 << self.top[i])
@@ -167,7 +190,9 @@ class _Code:
             got = f"shape {lengths.shape} dtype {lengths.dtype}"
             self.fail(i, f"code lengths must be a 1-D integer array, got {got}")
         if lengths.size > _GROUP_SYMBOLS:
-            self.fail(i, f"{lengths.size} code lengths exceed the {_GROUP_SYMBOLS} one stream may have")
+            self.fail(
+                i, f"{lengths.size} code lengths exceed the {_GROUP_SYMBOLS} one stream may have"
+            )
         return lengths.astype(np.int64)
 
     def _check_lengths(self) -> None:
@@ -176,11 +201,18 @@ class _Code:
         if bad.any():
             i = int(of[np.argmax(bad)])
             mine = lengths[of == i]
-            self.fail(i, f"code lengths must lie in [0, {MAX_LENGTH}], got [{mine.min()}, {mine.max()}]")
-        used = lengths > 0  # Kraft sums in float64: exact, terms <= 2**20 and fewer than 2**25 of them
-        kraft = np.bincount(of[used], weights=np.ldexp(1.0, MAX_LENGTH - lengths[used]), minlength=self.n)
+            self.fail(
+                i, f"code lengths must lie in [0, {MAX_LENGTH}], got [{mine.min()}, {mine.max()}]"
+            )
+        # Kraft sums in float64: exact, terms <= 2**20 and fewer than 2**25 of them
+        used = lengths > 0
+        kraft = np.bincount(
+            of[used], weights=np.ldexp(1.0, MAX_LENGTH - lengths[used]), minlength=self.n
+        )
         for i in np.flatnonzero(kraft > 2.0**MAX_LENGTH)[:1]:
-            self.fail(int(i), "code lengths violate the Kraft inequality (over-subscribed prefix code)")
+            self.fail(
+                int(i), "code lengths violate the Kraft inequality (over-subscribed prefix code)"
+            )
 
     def _widths(self, streams) -> np.ndarray:
         parts = []
@@ -208,23 +240,35 @@ class _Code:
         for i in given:
             bits = np.asarray(streams[i].block_bits)
             if bits.shape != (n_blocks[i],) or bits.dtype.kind not in "iuf":
-                self.fail(i, f"block_bits must be {n_blocks[i]} non-negative bit counts, got shape {bits.shape}")
+                self.fail(
+                    i,
+                    f"block_bits must be {n_blocks[i]} non-negative bit counts, "
+                    f"got shape {bits.shape}",
+                )
             parts.append(bits.astype(np.int64))
         bits = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         of = np.repeat(given, [n_blocks[i] for i in given]).astype(np.int64)
         if bits.size and bits.min() < 0:
             i = int(of[np.argmax(bits < 0)])
-            self.fail(i, f"block_bits must be {n_blocks[i]} non-negative bit counts, got shape {(n_blocks[i],)}")
+            self.fail(
+                i,
+                f"block_bits must be {n_blocks[i]} non-negative bit counts, "
+                f"got shape {(n_blocks[i],)}",
+            )
         ends = np.cumsum(bits)
         base = np.concatenate(([0], np.cumsum([n_blocks[i] for i in given]))).astype(np.int64)
         before = np.concatenate(([0], ends))[base]  # bits of the earlier streams' blocks
-        starts = [None] * self.n
+        starts: list[np.ndarray | None] = [None] * self.n
         n_bits = [8 * len(p) for p in self.payloads]
         exact = [False] * self.n
         for j, i in enumerate(given):
             n_bits[i], exact[i] = int(before[j + 1] - before[j]), True
             if n_bits[i] > 8 * len(self.payloads[i]):
-                self.fail(i, f"payload of {len(self.payloads[i])} bytes is shorter than its {n_bits[i]} coded bits")
+                self.fail(
+                    i,
+                    f"payload of {len(self.payloads[i])} bytes is shorter than its "
+                    f"{n_bits[i]} coded bits",
+                )
             starts[i] = ends[base[j] : base[j + 1]] - bits[base[j] : base[j + 1]] - before[j]
         for i in range(self.n):
             if starts[i] is None:
@@ -235,47 +279,11 @@ class _Code:
         if not self.counts[i]:
             return np.zeros(0, dtype=np.int64)
         begin, end = self.symbol_base[i], self.symbol_base[i + 1]
-        table, top = _table(self.lengths[begin:end], self.widths[begin:end])
+        table, top = decode_table(self.lengths[begin:end], self.widths[begin:end])
         payload = self.payloads[i]
-        return _find_block_starts(_words(payload, 4), table, top, 8 * len(payload), n_blocks, self.block_sizes[i])
-
-
-def _table(lengths: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, int]:
-    """One code's decode table of ``2**top`` entries ``(symbol << _LEN_BITS) | (length + extra bits)``."""
-    tables, _, top = _tables(lengths, widths, np.zeros(lengths.size, np.int64), 1)
-    return tables, int(top[0])
-
-
-def _tables(lengths, widths, stream_of, n) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The decode tables of ``n`` codes laid end to end: ``(tables, table_base (n + 1,), top (n,))``.
-
-    Code i's table has ``2**top[i]`` entries (its longest length): ``(symbol << _LEN_BITS) |
-    (length + extra bits)`` at every window that starts with a code word, symbols numbered across
-    all codes; windows that start no code word (of an incomplete code) hold 0, marking them invalid.
-    """
-    top = np.zeros(n, dtype=np.int64)
-    np.maximum.at(top, stream_of, lengths)
-    used = np.flatnonzero(lengths > 0)
-    order = used[np.lexsort((used, lengths[used], stream_of[used]))]  # by code, length, symbol
-    code_of = stream_of[order]
-    span = np.left_shift(1, top[code_of] - lengths[order])
-    filled = np.bincount(code_of, weights=span, minlength=n).astype(np.int64)
-    values = (order << _LEN_BITS) | (lengths[order] + widths[order])
-    last = np.searchsorted(code_of, np.arange(n), side="right")  # each code's invalid rest goes after it
-    values = np.insert(values, last, 0)
-    span = np.insert(span, last, (1 << top) - filled)
-    size = 1 << top
-    return np.repeat(values.astype(np.uint32), span), np.concatenate(([0], np.cumsum(size))), top
-
-
-def _words(payload: bytes, pad: int) -> np.ndarray:
-    """The 32-bit MSB-first window starting at every byte of ``payload`` (zeros past its end); uint32."""
-    n = len(payload) + pad
-    raw = payload + bytes(pad + 3 + (-n) % 4)
-    words = np.empty(n + (-n) % 4, dtype=np.uint32)
-    for r in range(4):  # the windows at bytes r, r + 4, ... are the big-endian words of raw[r:]
-        words[r::4] = np.frombuffer(raw, dtype=">u4", count=words.size // 4, offset=r)
-    return words[:n]
+        return find_block_starts(
+            windows(payload, 4), table, top, 8 * len(payload), n_blocks, self.block_sizes[i]
+        )
 
 
 def _decode_group(code: _Code, a: int, b: int):
@@ -285,36 +293,38 @@ def _decode_group(code: _Code, a: int, b: int):
     if not live:
         return empty.astype(np.intp), empty, empty
     s0, s1 = code.symbol_base[a], code.symbol_base[b]
-    tables, table_base, top = _tables(code.lengths[s0:s1], code.widths[s0:s1],
-                                      code.stream_of_symbol[s0:s1] - a, b - a)
+    tables, table_base, top = decode_tables(
+        code.lengths[s0:s1], code.widths[s0:s1], code.stream_of_symbol[s0:s1] - a, b - a
+    )
     payload = b"".join(code.payloads[a:b])
     byte_base = np.cumsum([0] + [len(p) for p in code.payloads[a:b]])
     n_blocks = [code.starts[i].size for i in live]
     local = [i - a for i in live]
     pos = np.concatenate([code.starts[i] + 8 * int(byte_base[i - a]) for i in live])
-    nsym = np.concatenate([np.minimum(code.counts[i] - np.arange(0, code.counts[i], code.block_sizes[i]),
-                                      code.block_sizes[i]) for i in live])
+    left = [code.counts[i] - np.arange(0, code.counts[i], code.block_sizes[i]) for i in live]
+    nsym = np.concatenate([np.minimum(n, code.block_sizes[i]) for n, i in zip(left, live)])
     drop = np.repeat(32 - top[local], n_blocks)
     base = np.repeat(table_base[local], n_blocks)
-    entries, ends = _decode_blocks(_words(payload, 4), tables, pos, drop, base, nsym)
+    entries, ends = decode_blocks(windows(payload, 4), tables, pos, drop, base, nsym)
     block_at = np.cumsum([0] + n_blocks)
     flat = _stream_order(entries, live, code, block_at)
-    stream_end = np.array([8 * int(byte_base[i - a]) + code.n_bits[i] for i in live], dtype=np.int64)
+    stream_end = np.array([8 * int(byte_base[i - a]) + code.n_bits[i] for i in live], np.int64)
     _check_blocks(code, live, flat, pos, ends, block_at, stream_end)
     any_extra = code.widths[s0:s1].any()
-    advance = flat & _LEN_MASK if any_extra else None
-    np.right_shift(flat, _LEN_BITS, out=flat)
+    advance = flat & LEN_MASK if any_extra else None
+    np.right_shift(flat, LEN_BITS, out=flat)
     symbols = flat.astype(np.intp)
     symbols += s0
-    if not any_extra:
+    if advance is None:
         return symbols, empty, empty
     has_extra = np.flatnonzero(code.widths.astype(np.uint8).take(symbols))
     # Blocks are contiguous (checked), so a symbol's extra bits end where the advances up to it in
     # its stream end: a running sum over the streams, shifted to where each stream's bits start.
-    np.cumsum(advance, out=advance)  # in place (no fresh pages); below 2**31, so uint32 does not wrap
+    # In place (no fresh pages); below 2**31, so uint32 does not wrap.
+    np.cumsum(advance, out=advance)
     counts = code.count_base[a : b + 1] - code.count_base[a]
     stream_of = np.searchsorted(counts, has_extra, side="right") - 1
-    before = np.where(counts[:-1] > 0, advance[np.maximum(counts[:-1] - 1, 0)], 0)  # bits of earlier streams
+    before = np.where(counts[:-1] > 0, advance[np.maximum(counts[:-1] - 1, 0)], 0)  # earlier ones
     shift = 8 * byte_base[:-1] - before
     width = code.widths[symbols[has_extra]]
     start = advance[has_extra].astype(np.int64) - width + shift[stream_of]
@@ -343,73 +353,21 @@ def _check_blocks(code: _Code, live, flat, pos, ends, block_at, stream_end) -> N
         at = int(np.argmin(flat))
         counts = np.cumsum([0] + [code.counts[i] for i in live])
         j = int(np.searchsorted(counts, at, side="right")) - 1
-        found.append((live[j], f"payload holds a bit pattern that is no code word at symbol {at - int(counts[j])}"))
+        message = (
+            f"payload holds a bit pattern that is no code word at symbol {at - int(counts[j])}"
+        )
+        found.append((live[j], message))
     expected = np.append(pos[1:], 0)
     last = block_at[1:] - 1
     expected[last] = stream_end
     wrong = ends != expected
     loose = np.array([not code.exact[i] for i in live])
-    wrong[last[loose]] = ends[last[loose]] > stream_end[loose]  # without a block index: may end early
+    wrong[last[loose]] = ends[last[loose]] > stream_end[loose]  # no block index: may end early
     if wrong.any():
         b = int(np.argmax(wrong))
         j = int(np.searchsorted(block_at, b, side="right")) - 1
         where = "the last block" if b == last[j] else f"block {b - int(block_at[j])}"
-        found.append((live[j], f"payload is too short or inconsistent with its block index at {where}"))
+        message = f"payload is too short or inconsistent with its block index at {where}"
+        found.append((live[j], message))
     if found:
         code.fail(*min(found, key=lambda f: f[0]))
-
-
-def _decode_blocks(words, table, pos, drop, base, nsym):
-    """Decode from each block start ``pos`` in lock-step, block b for ``nsym[b]`` symbols.
-
-    ``drop`` (32 - the code's longest length) and ``base`` (where its table starts in ``table``)
-    are per block. Returns the entries, shape (max nsym, blocks), and each block's end position.
-    Positions and windows are intp, so the two table lookups per step need no index conversion.
-    """
-    pos = pos.astype(np.intp)
-    out = np.empty((int(nsym.max()), pos.size), dtype=np.uint32)
-    ends = pos.copy()
-    finishing = {int(n): np.flatnonzero(nsym == n) for n in np.unique(nsym)}
-    window, shift, word = np.empty_like(pos), np.empty_like(pos), np.empty(pos.size, dtype=np.uint32)
-    mask = (np.int64(1) << (32 - drop)) - 1
-    if drop.min() == drop.max():  # one longest code length: scalar operands are cheaper
-        drop, mask = drop[0], mask[0]
-    offset = base.any()
-    for step, row in enumerate(out):  # one symbol per block per step: the loop runs over block positions
-        np.right_shift(pos, 3, out=window)
-        words.take(window, out=word, mode="clip")
-        np.bitwise_and(pos, 7, out=shift)
-        np.subtract(drop, shift, out=shift)
-        np.right_shift(word, shift, out=window, casting="unsafe")  # the window's top bits, at the right
-        np.bitwise_and(window, mask, out=window)
-        if offset:
-            window += base
-        table.take(window, out=row, mode="clip")
-        np.bitwise_and(row, _LEN_MASK, out=shift, casting="unsafe")
-        pos += shift
-        done = finishing.get(step + 1)
-        if done is not None:
-            ends[done] = pos[done]
-    return out, ends
-
-
-def _find_block_starts(words, table, top, n_bits, n_blocks, block_size):
-    """Bit offset of every ``block_size``-th symbol, by pointer doubling over all bit positions."""
-    if block_size & (block_size - 1):
-        raise ConfigError(f"block_size={block_size} must be a power of two when block_bits is not given")
-    lens = np.empty((words.size, 8), dtype=np.int64)
-    for s in range(8):
-        lens[:, s] = table[(words << s) >> (32 - top)] & _LEN_MASK
-    lens = lens.ravel()[: n_bits + 1]
-    nxt = np.arange(lens.size, dtype=np.int64) + lens
-    nxt[lens == 0] = n_bits  # an invalid code ends the chain; the final checks report it
-    np.minimum(nxt, n_bits, out=nxt)
-    jump = nxt
-    for _ in range(block_size.bit_length() - 1):
-        jump = jump[jump]
-    starts = np.zeros(n_blocks, dtype=np.int64)
-    at = 0
-    for b in range(1, n_blocks):  # one step per block, not per symbol
-        at = int(jump[at])
-        starts[b] = at
-    return starts

@@ -1,0 +1,131 @@
+"""What every Hessian estimator shares: the draw-and-average loop, the checks, and the floor."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ..data import Dataset
+from ..errors import ConfigError, DataError, NumericalError
+from ..numeric import is_int
+
+log = logging.getLogger(__name__)
+
+#: Samples per gradient in the batched estimators (fisher, hutchinson, gauss-newton).
+DEFAULT_BATCH = 16
+#: Hutchinson's finite-difference step relative to each tensor's rms (see `hutchinson`).
+DEFAULT_REL_STEP = 1e-4
+#: Called with (samples done, samples in all).
+Progress = Callable[[int, int], None]
+#: A diagonal: weight name -> array shaped like the weight.
+Diag = dict[str, np.ndarray]
+#: One batch's contribution: the sum over its samples, keyed like the diagonal.
+Step = Callable[[Dataset, np.random.Generator], Diag]
+
+
+def accumulate(
+    data: Dataset,
+    step: Step,
+    *,
+    samples: int,
+    batch_size: int,
+    seed: int,
+    progress: Progress | None,
+    method: str,
+) -> Diag:
+    """Mean over ``samples`` draws of ``step``'s per-batch sums (float64).
+
+    Inputs are drawn as whole random permutations of ``data`` (so ``samples`` may exceed its
+    size), then cut into batches. ``seed`` fixes both the inputs drawn and the generator ``step``
+    gets (for random labels or probes), independently of ``batch_size``.
+    """
+    if len(data) == 0:
+        raise DataError("the data holds no samples")
+    data_rng, draw_rng = np.random.default_rng(seed).spawn(2)
+    passes = -(-samples // len(data))
+    order = np.concatenate([data_rng.permutation(len(data)) for _ in range(passes)])[:samples]
+    total: Diag = {}
+    start_time = time.perf_counter()
+    for start in range(0, samples, batch_size):
+        for p, v in step(data.subset(order[start : start + batch_size]), draw_rng).items():
+            total[p] = total[p] + v if p in total else np.asarray(v, np.float64).copy()
+        if progress is not None:
+            progress(min(start + batch_size, samples), samples)
+    log.info(
+        "%s Hessian: %d samples in batches of %d, %.2f s",
+        method,
+        samples,
+        batch_size,
+        time.perf_counter() - start_time,
+    )
+    return {p: t / samples for p, t in total.items()}
+
+
+def finalize(diag: Mapping[str, np.ndarray], *, floor_ratio: float = 1e-8) -> Diag:
+    """Check finiteness and floor tiny entries at ``floor_ratio`` times the largest one.
+
+    An entry that is exactly zero (a dead unit, a pruned weight, a clipped negative estimate)
+    would let its weight move anywhere at no cost, and a cluster made only of such weights would
+    have no weighted mean.
+
+    Parameters
+    ----------
+    diag : name -> array (any shape), nonnegative.
+
+    Returns
+    -------
+    name -> float32 array of the same shape, every entry ``>= floor_ratio * max``.
+    """
+    check_finite(diag, "Hessian diagonal")
+    peak = max((float(np.max(v)) for v in diag.values() if np.size(v)), default=0.0)
+    if peak <= 0:
+        raise NumericalError(
+            "every Hessian diagonal entry is zero; the loss does not depend on these weights"
+        )
+    floor = peak * floor_ratio
+    floored = sum(int((np.asarray(v) < floor).sum()) for v in diag.values())
+    if floored:
+        log.info(
+            "floored %d Hessian diagonal entries at %.3g (%.0e of the largest)",
+            floored,
+            floor,
+            floor_ratio,
+        )
+    return {p: np.maximum(v, floor).astype(np.float32) for p, v in diag.items()}
+
+
+def check_sizes(*, samples: int, batch_size: int) -> None:
+    """Refuse a sample count or batch size that is not a positive integer."""
+    if not (_whole(samples) and samples >= 1):
+        raise ConfigError(f"samples={samples} must be a positive integer")
+    if not (_whole(batch_size) and batch_size >= 1):
+        raise ConfigError(f"batch_size={batch_size} must be a positive integer")
+
+
+def _whole(value: object) -> bool:
+    # integral floats (1000.0) have always been accepted here
+    if is_int(value):
+        return True
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and float(value).is_integer()
+    )
+
+
+def check_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise `NumericalError` naming the first tensor with a non-finite entry, and where."""
+    for name, a in arrays.items():
+        finite = np.isfinite(a)
+        if not finite.all():
+            first = np.unravel_index(int(np.argmin(finite)), np.shape(a))
+            at = tuple(int(i) for i in first)
+            raise NumericalError(
+                f"the {what} of {name!r} has {np.size(a) - int(finite.sum())} non-finite entries "
+                f"(first at index {at}: {np.asarray(a)[first]}); check the inputs' scaling and "
+                "the weights for overflow or NaN"
+            )

@@ -1,0 +1,191 @@
+"""Which weights `compress` quantizes, and what each one's error costs.
+
+`quantized_names` picks the tensors; `estimate_hessian` estimates their Hessian diagonal (the
+importances) from data or an Adam state; `estimate_importances` gives `compress` the importances
+its options ask for, estimated or supplied.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import hessian as hessian_mod
+from .data import Dataset, load_data
+from .errors import ConfigError, DataError
+from .model import initializer_map, load_model, quantizable_weights
+from .options import HESSIAN_METHODS, SUPPLIED, CompressOptions, HessianSource, OptionError
+from .training.engine import GradientEngine
+
+if TYPE_CHECKING:
+    import onnx
+
+StageProgress = Callable[[str, int, int], None]
+
+
+def estimate_importances(
+    proto: onnx.ModelProto,
+    data: str | os.PathLike | Dataset | None,
+    options: CompressOptions,
+    progress: StageProgress | None = None,
+) -> dict[str, np.ndarray] | None:
+    """The importances `compress` weighs errors by: name -> float32 array shaped like the weight,
+    for every quantized tensor; None for an unweighted run."""
+    if not options.weighted:
+        return None
+    names = weight_names(proto, options)
+    source = options.hessian
+    assert source is not None
+    if source.method != SUPPLIED:
+        return estimate_hessian(
+            proto,
+            data,
+            method=source.method,
+            params=names,
+            samples=source.samples,
+            batch_size=source.batch_size,
+            seed=options.seed,
+            adam_state=source.state,
+            output=options.output,
+            progress=progress,
+        )
+    arrays = source.arrays
+    assert arrays is not None  # HessianSource checked it
+    if not isinstance(arrays, Mapping):  # an .npz file: checked against the model's tensors
+        arrays = hessian_mod.load_hessian(arrays, proto)
+    for n in names:
+        if n not in arrays:
+            raise DataError(f"the supplied Hessian has no entry for weight {n!r}")
+        if np.shape(arrays[n]) != initializer_shape(proto, n):
+            raise DataError(
+                f"the supplied Hessian of {n!r} has shape {np.shape(arrays[n])}, "
+                f"the weight {initializer_shape(proto, n)}"
+            )
+    return {n: np.asarray(arrays[n], np.float32) for n in names}
+
+
+def estimate_hessian(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    data: str | os.PathLike | Dataset | None,
+    *,
+    method: str = "fisher",
+    params: Sequence[str] | None = None,
+    samples: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    include_biases: bool = False,
+    extra_ops: tuple[str, ...] = (),
+    output: str | None = None,
+    progress: StageProgress | None = None,
+) -> dict[str, np.ndarray]:
+    """The Hessian diagonal of ``model``'s weights, as `compress` estimates it.
+
+    Parameters
+    ----------
+    model : path, bytes or ModelProto of the model.
+    data : its inputs (labels too for ``empirical-fisher`` and ``hutchinson``); None for ``adam``.
+    method : an estimator of `onnxhq.hessian.METHODS` other than ``none``.
+    params : initializer names; default the tensors `compress` quantizes (`quantized_names`).
+    samples, batch_size, seed : the draws (None: 1000 samples, the estimator's batch size);
+        estimators that draw no samples (``adam``) take neither.
+    adam_state : the ``.npz`` (or mapping) of Adam's second moments, for ``method="adam"`` only.
+    output : the class-score output (default: the first of rank 2).
+    progress : called with ``("hessian", done, total)``.
+
+    Returns
+    -------
+    name -> float32 array shaped like the weight, finite and positive. With the same ``samples``
+    and ``seed``, ``compress(hessian=estimate_hessian(...))`` equals ``compress(hessian=method)``.
+    """
+    if method == "none":
+        raise OptionError(
+            "the 'none' Hessian is no estimate (it means unweighted k-means); choose "
+            "one of " + ", ".join(m for m in HESSIAN_METHODS if m != "none"),
+            "hessian",
+        )
+    if method not in HESSIAN_METHODS:  # "supplied" is no estimator either
+        raise OptionError(
+            f"unknown Hessian method {method!r}; choose one of {', '.join(HESSIAN_METHODS)}",
+            "hessian",
+        )
+    source = HessianSource(method, samples, batch_size, state=adam_state)
+    CompressOptions(
+        hessian=source, include_biases=include_biases, extra_ops=extra_ops, output=output, seed=seed
+    )  # checks them all before the model is read
+    if source.needs_data and data is None:
+        raise OptionError(f"the {method!r} Hessian needs data: pass data with model inputs", "data")
+    proto = load_model(model)
+    names = (
+        list(params)
+        if params is not None
+        else quantized_names(proto, include_biases=include_biases, extra_ops=tuple(extra_ops))
+    )
+    if not names:
+        raise ConfigError(
+            "the model has no quantizable weights (float initializers of Conv, "
+            "ConvTranspose, Gemm, MatMul), so there is no Hessian to estimate"
+        )
+    dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
+    engine = None
+    if method not in ("adam", "gauss-newton") and dataset is not None:
+        engine = GradientEngine(proto, params=names, output=output)
+    report = None if progress is None else (lambda done, total: progress("hessian", done, total))
+    draws = {} if source.samples is None else {"samples": source.samples}
+    diag = hessian_mod.estimate(
+        method,
+        engine,
+        dataset,
+        params=names,
+        batch_size=batch_size,
+        seed=seed,
+        progress=report,
+        adam_state=adam_state,
+        model=proto,
+        output=output,
+        **draws,
+    )
+    assert diag is not None  # only "none" gives None, refused above
+    return diag
+
+
+def quantized_names(
+    model: onnx.ModelProto, *, include_biases: bool = False, extra_ops: tuple[str, ...] = ()
+) -> list[str]:
+    """Initializers `compress` quantizes: the weights of `quantizable_weights`, then their biases
+    if asked."""
+    infos = quantizable_weights(model, extra_ops=extra_ops, min_size=2)
+    return [w.name for w in infos] + (_biases(model, infos) if include_biases else [])
+
+
+def initializer_shape(proto: onnx.ModelProto, name: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in initializer_map(proto)[name].dims)
+
+
+def weight_names(proto: onnx.ModelProto, options: CompressOptions) -> list[str]:
+    """`quantized_names` under ``options``; ConfigError when there are none."""
+    names = quantized_names(
+        proto, include_biases=options.include_biases, extra_ops=options.extra_ops
+    )
+    if not names:
+        raise ConfigError(
+            "the model has no quantizable weights (float initializers of Conv, "
+            "ConvTranspose, Gemm, MatMul); add op types with extra_ops"
+        )
+    return names
+
+
+# TODO(H4): `_biases` reads the graph; it belongs in model.py (e.g. `bias_names(model, weights)`).
+def _biases(proto: onnx.ModelProto, infos) -> list[str]:
+    """Float initializers feeding the bias input (position 2) of the nodes that use the weights."""
+    inits = initializer_map(proto)
+    weights = {w.name for w in infos}
+    out: list[str] = []
+    for node in proto.graph.node:
+        bias = node.input[2] if len(node.input) > 2 and node.input[1] in weights else None
+        if bias in inits and bias not in out and bias not in weights:
+            out.append(bias)
+    return out

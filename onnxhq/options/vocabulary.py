@@ -1,0 +1,37 @@
+"""The names the options take, and their defaults: one place for the API, the CLI and the tools."""
+
+from __future__ import annotations
+
+#: Quantizers: plain k-means, Hessian-weighted k-means, uniform cells, entropy-constrained.
+METHODS = ("kmeans", "hkmeans", "uniform", "ecsq")
+#: Methods whose objective weights each error by a Hessian estimate.
+WEIGHTED_METHODS = ("hkmeans", "uniform", "ecsq")
+#: Codebook scopes: one for the network, one per tensor, one per group of output channels.
+SCOPES = ("network", "layer", "channel-group")
+#: Hessian estimators of `onnxhq.hessian.METHODS` (``none``: no weighting).
+HESSIAN_METHODS = ("fisher", "empirical-fisher", "hutchinson", "gauss-newton", "adam", "none")
+#: The estimators that draw samples from data (and so take ``samples``).
+SAMPLING_HESSIANS = ("fisher", "empirical-fisher", "hutchinson", "gauss-newton")
+#: The sampling estimators that take a ``batch_size`` (empirical-fisher: per-sample gradients).
+BATCHED_HESSIANS = ("fisher", "hutchinson", "gauss-newton")
+#: How in-memory inputs appear in `CompressOptions.to_dict`, and the Hessian source they make.
+SUPPLIED = "supplied"
+#: What `HessianSource.method` may be: an estimator, or diagonals given by the caller.
+HESSIAN_SOURCES = (*HESSIAN_METHODS, SUPPLIED)
+#: Pruning criteria and scopes of `onnxhq.prune`.
+PRUNE_CRITERIA = ("magnitude", "saliency")
+PRUNE_SCOPES = ("global", "layer")
+#: Op types whose weights a user may opt into (`onnxhq.model.OPTIONAL_WEIGHT_SLOTS`).
+EXTRA_OPS = ("Einsum", "GRU", "Gather", "LSTM", "RNN")
+#: The ways to give a rate, as `compress` keywords.
+RATES = ("k", "bits", "lam", "target_bits")
+
+#: Defaults, from the measurements in tools/RESULTS.md: at equal coded bits per weight, Hessian-
+#: weighted uniform quantization keeps more accuracy than k-means (as the paper found). 4 bits per
+#: weight (entropy of the indices) lost nothing on the dense LeNet-5 and 0.9 point on ResNet-32
+#: (0.4 with --scope layer), where 3 bits lost 12 points; lower rates want pruning and fine-tuning.
+DEFAULT_METHOD = "uniform"
+DEFAULT_TARGET_BITS = 4.0
+DEFAULT_K = 32
+DEFAULT_HESSIAN_SAMPLES = 1000
+DEFAULT_FINETUNE_LR = 1e-4

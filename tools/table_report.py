@@ -1,0 +1,117 @@
+"""The report stage of ``tools.reproduce_table``: markdown tables and rate-accuracy plots.
+
+Reads only the stage cache (``results.json`` of one network): the best fine-tuned result per
+method (or the most accurate failing attempt, marked ✗) and the curve points without fine-tuning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tools.table_nets import METHODS, PAPER, Net
+
+if TYPE_CHECKING:
+    from tools.reproduce_table import Cache
+
+TAGS = ("dense", "dense@layer", "pruned", "pruned@layer")
+TICKS = (0.25, 0.35, 0.5, 0.7, 1, 1.5, 2, 3, 4, 6)  # bits per weight on the log axis
+
+
+def report_stage(net: Net, cache: Cache, plots: Path) -> None:
+    """Print the tables of the fine-tuned results (pruned, and dense where run), plot the curves."""
+    float_acc = cache.get("float")["accuracy"]
+    pruned = cache.get("polished") or cache.get("pruned")
+    head = f"\n### {net.name}: float {float_acc:.2%}"
+    if pruned:
+        sparsity = cache.get("pruned")["sparsity"]
+        head += f", pruned {pruned['accuracy']:.2%} at sparsity {sparsity:.2%}"
+    print(head)
+    for suffix, what in (("", "pruned"), ("@dense", "dense")):
+        threshold = cache.get(f"threshold{suffix}")
+        if threshold:
+            print(
+                f"\n{what} model (pass: accuracy >= {threshold['accuracy']:.2%}, 0.1 point below "
+                f"the {threshold['relative_to']} model)\n"
+            )
+            print("\n".join(table_rows(net, cache, suffix)))
+    plot_curves(net, cache, plots)
+
+
+def table_rows(net: Net, cache: Cache, suffix: str) -> list[str]:
+    rows = [
+        "| method | rate | accuracy | bits/weight | bytes | ratio (all bytes) | paper Eq. 1 "
+        "| paper's Table 1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label in METHODS:
+        best = cache.get(f"best{suffix}/{label}")
+        paper = PAPER.get(net.name, {}).get(label)
+        paper_txt = f"{paper[0]:.2f} %, {paper[1]:.2f}x" if paper else "n/a"
+        mark = ""
+        if not best:  # show the most accurate fine-tuned attempt, marked as failing
+            tried = [
+                dict(row, key=key)
+                for key, row in cache.data.items()
+                if key.startswith(f"table{suffix}/{label}/")
+            ]
+            if not tried:
+                continue
+            best, mark = max(tried, key=lambda r: (r["accuracy"], r["ratio"])), " ✗"
+        rate = best["key"].split("/")[-1]
+        rows.append(
+            f"| {label} | {rate} | {best['accuracy']:.2%}{mark} | {best['bits_per_weight']:.3f} "
+            f"| {best['bytes']:,} | {best['ratio']:.2f}x | {best['paper_ratio']:.2f}x "
+            f"| {paper_txt} |"
+        )
+    return rows
+
+
+def plot_curves(net: Net, cache: Cache, plots: Path) -> None:
+    """``plots/curves_<net>.png``: accuracy against coded bits per weight, one panel per model."""
+    try:
+        import matplotlib
+        import matplotlib.ticker
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib missing: pip install -e '.[bench]' for the plot)")
+        return
+    tags = [t for t in TAGS if any(key.startswith(f"curve/{t}/") for key in cache.data)]
+    if not tags:
+        return
+    fig, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4.5), sharey=True, squeeze=False)
+    float_acc = cache.get("float")["accuracy"]
+    low, high = max(0.0, float_acc - 0.05), min(1.0, float_acc + 0.01)
+    for ax, tag in zip(axes[0], tags):
+        shown = []
+        for label in METHODS:
+            pts = sorted(
+                (row["bits_per_weight"], row["accuracy"])
+                for key, row in cache.data.items()
+                if key.startswith(f"curve/{tag}/{label}/") and "accuracy" in row
+            )
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+                shown += [b for b, a in pts if a >= low]
+        # the rates whose accuracy is on the chart, with room for the lines falling off it
+        if shown:
+            ax.set_xlim(min(shown) / 1.3, max(shown) * 1.1)
+        ax.axhline(float_acc, color="gray", ls="--", lw=1, label="float model")
+        scope = "one codebook per layer" if tag.endswith("@layer") else "one codebook"
+        ax.set_title(f"{net.name}, {tag.split('@')[0]}, {scope} (no fine-tuning)")
+        ax.set_xlabel("coded bits per weight (Huffman, all quantized weights; log scale)")
+        ax.set_xscale("log")  # pruned rates span 0.3-4 bits: a log axis shows the low end
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(TICKS))
+        ax.set_ylim(low, high)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 accuracy (test set)")
+    axes[0][-1].legend(loc="lower right")
+    fig.tight_layout()
+    out = plots / f"curves_{net.name}.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"\n![{net.name} rate-accuracy]({out.name})")
