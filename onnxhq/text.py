@@ -46,8 +46,7 @@ def hessian_table(diag: Mapping[str, np.ndarray]) -> str:
     lines = [f"{'weight':<{width}}  {'shape':<18} {'mean h':>10} {'max h':>10}"]
     for name, h in diag.items():
         lines.append(
-            f"{name:<{width}}  {h.shape!s:<18} {float(np.mean(h)):>10.3g} "
-            f"{float(np.max(h)):>10.3g}"
+            f"{name:<{width}}  {h.shape!s:<18} {float(np.mean(h)):>10.3g} {float(np.max(h)):>10.3g}"
         )
     return "\n".join(lines)
 

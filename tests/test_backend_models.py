@@ -36,14 +36,28 @@ from onnx.reference import ReferenceEvaluator
 
 import onnxhq
 from onnxhq import naming
-from onnxhq.model import default_opset, load_model, quantizable_weights, replace_initializers, runtime_inputs
+from onnxhq.model import (
+    default_opset,
+    load_model,
+    quantizable_weights,
+    replace_initializers,
+    runtime_inputs,
+)
 from onnxhq.runtime import make_session
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 SLOW = pytest.mark.slow
-MODELS = ["squeezenet", "shufflenet", "inception_v1", "inception_v2", "densenet121",
-          pytest.param("resnet50", marks=SLOW), pytest.param("bvlc_alexnet", marks=SLOW),
-          pytest.param("zfnet512", marks=SLOW), pytest.param("vgg19", marks=SLOW)]
+MODELS = [
+    "squeezenet",
+    "shufflenet",
+    "inception_v1",
+    "inception_v2",
+    "densenet121",
+    pytest.param("resnet50", marks=SLOW),
+    pytest.param("bvlc_alexnet", marks=SLOW),
+    pytest.param("zfnet512", marks=SLOW),
+    pytest.param("vgg19", marks=SLOW),
+]
 WHOLE_NETWORK_REFERENCE = ["squeezenet", "shufflenet"]
 
 
@@ -64,7 +78,9 @@ def random_feed(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     return feed
 
 
-def quantized_reference(original: onnx.ModelProto, result, decoded: onnx.ModelProto) -> onnx.ModelProto:
+def quantized_reference(
+    original: onnx.ModelProto, result, decoded: onnx.ModelProto
+) -> onnx.ModelProto:
     """The original with its quantized weights, at the decoded model's IR version.
 
     Model-local functions need IR 8, so `onnxhq.rewrite` raises the IR version of these IR-3
@@ -77,25 +93,33 @@ def quantized_reference(original: onnx.ModelProto, result, decoded: onnx.ModelPr
 
 
 def weights_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` cut down to its dequantize nodes, whose outputs (the weights) become graph outputs."""
+    """``model`` cut down to its dequantize nodes; their outputs (the weights) become outputs."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes = [n for n in out.graph.node if n.domain == naming.DOMAIN]
     for field in (out.graph.node, out.graph.input, out.graph.output, out.graph.value_info):
         del field[:]
     out.graph.node.extend(nodes)
-    out.graph.output.extend(helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in nodes)
+    out.graph.output.extend(
+        helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in nodes
+    )
     return out
 
 
 @pytest.fixture(scope="module", params=MODELS)
 def case(request):
-    """One backend model: its raw proto, the loaded original, the compression result and the decoded model."""
+    """One backend model: raw proto, loaded original, compression result, decoded model."""
     path = light_path(request.param)
     original = load_model(path)
     result = onnxhq.compress(original, method="kmeans", k=16, name=request.param)
-    return dict(name=request.param, raw=onnx.load(str(path)), original=original, result=result,
-                decoded=result.model(), feed=random_feed(original))
+    return dict(
+        name=request.param,
+        raw=onnx.load(str(path)),
+        original=original,
+        result=result,
+        decoded=result.model(),
+        feed=random_feed(original),
+    )
 
 
 def test_constant_of_shape_weights_become_quantized_initializers(case):
@@ -125,7 +149,9 @@ def test_decoded_model_passes_the_full_checker_at_the_models_opset(case):
 
 
 def test_outputs_equal_the_quantized_reference_under_onnxruntime(case):
-    want = make_session(quantized_reference(case["original"], case["result"], case["decoded"])).run(None, case["feed"])
+    want = make_session(quantized_reference(case["original"], case["result"], case["decoded"])).run(
+        None, case["feed"]
+    )
     got = make_session(case["decoded"]).run(None, case["feed"])
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
@@ -155,15 +181,19 @@ def test_random_weights_use_every_codeword(name, opset):
     raw = onnx.load(str(light_path(name)))
     original = load_model(raw if opset == 9 else onnx.version_converter.convert_version(raw, opset))
     rng = np.random.default_rng(0)
-    weights = {w.name: (rng.normal(size=w.shape) * np.sqrt(2 / np.prod(w.shape[1:]))).astype(np.float32)
-               for w in quantizable_weights(original)}
+    weights = {
+        w.name: (rng.normal(size=w.shape) * np.sqrt(2 / np.prod(w.shape[1:]))).astype(np.float32)
+        for w in quantizable_weights(original)
+    }
     original = replace_initializers(original, weights)
     result = onnxhq.compress(original, method="kmeans", k=16, name=name)
     assert {k: v.size for k, v in result.quantized.codebooks.items()} == {"shared": 16}
     decoded = result.model()
     onnx.checker.check_model(decoded, full_check=True)
     ops = {n.op_type for n in decoded.graph.node if n.domain == naming.DOMAIN}
-    assert ops == ({"Dequantize"} if opset == 9 else {"DequantizePacked4"})  # every weight has >= 64 elements
+    assert ops == (
+        {"Dequantize"} if opset == 9 else {"DequantizePacked4"}
+    )  # every weight has >= 64 elements
     feed = random_feed(original)
     want = make_session(quantized_reference(original, result, decoded)).run(None, feed)[0]
     np.testing.assert_array_equal(make_session(decoded).run(None, feed)[0], want)

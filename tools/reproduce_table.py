@@ -32,6 +32,7 @@ import onnxhq
 from onnxhq.data import Dataset
 from onnxhq.evaluate import accuracy
 from onnxhq.hessian import estimate
+from onnxhq.importances import quantized_names
 from onnxhq.model import (
     load_model,
     quantizable_weights,
@@ -39,7 +40,6 @@ from onnxhq.model import (
     replace_initializers,
     save_model,
 )
-from onnxhq.importances import quantized_names
 from onnxhq.prune import prune_model
 from onnxhq.training.engine import GradientEngine
 from onnxhq.training.train import AdamState, adam_init, cosine_lr

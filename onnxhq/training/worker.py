@@ -67,8 +67,10 @@ def find_training_python() -> str | None:
     named = os.environ.get(ENV_PYTHON)
     if named:
         if not Path(named).is_file():
-            raise TrainingUnavailable(f"{ENV_PYTHON}={named} is not a file; point it at a python "
-                                      "whose onnxruntime is onnxruntime-training, or unset it")
+            raise TrainingUnavailable(
+                f"{ENV_PYTHON}={named} is not a file; point it at a python "
+                "whose onnxruntime is onnxruntime-training, or unset it"
+            )
         return named
     if _has_training_build():
         return sys.executable
@@ -77,9 +79,11 @@ def find_training_python() -> str | None:
 
 
 def unavailable_message(what: str) -> str:
-    return (f"{what} needs onnxruntime-training, kept apart from your onnxruntime: run "
-            f"'onnxhq setup-training' once (a separate environment in {cache_env()}) or set "
-            f"{ENV_PYTHON} to a python that has {TRAINING_PACKAGE}")
+    return (
+        f"{what} needs onnxruntime-training, kept apart from your onnxruntime: run "
+        f"'onnxhq setup-training' once (a separate environment in {cache_env()}) or set "
+        f"{ENV_PYTHON} to a python that has {TRAINING_PACKAGE}"
+    )
 
 
 def setup_training(env: str | os.PathLike | None = None, *, python: str | None = None) -> Path:
@@ -90,8 +94,10 @@ def setup_training(env: str | os.PathLike | None = None, *, python: str | None =
     """
     env = Path(env) if env is not None else cache_env()
     creator = python or sys.executable
-    steps = [[creator, "-m", "venv", str(env)],
-             [str(env_python(env)), "-m", "pip", "install", "--quiet", TRAINING_PACKAGE, "numpy"]]
+    steps = [
+        [creator, "-m", "venv", str(env)],
+        [str(env_python(env)), "-m", "pip", "install", "--quiet", TRAINING_PACKAGE, "numpy"],
+    ]
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
@@ -105,11 +111,15 @@ class Worker:
 
     def __init__(self, python: str) -> None:
         self.python = python
-        self._log = tempfile.TemporaryFile()
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the worker
         self._lock = threading.Lock()
         self._proc = subprocess.Popen(
-            [python, worker_main.__file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self._log, env={**os.environ, "PYTHONNOUSERSITE": "1"})
+            [python, worker_main.__file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**os.environ, "PYTHONNOUSERSITE": "1"},
+        )
 
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -132,12 +142,15 @@ class Worker:
         self._log.seek(0)
         lines = [ln.strip() for ln in self._log.read().decode(errors="replace").splitlines()]
         last = next((ln for ln in reversed(lines) if ln), "no message")
-        return (f"onnxruntime-training stopped during '{op}' (exit {code}): {last[-400:]}; "
-                "this model's gradient graph cannot be built, use --hessian activations or none")
+        return (
+            f"onnxruntime-training stopped during '{op}' (exit {code}): {last[-400:]}; "
+            "this model's gradient graph cannot be built, use --hessian activations or none"
+        )
 
     def close(self) -> None:
         if self.alive():
             try:
+                assert self._proc.stdin is not None  # opened with stdin=PIPE
                 worker_main.write_frame(self._proc.stdin, {"op": np.array("exit")})
                 self._proc.stdin.close()
                 self._proc.wait(timeout=5)
@@ -166,18 +179,25 @@ def shared_worker() -> Worker:
 class RemoteSession:
     """A gradient session in the worker, used like an ``onnxruntime.InferenceSession``."""
 
-    def __init__(self, worker: Worker, model: bytes, loss: str, params: Sequence[str],
-                 threads: int = 0) -> None:
-        reply = worker.request("build", model=np.frombuffer(model, np.uint8), loss=np.array(loss),
-                               params=np.array(list(params), dtype=str), threads=np.int64(threads))
+    def __init__(
+        self, worker: Worker, model: bytes, loss: str, params: Sequence[str], threads: int = 0
+    ) -> None:
+        reply = worker.request(
+            "build",
+            model=np.frombuffer(model, np.uint8),
+            loss=np.array(loss),
+            params=np.array(list(params), dtype=str),
+            threads=np.int64(threads),
+        )
         self.worker = worker
         self.id = int(reply["id"])
         self.output_names = [str(n) for n in reply["outputs"]]
 
     def run(self, fetch: Sequence[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         arrays = {f"in:{k}": np.asarray(v) for k, v in feed.items()}
-        reply = self.worker.request("run", id=np.int64(self.id),
-                                    fetch=np.array(list(fetch), dtype=str), **arrays)
+        reply = self.worker.request(
+            "run", id=np.int64(self.id), fetch=np.array(list(fetch), dtype=str), **arrays
+        )
         return [reply[f"out:{i}"] for i in range(len(fetch))]
 
     def __del__(self) -> None:
@@ -188,8 +208,9 @@ class RemoteSession:
             pass
 
 
-def gradient_session(model: bytes, loss: str, params: Sequence[str], *,
-                     threads: int = 0) -> RemoteSession:
+def gradient_session(
+    model: bytes, loss: str, params: Sequence[str], *, threads: int = 0
+) -> RemoteSession:
     """Build the gradient graph of the training graph ``model`` (serialized, opset <= 21, IR <= 10)
     in the worker and open a session on it: outputs ``loss`` then ``<param>_grad``."""
     return RemoteSession(shared_worker(), model, loss, params, threads)

@@ -24,6 +24,7 @@ import io
 import os
 import struct
 import sys
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ class Server:
 
         onnxruntime.set_default_logger_severity(3)
         self.ort = onnxruntime
-        self.sessions: dict[int, object] = {}
+        self.sessions: dict[int, Any] = {}
         self.next_id = 1
 
     def build(self, request: dict) -> dict:
