@@ -8,6 +8,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from training_support import pytest_runtest_makereport  # noqa: F401 -- a hook, see there
+
+from onnxhq.data import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODEL = ROOT / "models" / "lenet5_mnist.onnx"
@@ -67,6 +70,23 @@ def convnet() -> onnx.ModelProto:
 def convnet_inputs() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1)
     return rng.normal(size=(8, 1, 6, 6)).astype(np.float32), rng.integers(0, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def convnet_file(tmp_path_factory) -> Path:
+    """`small_convnet` saved as an .onnx file."""
+    path = tmp_path_factory.mktemp("model") / "convnet.onnx"
+    onnx.save(small_convnet(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def convnet_data() -> Dataset:
+    """64 labelled random inputs for `small_convnet` (4 classes)."""
+    rng = np.random.default_rng(3)
+    return Dataset(
+        {"input": rng.normal(size=(64, 1, 6, 6)).astype(np.float32)}, rng.integers(0, 4, 64)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -143,12 +143,14 @@ def test_reference_hessian_equals_finite_differences_of_engine_gradients(mlp, en
 # --- estimators converge to their exact targets ---------------------------------------------------
 
 
-def test_fisher_converges_to_the_exact_fisher(mlp, engine):
-    _, _, data, ref = mlp
-    few = rel_error(hessian.fisher(engine, data, samples=256, batch_size=8, seed=3), ref["fisher"])
-    many = rel_error(
-        hessian.fisher(engine, data, samples=16384, batch_size=8, seed=3), ref["fisher"]
-    )
+@pytest.mark.parametrize("method,target", [("fisher", "fisher"), ("gauss_newton", "gn")])
+def test_batched_estimators_converge_to_their_exact_targets(mlp, engine, method, target):
+    """Fisher to the exact Fisher, Gauss-Newton to the exact diag(J^T J)."""
+    model, _, data, ref = mlp
+    view = engine if method == "fisher" else ProjectionEngine(model)
+    estimator = getattr(hessian, method)
+    few = rel_error(estimator(view, data, samples=256, batch_size=8, seed=3), ref[target])
+    many = rel_error(estimator(view, data, samples=16384, batch_size=8, seed=3), ref[target])
     assert many < 0.06
     assert many < few / 3
 
@@ -163,17 +165,6 @@ def test_batched_fisher_matches_per_sample_fisher_within_sampling_error(mlp, eng
     for estimate in (batched, whole):
         assert rel_error(estimate, ref["fisher"]) < 0.08
         assert rel_error(estimate, flat(per_sample)) < 0.12
-
-
-def test_gauss_newton_converges_to_the_exact_jtj(mlp):
-    model, _, data, ref = mlp
-    view = ProjectionEngine(model)
-    few = rel_error(hessian.gauss_newton(view, data, samples=256, batch_size=8, seed=3), ref["gn"])
-    many = rel_error(
-        hessian.gauss_newton(view, data, samples=16384, batch_size=8, seed=3), ref["gn"]
-    )
-    assert many < 0.06
-    assert many < few / 3
 
 
 def test_hutchinson_converges_to_the_clipped_exact_hessian(mlp, engine):

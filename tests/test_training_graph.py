@@ -10,25 +10,13 @@ import textwrap
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from training_support import needs_training_build
 
 from onnxhq.errors import ModelError
 from onnxhq.model import initializer_map
 from onnxhq.runtime import make_session
+from onnxhq.training import graph
 from onnxhq.training.engine import GradientEngine
-from onnxhq.training.graph import (
-    LABELS,
-    LOSS,
-    PROJECTION,
-    build_forward_model,
-    build_gradient_model,
-    build_projection_model,
-    build_training_model,
-    default_params,
-    frozen_batchnorm_as_affine,
-    grad_name,
-    parameter_shapes,
-    parameters_as_inputs,
-)
 
 
 def inputs_of(model) -> dict[str, tuple]:
@@ -40,11 +28,11 @@ def inputs_of(model) -> dict[str, tuple]:
 
 def test_parameters_become_inputs_of_their_type_and_shape(convnet):
     before = convnet.SerializeToString()
-    shapes = parameter_shapes(convnet)
+    shapes = graph.parameter_shapes(convnet)
     for view in (
-        build_training_model(convnet, ["fc.weight", "conv.bias"]),
-        build_projection_model(convnet, ["fc.weight", "conv.bias"]),
-        build_forward_model(convnet, ["fc.weight", "conv.bias"], "logits"),
+        graph.build_training_model(convnet, ["fc.weight", "conv.bias"]),
+        graph.build_projection_model(convnet, ["fc.weight", "conv.bias"]),
+        graph.build_forward_model(convnet, ["fc.weight", "conv.bias"], "logits"),
     ):
         assert set(initializer_map(view)) == {"conv.weight", "fc.bias"}
         assert inputs_of(view)["fc.weight"] == shapes["fc.weight"] == (4, 48)
@@ -53,24 +41,27 @@ def test_parameters_become_inputs_of_their_type_and_shape(convnet):
 
 
 def test_each_view_has_its_loss_and_inputs(convnet):
-    training = build_training_model(convnet, ["fc.bias"])
-    assert [o.name for o in training.graph.output] == [LOSS]
-    assert LABELS in inputs_of(training)
-    projection = build_projection_model(convnet, ["fc.bias"])
-    assert [o.name for o in projection.graph.output] == [LOSS]
-    assert PROJECTION in inputs_of(projection)
-    forward = build_forward_model(convnet, ["fc.bias"], "logits")
+    training = graph.build_training_model(convnet, ["fc.bias"])
+    assert [o.name for o in training.graph.output] == [graph.LOSS]
+    assert graph.LABELS in inputs_of(training)
+    projection = graph.build_projection_model(convnet, ["fc.bias"])
+    assert [o.name for o in projection.graph.output] == [graph.LOSS]
+    assert graph.PROJECTION in inputs_of(projection)
+    forward = graph.build_forward_model(convnet, ["fc.bias"], "logits")
     assert [o.name for o in forward.graph.output] == ["logits"]
 
 
 def test_a_parameter_that_is_not_an_initializer_is_named(convnet):
     with pytest.raises(ModelError, match="cannot differentiate 'c': it is not an initializer"):
-        parameters_as_inputs(convnet, ["fc.bias", "c"])
+        graph.parameters_as_inputs(convnet, ["fc.bias", "c"])
 
 
+@needs_training_build
 def test_the_gradient_graph_has_one_gradient_per_parameter(convnet):
-    grads = build_gradient_model(build_training_model(convnet, ["fc.weight"]), ["fc.weight"])
-    assert {LOSS, grad_name("fc.weight")} <= {o.name for o in grads.graph.output}
+    grads = graph.build_gradient_model(
+        graph.build_training_model(convnet, ["fc.weight"]), ["fc.weight"]
+    )
+    assert {graph.LOSS, graph.grad_name("fc.weight")} <= {o.name for o in grads.graph.output}
 
 
 def test_inference_batchnorm_becomes_differentiable_affine():
@@ -87,24 +78,24 @@ def test_inference_batchnorm_becomes_differentiable_affine():
     ]
     inits = [numpy_helper.from_array(rng.normal(size=(c, 1, 3, 3)).astype(np.float32), "w")]
     inits += [numpy_helper.from_array(v, k) for k, v in bn.items()]
-    graph = helper.make_graph(
+    bn_graph = helper.make_graph(
         nodes,
         "bn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 6, 6])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", c])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(bn_graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     x = rng.normal(size=(4, 1, 6, 6)).astype(np.float32)
     reference = make_session(model).run(None, {"input": x})[0]
-    affine = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    affine = helper.make_model(bn_graph, opset_imports=[helper.make_opsetid("", 17)])
     affine.ir_version = 8
-    assert frozen_batchnorm_as_affine(affine) == 1
+    assert graph.frozen_batchnorm_as_affine(affine) == 1
     np.testing.assert_allclose(
         make_session(affine).run(None, {"input": x})[0], reference, rtol=1e-5, atol=1e-6
     )
-    assert default_params(model) == ["w"]  # BN's own parameters stay frozen
+    assert graph.default_params(model) == ["w"]  # BN's own parameters stay frozen
     engine = GradientEngine(model)
     _, grads = engine.loss_and_gradients({"input": x}, np.array([0, 1, 2, 0]))
     assert grads["w"].shape == (c, 1, 3, 3) and np.abs(grads["w"]).sum() > 0

@@ -9,21 +9,19 @@ then, per method, the lowest rate whose *fine-tuned* accuracy stays within 0.1 p
 model, its accuracy and its compression ratio counting every byte. The best artifacts go to
 models/compressed/<net>/, the curves to tools/curves_<net>.png. Every step is cached in
 tools/_cache/table/<net>/ (JSON + ONNX) and resumes from there. The networks and their settings
-are in tools/table_nets.py, the tables and plots in tools/table_report.py. Needs the shared data
-(MNIST, CIFAR-10, the pretrained ResNet-32; see tools/datasets.py). ``--smoke``: LeNet-5 on the
+are in tools/table_nets.py, the cache, tables and plots in tools/table_report.py. Needs the shared
+data (MNIST, CIFAR-10, the pretrained ResNet-32; see tools/datasets.py). ``--smoke``: LeNet-5 on the
 bundled sample, every stage in seconds, everything written to a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,66 +40,19 @@ from onnxhq.model import (
 )
 from onnxhq.prune import prune_model
 from onnxhq.training.engine import GradientEngine
-from onnxhq.training.train import AdamState, adam_init, cosine_lr
-from onnxhq.training.train import train as adam_train
-from tools import datasets
+from onnxhq.training.train import (
+    TrainState,
+    cosine_lr,
+    load_checkpoint,
+    save_checkpoint,
+    start_training,
+    train_steps,
+)
 from tools.table_nets import METHODS, NAMES, Net, nets
-from tools.table_report import report_stage
+from tools.table_report import Cache, Where, report_stage
 
 STAGES = ("prune", "curves", "table", "report")
 TAGS = ("dense", "pruned")
-
-
-@dataclass(frozen=True)
-class Where:
-    """Where a run writes: the stage cache, the best artifacts, the plots."""
-
-    cache: Path = datasets.CACHE / "table"
-    compressed: Path = datasets.MODELS / "compressed"
-    plots: Path = datasets.REPO / "tools"
-
-    @classmethod
-    def under(cls, root: Path) -> Where:
-        """Everything below ``root`` (smoke runs)."""
-        return cls(root / "cache", root / "compressed", root)
-
-
-class Cache:
-    """results.json of one network: a dict of finished steps, rewritten atomically after each."""
-
-    def __init__(self, net: str, root: Path) -> None:
-        self.dir = root / net
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / "results.json"
-        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def get(self, key: str):
-        return self.data.get(key)
-
-    def artifacts(self, key: str) -> Path:
-        """The folder holding the compressed files of step ``key``."""
-        return self.dir / "artifacts" / key.replace("/", "_").replace(" ", "-")
-
-    def drop(self, key: str) -> None:
-        """Forget one step (its inputs changed)."""
-        self._merge()
-        self.data.pop(key, None)
-        self._write()
-
-    def put(self, key: str, value) -> None:
-        """Store one step; steps that other runs stored meanwhile are kept (re-read first)."""
-        self._merge()
-        self.data[key] = value
-        self._write()
-
-    def _merge(self) -> None:
-        if self.path.is_file():
-            self.data = {**self.data, **json.loads(self.path.read_text())}
-
-    def _write(self) -> None:
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        tmp.replace(self.path)
 
 
 def log(msg: str) -> None:
@@ -143,57 +94,37 @@ def prune_stage(net: Net, cache: Cache, train: Dataset, test: Dataset):
 def polish(net: Net, cache: Cache, pruned, train: Dataset, test: Dataset):
     """Masked Adam retraining of the pruned model for ``net.polish_epochs`` epochs (cosine lr).
 
-    Runs in chunks of ``net.polish_chunk`` epochs, each checkpointed (parameters, Adam moments,
-    epochs done) in ``polish_checkpoint.npz``, so a long polish resumes where the last run
-    stopped. Raising ``polish_epochs`` later continues from the checkpoint; the new polished model
-    then replaces the old one, and the pruned model's curves and table (now stale) are dropped.
+    One resumable `onnxhq.training.train` run, checkpointed every ``net.polish_chunk`` epochs in
+    ``polish_run.npz``, so a killed polish resumes where the last checkpoint left it, with the
+    steps it would have taken. Raising ``polish_epochs`` later stretches the run (and its cosine
+    schedule) from the checkpoint; the new polished model then replaces the old one, and the
+    pruned model's curves and table (now stale) are dropped.
     """
-    path, checkpoint = cache.dir / "pruned_polished.onnx", cache.dir / "polish_checkpoint.npz"
+    path, checkpoint = cache.dir / "pruned_polished.onnx", cache.dir / "polish_run.npz"
     done_before = (cache.get("polished") or {}).get("epochs", 0.0)
     if not path.is_file() or done_before < net.polish_epochs:
         names = [w.name for w in quantizable_weights(pruned)]
         masks = {n: w != 0 for n, w in read_initializers(pruned, names).items()}
         engine = GradientEngine(pruned)
-        params, state, done = dict(engine.values), adam_init(engine.values), 0.0
-        if checkpoint.is_file():
-            with np.load(checkpoint) as z:
-                params = {k: z[f"p/{k}"] for k in params}
-                state = AdamState(
-                    m={k: z[f"m/{k}"] for k in params},
-                    v={k: z[f"v/{k}"] for k in params},
-                    step=int(z["step"]),
-                )
-                done = float(z["done"])
-            log(f"{net.name}: polish resumes after {done:g} of {net.polish_epochs:g} epochs")
-        elif (
-            path.is_file()
-        ):  # polished before checkpoints existed: continue from it, Adam moments anew
-            params, done = read_initializers(load_model(path), list(params)), done_before
-            log(f"{net.name}: polish continues from the {done:g}-epoch model, fresh Adam moments")
-        t0 = time.time()
-        schedule = cosine_lr(net.polish_lr)  # over the whole polish, across chunks and runs
-        total = net.polish_epochs
-        while done < total - 1e-9:
-            chunk = min(net.polish_chunk or total, total - done)
-            start = done
-            engine.with_values(params)
-            params, state = adam_train(
+        assert train.labels is not None  # the networks' training data is labelled
+        run = _polish_run(net, engine, masks, len(train), checkpoint, path, done_before)
+        t0, lr = time.time(), cosine_lr(net.polish_lr)  # one schedule over the whole polish
+        chunk = max(1, round(net.polish_chunk * run.steps_per_epoch)) if net.polish_chunk else None
+        while not run.finished:
+            run = train_steps(
                 engine,
                 train.inputs,
                 train.labels,
-                epochs=chunk,
-                batch_size=64,
-                state=state,
+                run,
+                steps=chunk,
+                lr=lr,
                 masks=masks,
-                lr=lambda f, start=start, chunk=chunk: schedule((start + f * chunk) / total),
                 augment=net.augment,
-                seed=1 + round(done * 1000),
             )
-            done += chunk
-            _save_checkpoint(checkpoint, params, state, done)
+            save_checkpoint(checkpoint, run)
             seconds = time.time() - t0
-            log(f"{net.name}: polished {done:g} of {total:g} epochs ({seconds:.0f} s this run)")
-        polished = replace_initializers(pruned, params)
+            log(f"{net.name}: polished {run.done} of {run.total} steps ({seconds:.0f} s this run)")
+        polished = replace_initializers(pruned, run.params)
         save_model(polished, path)
         for key in [
             k
@@ -215,15 +146,28 @@ def polish(net: Net, cache: Cache, pruned, train: Dataset, test: Dataset):
     return load_model(path)
 
 
-def _save_checkpoint(path: Path, params: dict, state, done: float) -> None:
-    arrays = {
-        **{f"p/{k}": v for k, v in params.items()},
-        **{f"m/{k}": v for k, v in state.m.items()},
-        **{f"v/{k}": v for k, v in state.v.items()},
-    }
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, step=state.step, done=done, **arrays)
-    tmp.replace(path)
+def _polish_run(
+    net: Net,
+    engine: GradientEngine,
+    masks: dict,
+    samples: int,
+    checkpoint: Path,
+    path: Path,
+    done_before: float,
+) -> TrainState:
+    """The polish run to continue: the checkpoint's, stretched to ``net.polish_epochs``; else one
+    from the polished model of an earlier, shorter polish (fresh Adam moments); else a new one."""
+    if checkpoint.is_file():
+        run = load_checkpoint(checkpoint)
+        total = max(round(net.polish_epochs * run.steps_per_epoch), run.done)
+        log(f"{net.name}: polish resumes after {run.done} of {total} steps")
+        return replace(run, total=total)
+    params, done = dict(engine.values), 0.0
+    if path.is_file():  # polished before checkpoints: continue from it, Adam moments anew
+        params, done = read_initializers(load_model(path), list(params)), done_before
+        log(f"{net.name}: polish continues from the {done:g}-epoch model")
+    run = start_training(params, samples, epochs=net.polish_epochs, seed=1, masks=masks)
+    return replace(run, done=min(round(done * run.steps_per_epoch), run.total))
 
 
 def hessians(net: Net, model, tag: str, calib: Dataset, cache: Cache) -> dict[str, dict]:
@@ -233,13 +177,14 @@ def hessians(net: Net, model, tag: str, calib: Dataset, cache: Cache) -> dict[st
     if not path.is_file():
         engine = GradientEngine(model, params=names)
         diag = estimate("fisher", engine, calib, params=names, samples=len(calib), seed=0)
+        assert diag is not None  # only "none" gives None
         np.savez(path, **diag)
     with np.load(path) as z:
         out = {"fisher": {k: z[k] for k in z.files}}
     if net.adam_state is not None and net.adam_state.is_file():
-        out["adam"] = estimate(
-            "adam", None, None, params=names, model=model, adam_state=net.adam_state
-        )
+        adam = estimate("adam", None, None, params=names, model=model, adam_state=net.adam_state)
+        assert adam is not None
+        out["adam"] = adam
     return out
 
 

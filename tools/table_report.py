@@ -1,21 +1,75 @@
-"""The report stage of ``tools.reproduce_table``: markdown tables and rate-accuracy plots.
+"""The stage cache of ``tools.reproduce_table`` and its report stage: markdown tables and
+rate-accuracy plots.
 
-Reads only the stage cache (``results.json`` of one network): the best fine-tuned result per
-method (or the most accurate failing attempt, marked ✗) and the curve points without fine-tuning.
+`Cache` keeps one network's finished steps (``results.json``) and `Where` says where a run
+writes. The report reads only the cache: the best fine-tuned result per method (or the most
+accurate failing attempt, marked ✗) and the curve points without fine-tuning.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from tools import datasets
 from tools.table_nets import METHODS, PAPER, Net
-
-if TYPE_CHECKING:
-    from tools.reproduce_table import Cache
 
 TAGS = ("dense", "dense@layer", "pruned", "pruned@layer")
 TICKS = (0.25, 0.35, 0.5, 0.7, 1, 1.5, 2, 3, 4, 6)  # bits per weight on the log axis
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a run writes: the stage cache, the best artifacts, the plots."""
+
+    cache: Path = datasets.CACHE / "table"
+    compressed: Path = datasets.MODELS / "compressed"
+    plots: Path = datasets.REPO / "tools"
+
+    @classmethod
+    def under(cls, root: Path) -> Where:
+        """Everything below ``root`` (smoke runs)."""
+        return cls(root / "cache", root / "compressed", root)
+
+
+class Cache:
+    """results.json of one network: a dict of finished steps, rewritten atomically after each."""
+
+    def __init__(self, net: str, root: Path) -> None:
+        self.dir = root / net
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "results.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, key: str):
+        return self.data.get(key)
+
+    def artifacts(self, key: str) -> Path:
+        """The folder holding the compressed files of step ``key``."""
+        return self.dir / "artifacts" / key.replace("/", "_").replace(" ", "-")
+
+    def drop(self, key: str) -> None:
+        """Forget one step (its inputs changed)."""
+        self._merge()
+        self.data.pop(key, None)
+        self._write()
+
+    def put(self, key: str, value) -> None:
+        """Store one step; steps that other runs stored meanwhile are kept (re-read first)."""
+        self._merge()
+        self.data[key] = value
+        self._write()
+
+    def _merge(self) -> None:
+        if self.path.is_file():
+            self.data = {**self.data, **json.loads(self.path.read_text())}
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        tmp.replace(self.path)
 
 
 def report_stage(net: Net, cache: Cache, plots: Path) -> None:

@@ -1,4 +1,5 @@
-"""What every Hessian estimator shares: the draw-and-average loop, the checks, and the floor."""
+"""What every Hessian estimator shares: the draws and their averaging loop, the checks, and the
+floor."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import numbers
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +29,50 @@ Diag = dict[str, np.ndarray]
 Step = Callable[[Dataset, np.random.Generator], Diag]
 
 
+@dataclass(frozen=True)
+class Draws:
+    """How a sampling estimator draws from the data, checked on construction.
+
+    ``samples`` inputs (whole random permutations of the data, so it may exceed the data size)
+    cut into batches of ``batch_size``; ``seed`` fixes both the inputs drawn and the generator
+    each batch's step gets (for random labels or probes), independently of ``batch_size``.
+    Integral floats (``1000.0``) are taken as integers.
+    """
+
+    samples: int = 1000
+    batch_size: int = DEFAULT_BATCH
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sizes(samples=self.samples, batch_size=self.batch_size)
+        object.__setattr__(self, "samples", int(self.samples))
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+
+    def mean(self, data: Dataset, step: Step, *, progress: Progress | None, method: str) -> Diag:
+        """Mean over the draws of ``step``'s per-batch sums (float64), not yet floored."""
+        if len(data) == 0:
+            raise DataError("the data holds no samples")
+        samples, batch_size = self.samples, self.batch_size
+        data_rng, draw_rng = np.random.default_rng(self.seed).spawn(2)
+        passes = -(-samples // len(data))
+        order = np.concatenate([data_rng.permutation(len(data)) for _ in range(passes)])[:samples]
+        total: Diag = {}
+        start_time = time.perf_counter()
+        for start in range(0, samples, batch_size):
+            for p, v in step(data.subset(order[start : start + batch_size]), draw_rng).items():
+                total[p] = total[p] + v if p in total else np.asarray(v, np.float64).copy()
+            if progress is not None:
+                progress(min(start + batch_size, samples), samples)
+        log.info(
+            "%s Hessian: %d samples in batches of %d, %.2f s",
+            method,
+            samples,
+            batch_size,
+            time.perf_counter() - start_time,
+        )
+        return {p: t / samples for p, t in total.items()}
+
+
 def accumulate(
     data: Dataset,
     step: Step,
@@ -37,32 +83,8 @@ def accumulate(
     progress: Progress | None,
     method: str,
 ) -> Diag:
-    """Mean over ``samples`` draws of ``step``'s per-batch sums (float64).
-
-    Inputs are drawn as whole random permutations of ``data`` (so ``samples`` may exceed its
-    size), then cut into batches. ``seed`` fixes both the inputs drawn and the generator ``step``
-    gets (for random labels or probes), independently of ``batch_size``.
-    """
-    if len(data) == 0:
-        raise DataError("the data holds no samples")
-    data_rng, draw_rng = np.random.default_rng(seed).spawn(2)
-    passes = -(-samples // len(data))
-    order = np.concatenate([data_rng.permutation(len(data)) for _ in range(passes)])[:samples]
-    total: Diag = {}
-    start_time = time.perf_counter()
-    for start in range(0, samples, batch_size):
-        for p, v in step(data.subset(order[start : start + batch_size]), draw_rng).items():
-            total[p] = total[p] + v if p in total else np.asarray(v, np.float64).copy()
-        if progress is not None:
-            progress(min(start + batch_size, samples), samples)
-    log.info(
-        "%s Hessian: %d samples in batches of %d, %.2f s",
-        method,
-        samples,
-        batch_size,
-        time.perf_counter() - start_time,
-    )
-    return {p: t / samples for p, t in total.items()}
+    """``Draws(samples, batch_size, seed).mean(...)``: the keyword form of `Draws.mean`."""
+    return Draws(samples, batch_size, seed).mean(data, step, progress=progress, method=method)
 
 
 def finalize(diag: Mapping[str, np.ndarray], *, floor_ratio: float = 1e-8) -> Diag:

@@ -9,22 +9,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data import Dataset
 from ..errors import ConfigError, DataError
-from .common import (
-    DEFAULT_BATCH,
-    DEFAULT_REL_STEP,
-    Diag,
-    Progress,
-    accumulate,
-    check_finite,
-    check_sizes,
-    finalize,
-)
+from .common import DEFAULT_BATCH, DEFAULT_REL_STEP, Diag, Draws, Progress, check_finite, finalize
 from .files import read_second_moment
 
 if TYPE_CHECKING:
@@ -51,7 +43,7 @@ def fisher(
     twice the relative error of per-sample gradients for the same samples, at a seventh of the
     cost.
     """
-    check_sizes(samples=samples, batch_size=batch_size)
+    draws = Draws(samples, batch_size, seed)
     check_class_scores(engine, data)
 
     def step(batch: Dataset, rng: np.random.Generator) -> Diag:
@@ -62,17 +54,7 @@ def fisher(
         # b samples, each contributing b g^2
         return {p: (b * b) * np.square(g, dtype=np.float64) for p, g in grads.items()}
 
-    return finalize(
-        accumulate(
-            data,
-            step,
-            samples=samples,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            method="fisher",
-        )
-    )
+    return finalize(draws.mean(data, step, progress=progress, method="fisher"))
 
 
 def empirical_fisher(
@@ -87,15 +69,15 @@ def empirical_fisher(
 
     Deterministic given the inputs drawn, so ``samples`` is capped at the data size.
     """
-    check_sizes(samples=samples, batch_size=1)
+    draws = Draws(samples, seed=seed)
     check_labels(engine, data, "empirical-fisher")
-    if samples > len(data):
+    if 0 < len(data) < draws.samples:
         log.info(
             "empirical-fisher: using all %d samples (asked for %d; repeats would add nothing)",
             len(data),
-            samples,
+            draws.samples,
         )
-        samples = len(data)
+        draws = replace(draws, samples=len(data))
 
     def step(batch: Dataset, rng: np.random.Generator) -> Diag:
         total: Diag = {}
@@ -108,17 +90,7 @@ def empirical_fisher(
                 total[p] = total.get(p, 0.0) + np.square(g, dtype=np.float64)
         return total
 
-    return finalize(
-        accumulate(
-            data,
-            step,
-            samples=samples,
-            batch_size=DEFAULT_BATCH,
-            seed=seed,
-            progress=progress,
-            method="empirical-fisher",
-        )
-    )
+    return finalize(draws.mean(data, step, progress=progress, method="empirical-fisher"))
 
 
 def hutchinson(
@@ -143,7 +115,7 @@ def hutchinson(
     clipped at 0 and then floored: the quantizer needs nonnegative importances, and the absolute
     value would turn noise around zero into a spurious large importance.
     """
-    check_sizes(samples=samples, batch_size=batch_size)
+    draws = Draws(samples, batch_size, seed)
     if not rel_step > 0:
         raise ConfigError(f"rel_step={rel_step} must be positive (e.g. 1e-2)")
     check_labels(engine, data, "hutchinson")
@@ -168,15 +140,7 @@ def hutchinson(
             p: b * z[p] * (g_plus[p].astype(np.float64) - g_minus[p]) / (2 * steps[p]) for p in z
         }
 
-    raw = accumulate(
-        data,
-        step,
-        samples=samples,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        method="hutchinson",
-    )
+    raw = draws.mean(data, step, progress=progress, method="hutchinson")
     check_finite(raw, "Hutchinson estimate")
     negative = sum(int((v < 0).sum()) for v in raw.values())
     if negative:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..data import Dataset
-from .common import DEFAULT_BATCH, Diag, Progress, accumulate, check_finite, check_sizes, finalize
+from .common import DEFAULT_BATCH, Diag, Draws, Progress, check_finite, finalize
 
 if TYPE_CHECKING:
     from ..training.engine import ProjectionEngine
@@ -36,7 +36,7 @@ def gauss_newton(
     ``E[(J^T r)^2] = sum over the batch of diag(J_x^T J_x)``, so one projected gradient per batch
     estimates the whole batch without bias, as in `onnxhq.hessian.fisher`.
     """
-    check_sizes(samples=samples, batch_size=batch_size)
+    draws = Draws(samples, batch_size, seed)
 
     def step(batch: Dataset, rng: np.random.Generator) -> Diag:
         shape, dtype = engine.output_shape(batch.inputs)
@@ -45,14 +45,4 @@ def gauss_newton(
         check_finite(grads, "projected gradient")
         return {p: np.square(g, dtype=np.float64) for p, g in grads.items()}
 
-    return finalize(
-        accumulate(
-            data,
-            step,
-            samples=samples,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            method="gauss-newton",
-        )
-    )
+    return finalize(draws.mean(data, step, progress=progress, method="gauss-newton"))

@@ -167,9 +167,21 @@ def check_arrays(w, h, pruned, *, name: str = "w"):
 
 
 def check_task(
-    *, method, k, bits, lam, target_bits, exact, seed, max_iter, tol, cell_value, init
+    *,
+    method,
+    k,
+    bits,
+    lam,
+    target_bits,
+    exact=False,
+    seed=0,
+    max_iter=100,
+    tol=1e-7,
+    cell_value="mean",
+    init="dp",
 ) -> Task:
-    """Validated options; ``bits`` becomes ``k = 2**bits``."""
+    """Validated options (the solver settings default as in `quantize`); ``bits`` becomes
+    ``k = 2**bits``."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     given = [

@@ -101,17 +101,7 @@ def quantize_weights(
     if guard not in GUARDS:
         raise ConfigError(f"unknown guard {guard!r}; choose one of {', '.join(GUARDS)}")
     task = check_task(
-        method=method,
-        k=k,
-        bits=bits,
-        lam=lam,
-        target_bits=target_bits,
-        exact=exact,
-        seed=seed,
-        max_iter=100,
-        tol=1e-7,
-        cell_value="mean",
-        init="dp",
+        method=method, k=k, bits=bits, lam=lam, target_bits=target_bits, exact=exact, seed=seed
     )
     tensors = _check_mappings(weights, importances, pruned)
     notes = _notes()

@@ -1,0 +1,109 @@
+"""The argument builders the subcommands share, each flag written once, and the library keywords
+those flags map to."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from ..options import DEFAULT_HESSIAN_SAMPLES, EXTRA_OPS, HESSIAN_METHODS
+
+Run = Callable[[argparse.Namespace], int]
+
+
+def subcommand(sub: Any, name: str, run: Run) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``, whose ``args.run`` is ``run``.
+
+    ``run``'s docstring is the help: its first paragraph the one-line summary of ``onnxhq -h``,
+    the rest (if any) the description of ``onnxhq NAME -h``.
+    """
+    summary, _, rest = inspect.cleandoc(run.__doc__ or "").partition("\n\n")
+    description = " ".join(rest.split()) or None
+    p = sub.add_parser(name, help=" ".join(summary.split()), description=description)
+    p.set_defaults(run=run)
+    return p
+
+
+def add_model(p: argparse.ArgumentParser, help: str = "input .onnx model") -> None:
+    p.add_argument("model", help=help)
+
+
+def add_compressed(p: argparse.ArgumentParser) -> None:
+    """The positional of the readers of compressed artifacts (decode, report)."""
+    p.add_argument(
+        "compressed", help="the .onnx graph written by 'onnxhq compress' (its sidecar beside it)"
+    )
+
+
+def add_data(p: argparse.ArgumentParser, help: str, *, required: bool = False) -> None:
+    p.add_argument("--data", required=required, help=help)
+
+
+def add_output(p: argparse.ArgumentParser, what: str) -> None:
+    """The required ``-o/--output`` file; ``what`` says what it holds."""
+    p.add_argument("-o", "--output", required=True, help=f"the {what} to write")
+
+
+def add_common(p: argparse.ArgumentParser, *, output_name: bool = True, seed: bool = True) -> None:
+    if output_name:
+        p.add_argument(
+            "--output-name", help="the class-score output to use (default: first of rank 2)"
+        )
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def add_hessian_flags(p: argparse.ArgumentParser, *, estimator_flag: str) -> None:
+    """The Hessian flags: the source (``--method`` of ``onnxhq hessian``, ``--hessian`` of
+    compress and sweep), its draws, and the weights covered; `hessian_keywords` reads them."""
+    estimators = tuple(m for m in HESSIAN_METHODS if m != "none")
+    if estimator_flag == "--method":
+        p.add_argument(
+            "--method", default="fisher", choices=estimators, help="estimator (default fisher)"
+        )
+    else:
+        p.add_argument(
+            "--hessian",
+            help=f"estimator ({', '.join(HESSIAN_METHODS)}) or an .npz written by "
+            "'onnxhq hessian' (default fisher; none for --method kmeans)",
+        )
+    p.add_argument(
+        "--samples",
+        type=int,
+        help=f"samples drawn for the Hessian estimate (default {DEFAULT_HESSIAN_SAMPLES})",
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="samples per Hessian gradient (default: the estimator's)"
+    )
+    p.add_argument(
+        "--adam-state", help=".npz of Adam second moments keyed by weight name (Hessian adam)"
+    )
+    p.add_argument(
+        "--include-biases", action="store_true", help="quantize (and weigh) the biases too"
+    )
+    p.add_argument(
+        "--extra-ops",
+        nargs="+",
+        default=(),
+        metavar="OP",
+        choices=EXTRA_OPS,
+        help=f"also quantize the weights of these op types ({', '.join(EXTRA_OPS)})",
+    )
+    add_common(p)
+
+
+def hessian_keywords(args: argparse.Namespace, *, prefix: str = "") -> dict[str, Any]:
+    """The values of the flags of `add_hessian_flags` (but the source) keyed as
+    `onnxhq.estimate_hessian` takes them; ``prefix="hessian_"`` names the draws as
+    `CompressOptions.from_keywords` does (``hessian_samples``, ``hessian_batch_size``)."""
+    return {
+        f"{prefix}samples": args.samples,
+        f"{prefix}batch_size": args.batch_size,
+        "adam_state": args.adam_state,
+        "include_biases": args.include_biases,
+        "extra_ops": tuple(args.extra_ops),
+        "output": args.output_name,
+        "seed": args.seed,
+    }
