@@ -21,6 +21,7 @@ from onnx import TensorProto, helper
 from onnxhq import differentiable
 from onnxhq.differentiable import make_differentiable, parse_builder_error, unsupported_ops
 from onnxhq.errors import ModelError
+from onnxhq.training import worker
 
 ort.set_default_logger_severity(3)
 
@@ -83,19 +84,17 @@ def feeds(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def run(model: onnx.ModelProto, feed: dict[str, np.ndarray], outputs=None) -> list[np.ndarray]:
+def run(model, feed: dict[str, np.ndarray], outputs=None) -> list[np.ndarray]:
+    """``outputs`` of ``model`` (a ModelProto, or a `gradient_model` session) for ``feed``."""
+    if isinstance(model, worker.RemoteSession):
+        return model.run(outputs, feed)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(outputs, feed)
 
 
-def gradient_model(
-    model: onnx.ModelProto, params: list[str], loss: str = "loss"
-) -> onnx.ModelProto:
-    from onnxruntime.capi._pybind_state import GradientGraphBuilder
-
-    builder = GradientGraphBuilder(model.SerializeToString(), {loss}, set(params), loss)
-    builder.build()
-    return onnx.load_from_string(builder.get_model())
+def gradient_model(model: onnx.ModelProto, params: list[str], loss: str = "loss"):
+    """A session on the gradient graph, built and run by onnxruntime-training's worker."""
+    return worker.gradient_session(model.SerializeToString(), loss, params)
 
 
 def central_differences(

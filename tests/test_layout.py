@@ -23,6 +23,7 @@ TOOLS = ROOT / "tools"
 PROTOBUF_MODULES = frozenset(
     {
         "model.py",  # load, validate, read and replace initializers, input specs, metadata, save
+        "graphfile.py",  # model files: parse, tensors, external data, checks, opset/IR
         "normalize.py",  # load-time clean-up: hidden constant weights made initializers
         "rewrite.py",  # quantized weights -> dequantize nodes
         "encode.py",  # rewritten model -> graph + sidecar artifacts
@@ -30,9 +31,12 @@ PROTOBUF_MODULES = frozenset(
         "describe.py",  # report of saved artifacts
         "outputs.py",  # which graph output is the class score
         "training/graph.py",  # the training view of a graph (loss, BatchNorm folding, gradients)
+        "training/worker_main.py",  # the gradient worker converts graphs above opset 21 down
         "differentiable.py",  # graph of the differentiable quantizer
         "hessian/activations.py",  # activations captured as extra graph outputs
         "hessian/gauss_newton.py",  # Gauss-Newton graph construction
+        "layer_inputs.py",  # layer inputs captured as extra graph outputs (X X^T per weight)
+        "native.py",  # dequantize nodes -> DequantizeLinear (onnxruntime's low-bit forms)
     }
 )
 MAX_MODULE_LINES = 450

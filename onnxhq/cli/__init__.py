@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import OnnxhqError
 from ..options import OptionError
 from ..progress import Progress
-from . import compress, stages
+from . import compress, setup, stages
 
 #: `compress` keywords (as `OptionError.fields` names them) -> the flags that set them.
 FLAGS = {
@@ -44,6 +44,11 @@ FLAGS = {
     "output": "--output-name",
     "seed": "--seed",
     "data": "--data",
+    "eval_data": "--eval",
+    "guard": "--guard",
+    "max_drop": "--max-drop",
+    "min_fidelity": "--min-fidelity",
+    "compensate": "--compensate",
 }
 
 
@@ -56,6 +61,7 @@ SUBCOMMANDS = (
     stages.add_report,
     stages.add_eval,
     compress.add_sweep,
+    setup.add_setup_training,
 )
 
 

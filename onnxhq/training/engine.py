@@ -7,20 +7,28 @@ arrays out: callers never see the graph.
 `GradientEngine` serves the cross-entropy views (Fisher, Hutchinson, pruning, fine-tuning): labels
 are given, or sampled from the model's own softmax. `ProjectionEngine` serves the Gauss-Newton
 view of any float output.
+
+Gradient sessions run in onnxruntime-training's worker process (`onnxhq.training.worker`), so the
+user's own onnxruntime serves the forward sessions and is never replaced; a graph above the
+training build's opset or IR version is converted down there, for the worker only. With
+``ONNXHQ_TRAINING_INPROCESS=1`` and this interpreter's onnxruntime the training build, they run in
+this process instead (the benchmark's baseline, `tools/bench_worker.py`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import NumericalError
+from ..errors import ModelError, NumericalError
 from ..model import read_initializers
 from ..outputs import logits_tensor, projection_output
 from ..runtime import make_session
+from . import worker
 from .graph import (
     LABELS,
     LOSS,
@@ -31,6 +39,7 @@ from .graph import (
     build_training_model,
     default_params,
     grad_name,
+    gradient_build_error,
 )
 
 if TYPE_CHECKING:
@@ -38,10 +47,50 @@ if TYPE_CHECKING:
 
 Arrays = Mapping[str, np.ndarray]
 
+#: Set to 1 to build and run gradient sessions in this process (its onnxruntime must be the
+#: training build); otherwise they run in the worker.
+ENV_INPROCESS = "ONNXHQ_TRAINING_INPROCESS"
+
+
+def in_process() -> bool:
+    """Whether gradient sessions run in this process (``ONNXHQ_TRAINING_INPROCESS=1``)."""
+    if os.environ.get(ENV_INPROCESS, "") in ("", "0"):
+        return False
+    if not worker.has_training_build():
+        raise worker.TrainingUnavailable(
+            f"{ENV_INPROCESS}=1 but this interpreter's onnxruntime is not onnxruntime-training; "
+            f"unset {ENV_INPROCESS} to use the gradient worker"
+        )
+    return True
+
 
 def gradient_session(training_model: onnx.ModelProto, params: list[str], *, threads: int = 0):
-    """A session on the gradient graph of ``training_model``: loss and ``<param>_grad`` outputs."""
-    return make_session(build_gradient_model(training_model, params), threads=threads)
+    """A session on the gradient graph of ``training_model``: loss and ``<param>_grad`` outputs.
+
+    Used like an ``onnxruntime.InferenceSession`` (``run(fetch, feed)``). Raises
+    `worker.TrainingUnavailable` when no onnxruntime-training is reachable, `ModelError` when the
+    graph cannot be built (one line, also when the builder aborts the worker).
+    """
+    if in_process():
+        return make_session(build_gradient_model(training_model, params), threads=threads)
+    opset = next((o.version for o in training_model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    try:
+        session = worker.gradient_session(
+            training_model.SerializeToString(),
+            LOSS,
+            params,
+            threads=threads,
+            opset=opset,
+            ir_version=training_model.ir_version,
+        )
+    except worker.BuildRefused as exc:
+        raise gradient_build_error(str(exc), training_model) from None
+    missing = [p for p in params if grad_name(p) not in session.output_names]
+    if missing:
+        raise ModelError(
+            f"no gradient flows to {missing[0]!r}; it does not influence the output the loss reads"
+        )
+    return session
 
 
 @dataclass
