@@ -3,10 +3,16 @@
 `quantized_names` picks the tensors; `estimate_hessian` estimates their Hessian diagonal (the
 importances) from data or an Adam state; `estimate_importances` gives `compress` the importances
 its options ask for, estimated or supplied.
+
+Fallback: when `compress` chose the ``fisher`` Hessian itself (``HessianSource.fallback``) and the
+model has no gradient graph (an op onnxruntime-training cannot differentiate and onnxhq cannot
+rewrite, or no onnxruntime-training at all), it uses the forward-only ``activations`` Hessian
+instead and logs one warning saying why. A gradient Hessian asked for by name fails instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -15,13 +21,19 @@ import numpy as np
 
 from . import hessian as hessian_mod
 from .data import Dataset, load_data
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, ModelError
 from .model import initializer_map, load_model, quantizable_weights
 from .options import HESSIAN_METHODS, SUPPLIED, CompressOptions, HessianSource, OptionError
+from .options.vocabulary import DEFAULT_HESSIAN, FALLBACK_HESSIAN
+from .outputs import OutputSpec, resolve_output
 from .training.engine import GradientEngine
+from .training.graph import INSTEAD
+from .training.output_engine import OutputEngine
 
 if TYPE_CHECKING:
     import onnx
+
+log = logging.getLogger(__name__)
 
 StageProgress = Callable[[str, int, int], None]
 
@@ -51,6 +63,7 @@ def estimate_importances(
             adam_state=source.state,
             output=options.output,
             progress=progress,
+            fallback=source.fallback,
         )
     arrays = source.arrays
     assert arrays is not None  # HessianSource checked it
@@ -71,7 +84,7 @@ def estimate_hessian(
     model: str | os.PathLike | bytes | onnx.ModelProto,
     data: str | os.PathLike | Dataset | None,
     *,
-    method: str = "fisher",
+    method: str = DEFAULT_HESSIAN,
     params: Sequence[str] | None = None,
     samples: int | None = None,
     batch_size: int | None = None,
@@ -79,8 +92,9 @@ def estimate_hessian(
     adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     include_biases: bool = False,
     extra_ops: tuple[str, ...] = (),
-    output: str | None = None,
+    output: str | OutputSpec | None = None,
     progress: StageProgress | None = None,
+    fallback: bool = False,
 ) -> dict[str, np.ndarray]:
     """The Hessian diagonal of ``model``'s weights, as `compress` estimates it.
 
@@ -93,8 +107,10 @@ def estimate_hessian(
     samples, batch_size, seed : the draws (None: 1000 samples, the estimator's batch size);
         estimators that draw no samples (``adam``) take neither.
     adam_state : the ``.npz`` (or mapping) of Adam's second moments, for ``method="adam"`` only.
-    output : the class-score output (default: the first of rank 2).
+    output : ``NAME[:KIND]`` of the output the loss reads (`onnxhq.outputs.resolve_output`).
     progress : called with ``("hessian", done, total)``.
+    fallback : with ``method="fisher"``, use ``activations`` (one warning logged) when the model
+        has no gradient graph, instead of raising.
 
     Returns
     -------
@@ -114,7 +130,11 @@ def estimate_hessian(
         )
     source = HessianSource(method, samples, batch_size, state=adam_state)
     CompressOptions(
-        hessian=source, include_biases=include_biases, extra_ops=extra_ops, output=output, seed=seed
+        hessian=source,
+        include_biases=include_biases,
+        extra_ops=extra_ops,
+        output=None if output is None else str(output),
+        seed=seed,
     )  # checks them all before the model is read
     if source.needs_data and data is None:
         raise OptionError(f"the {method!r} Hessian needs data: pass data with model inputs", "data")
@@ -127,12 +147,16 @@ def estimate_hessian(
     if not names:
         raise ConfigError(
             "the model has no quantizable weights (float initializers of Conv, "
-            "ConvTranspose, Gemm, MatMul), so there is no Hessian to estimate"
+            "ConvTranspose, Gemm, MatMul, Gather), so there is no Hessian to estimate"
         )
     dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
-    engine = None
-    if method not in ("adam", "gauss-newton") and dataset is not None:
-        engine = GradientEngine(proto, params=names, output=output)
+    engine: GradientEngine | OutputEngine | None = None
+    if method in ("empirical-fisher", "hutchinson") and dataset is not None:
+        named = None if output is None else str(output)
+        engine = GradientEngine(proto, params=names, output=named)
+    elif method == "fisher" and dataset is not None:
+        engine = _fisher_engine(proto, names, dataset, output, fallback=fallback)
+        method = method if engine is not None else FALLBACK_HESSIAN
     report = None if progress is None else (lambda done, total: progress("hessian", done, total))
     draws = {} if source.samples is None else {"samples": source.samples}
     diag = hessian_mod.estimate(
@@ -150,6 +174,45 @@ def estimate_hessian(
     )
     assert diag is not None  # only "none" gives None, refused above
     return diag
+
+
+def gradients_available() -> bool:
+    """Whether an onnxruntime-training build is at hand for gradient graphs (the worker's check)."""
+    from .training.worker import training_available
+
+    return training_available()
+
+
+def _fisher_engine(
+    proto: onnx.ModelProto,
+    names: list[str],
+    data: Dataset,
+    output: str | OutputSpec | None,
+    *,
+    fallback: bool,
+) -> OutputEngine | None:
+    """The Fisher's engine; None (after one warning) when ``fallback`` and no gradient graph."""
+    spec = resolve_output(proto, output)  # a wrong output name is an error, never a fallback
+    if fallback and not gradients_available():
+        log.warning(
+            "the 'fisher' Hessian needs onnxruntime-training, which is not installed ('onnxhq "
+            "setup-training' installs it); using the 'activations' Hessian (forward passes only)"
+        )
+        return None
+    from .training.worker import TrainingUnavailable
+
+    try:
+        return OutputEngine(proto, names, output=spec, input_shapes=hessian_mod.input_shapes(data))
+    except (ModelError, TrainingUnavailable) as exc:
+        if not fallback:
+            raise
+        reason = str(exc).removesuffix(f"; {INSTEAD}")
+        log.warning(
+            "the 'fisher' Hessian cannot run on this model (%s); using the 'activations' Hessian "
+            "(forward passes only)",
+            reason,
+        )
+        return None
 
 
 def quantized_names(
@@ -173,7 +236,7 @@ def weight_names(proto: onnx.ModelProto, options: CompressOptions) -> list[str]:
     if not names:
         raise ConfigError(
             "the model has no quantizable weights (float initializers of Conv, "
-            "ConvTranspose, Gemm, MatMul); add op types with extra_ops"
+            "ConvTranspose, Gemm, MatMul, Gather); add op types with extra_ops"
         )
     return names
 

@@ -1,14 +1,25 @@
-"""Which output the loss reads: class scores found or checked by name, Softmax inputs as logits."""
+"""Which output the loss reads: class scores found or checked by name, Softmax inputs as logits;
+output kinds detected through pass-through ops, or given as NAME:KIND."""
 
 from __future__ import annotations
 
 import onnx
+import onnx.parser
 import pytest
 from conftest import small_convnet
 from onnx import TensorProto, helper
 
 from onnxhq.errors import ModelError
-from onnxhq.outputs import class_score_output, logits_tensor, projection_output
+from onnxhq.options.parts import OptionError
+from onnxhq.outputs import (
+    ModelOutput,
+    OutputSpec,
+    class_score_output,
+    logits_tensor,
+    parse_output_spec,
+    projection_output,
+    resolve_output,
+)
 
 
 def with_softmax(axis: int = 1) -> onnx.ModelProto:
@@ -66,3 +77,104 @@ def test_projection_takes_the_first_float_output_and_refuses_others(convnet):
     del convnet.graph.output[1]
     with pytest.raises(ModelError, match="no float output among ids"):
         projection_output(convnet)
+
+
+# --- output kinds ---------------------------------------------------------------------------
+
+
+def parsed(text: str, outputs: str = "float y") -> onnx.ModelProto:
+    return onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T, 4] x) => ({outputs}) {{
+      {text}
+    }}""")
+
+
+def test_a_per_position_softmax_of_rank_3_is_classes_read_through_its_input():
+    model = parsed("z = MatMul(x, w)\n y = Softmax <axis = -1> (z)", "float[N, T, 5] y")
+    assert resolve_output(model) == ModelOutput("y", "classes", "z", -1)
+
+
+def test_the_softmax_is_found_through_identity_cast_reshape_transpose_squeeze():
+    text = """z = MatMul(x, w)
+      p = Softmax <axis = 2> (z)
+      a = Identity(p)
+      b = Cast <to = 1> (a)
+      c = Transpose <perm = [1, 0, 2]> (b)
+      d = Unsqueeze(c, one)
+      y = Squeeze(d, one)"""
+    assert resolve_output(parsed(text)) == ModelOutput("y", "classes", "z", 2)
+
+
+def test_a_sigmoid_map_is_bernoulli_and_other_outputs_are_real():
+    sig = parsed("z = MatMul(x, w)\n y = Sigmoid(z)")
+    assert resolve_output(sig) == ModelOutput("y", "bernoulli", "z")
+    normed = parsed("z = MatMul(x, w)\n n = ReduceL2 <axes = [-1]> (z)\n y = Div(z, n)")
+    assert resolve_output(normed) == ModelOutput("y", "real", "y")
+
+
+def test_rank_2_logits_of_a_linear_layer_are_classes_but_one_column_is_real():
+    text = "f = Flatten(x)\n z = MatMul(f, w)\n y = Add(z, b)"
+    assert resolve_output(parsed(text, "float[N, 3] y")).kind == "classes"
+    assert resolve_output(parsed(text, "float[N, 1] y")).kind == "real"
+
+
+def test_skl2onnx_probabilities_behind_identity_are_class_scores():
+    text = """z = Gemm(x2, w, b)
+      p = Softmax(z)
+      probabilities = Identity(p)
+      label = ArgMax <axis = 1> (z)"""
+    head = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x2) => (int64[N, 1] label, float[N, 3] probabilities)"""
+    model = onnx.parser.parse_model(f"{head} {{ {text} }}")
+    assert resolve_output(model) == ModelOutput("probabilities", "classes", "z", -1)
+    assert class_score_output(model) == ("probabilities", True)
+    assert logits_tensor(model) == "z"
+
+
+def test_an_old_opset_softmax_flattens_from_its_axis():
+    model = parsed("z = MatMul(x, w)\n y = Softmax <axis = 1> (z)")
+    model.opset_import[0].version = 11
+    assert resolve_output(model) == ModelOutput("y", "classes", "z", 1, flat=True)
+
+
+def test_a_kind_given_overrides_the_detection():
+    model = parsed("z = MatMul(x, w)\n y = Sigmoid(z)")
+    assert resolve_output(model, "y:real") == ModelOutput("y", "real", "y")
+    assert resolve_output(model, ":classes") == ModelOutput("y", "classes", "y", -1)
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("y", OutputSpec("y")),
+        ("y:bernoulli", OutputSpec("y", "bernoulli")),
+        (":real", OutputSpec(None, "real")),
+        ("dense/Softmax:0", OutputSpec("dense/Softmax:0")),
+        ("a:b:classes", OutputSpec("a:b", "classes")),
+    ],
+)
+def test_output_specs_parse_name_and_kind(text, spec):
+    assert parse_output_spec(text) == spec
+    assert str(spec) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (":probs", r"'probs' is no output kind; choose one of classes, bernoulli, real"),
+        ("", "NAME"),
+    ],
+)
+def test_bad_output_specs_are_option_errors(text, match):
+    with pytest.raises(OptionError, match=match):
+        parse_output_spec(text)
+
+
+def test_resolve_refuses_unknown_and_non_float_outputs():
+    model = parsed("z = MatMul(x, w)\n y = ArgMax(z)", "int64 y")
+    with pytest.raises(ModelError, match="no output 'q'; its outputs are y"):
+        resolve_output(model, "q")
+    with pytest.raises(ModelError, match="output 'y' has element type INT64"):
+        resolve_output(model, "y")
+    with pytest.raises(ModelError, match="no float output among y"):
+        resolve_output(model)

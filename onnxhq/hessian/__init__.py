@@ -4,9 +4,9 @@ Every estimator returns float32 arrays keyed by parameter name, shaped like the 
 and nonnegative. Their absolute scale does not matter to the quantizers (only ratios do).
 
 ``fisher`` (default, label-free)
-    ``E_x E_{y~p(y|x)} g(x, y)^2`` with labels drawn from the model's own softmax: the Fisher
-    diagonal, equal to the Gauss-Newton diagonal of the cross-entropy. Batched without bias (see
-    `fisher`).
+    ``E_x E_{y~p(y|x)} g(x, y)^2`` with targets drawn from the model itself: the Fisher diagonal
+    of the output's kind (`onnxhq.outputs`: class scores of any rank, Bernoulli maps, real
+    values), see `output_fisher`. Given a `GradientEngine` (rank-2 class scores), `fisher`.
 ``empirical-fisher``
     ``E_x g(x, y_true)^2`` from per-sample gradients with the data's true labels.
 ``hutchinson``
@@ -15,6 +15,10 @@ and nonnegative. Their absolute scale does not matter to the quantizers (only ra
 ``gauss-newton``
     ``diag(J^T J)`` of any float output (regression, embeddings) via random output projections;
     see `onnxhq.hessian.gauss_newton`.
+``activations`` (no gradients, no labels)
+    Per weight, the second moment of the input it multiplies (the diagonal of the layer-wise
+    Hessian ``2 X X^T``), each layer scaled by its measured effect on the outputs; forward passes
+    of plain onnxruntime only, any opset. See `onnxhq.hessian.activations`.
 ``adam``
     ``sqrt(v_hat)`` of a supplied Adam second moment, the paper's free alternative to the Hessian.
 ``none``
@@ -29,7 +33,8 @@ Floor: `finalize` raises entries that are exactly zero (or tiny) to ``1e-8`` tim
 entry of all tensors, so that no weight is free to move at no cost.
 
 Modules: `common` (the sampling loop, checks, floor), `estimators` (fisher, empirical-fisher,
-hutchinson, adam), `gauss_newton`, `files` (`save_hessian` / `load_hessian` of ``.npz``
+hutchinson, adam), `output_fisher` (the Fisher of each output kind), `gauss_newton`,
+`activations`, `files` (`save_hessian` / `load_hessian` of ``.npz``
 diagonals keyed by weight name).
 """
 
@@ -43,14 +48,18 @@ import numpy as np
 
 from ..data import Dataset
 from ..errors import ConfigError, DataError
-from ..options import BATCHED_HESSIANS
-from ..options import HESSIAN_METHODS as METHODS
+from ..options.vocabulary import BATCHED_HESSIANS
+from ..options.vocabulary import HESSIAN_METHODS as METHODS
+from ..outputs import OutputSpec, resolve_output
 from ..training.engine import GradientEngine, ProjectionEngine
 from ..training.graph import parameter_shapes
+from ..training.output_engine import OutputEngine
+from .activations import activation_hessian
 from .common import DEFAULT_BATCH, DEFAULT_REL_STEP, Diag, Progress, finalize
 from .estimators import adam, empirical_fisher, fisher, hutchinson
 from .files import hessian_bytes, load_hessian, read_second_moment, save_hessian
 from .gauss_newton import gauss_newton
+from .output_fisher import output_fisher
 
 if TYPE_CHECKING:
     import onnx
@@ -58,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "METHODS",
     "NEEDS_LABELS",
+    "activation_hessian",
     "adam",
     "empirical_fisher",
     "estimate",
@@ -66,7 +76,9 @@ __all__ = [
     "gauss_newton",
     "hessian_bytes",
     "hutchinson",
+    "input_shapes",
     "load_hessian",
+    "output_fisher",
     "read_second_moment",
     "save_hessian",
 ]
@@ -77,7 +89,7 @@ NEEDS_LABELS = ("empirical-fisher", "hutchinson")
 
 def estimate(
     method: str,
-    engine: GradientEngine | None,
+    engine: GradientEngine | OutputEngine | None,
     data: Dataset | None,
     *,
     params: list[str],
@@ -88,14 +100,17 @@ def estimate(
     rel_step: float | None = None,
     adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     model: onnx.ModelProto | None = None,
-    output: str | None = None,
+    output: str | OutputSpec | None = None,
 ) -> Diag | None:
     """Dispatch to the estimator called ``method``; ``none`` returns None (plain, unweighted).
 
-    ``engine`` serves fisher, empirical-fisher and hutchinson. ``gauss-newton`` builds its own
-    projection view of ``model`` (or of ``engine.model``) and ``output``; ``adam`` needs only
-    ``adam_state`` and the parameters' shapes (from ``engine`` or ``model``). Options a method
-    does not use must be left at None.
+    ``engine``: a `GradientEngine` serves fisher (rank-2 class scores), empirical-fisher and
+    hutchinson; an `OutputEngine` (or None, then one is built on ``model`` and ``output``, a
+    ``NAME[:KIND]``) serves fisher of any output kind. ``gauss-newton`` builds its own projection
+    view of ``model`` (or of ``engine.model``) and ``output``; ``activations`` runs ``model``
+    forward (``output``: the one its calibration watches; default every float output); ``adam``
+    needs only ``adam_state`` and the parameters' shapes (from ``engine`` or ``model``). Options
+    a method does not use must be left at None.
 
     Returns
     -------
@@ -115,18 +130,44 @@ def estimate(
             "data file, or use 'fisher', which samples labels from the model"
         )
     batch = DEFAULT_BATCH if batch_size is None else batch_size
+    source = model if model is not None else getattr(engine, "model", None)
+    by_model = method in ("gauss-newton", "activations") or (method == "fisher" and engine is None)
+    if by_model and source is None:
+        raise ConfigError(f"the {method!r} Hessian needs the model")
     if method == "gauss-newton":
-        source = model if model is not None else getattr(engine, "model", None)
-        if source is None:
-            raise ConfigError("the 'gauss-newton' Hessian needs the model")
+        assert source is not None
         named = output if output is not None else getattr(engine, "output", None)
-        view = ProjectionEngine(source, params=list(params), output=named)
+        view = ProjectionEngine(
+            source, params=list(params), output=None if named is None else str(named)
+        )
         diag = gauss_newton(
             view, data, samples=samples, batch_size=batch, seed=seed, progress=progress
+        )
+    elif method == "activations":
+        assert source is not None
+        watched = None if output is None else [resolve_output(source, output).name]
+        diag = activation_hessian(
+            source,
+            data.inputs,
+            params,
+            samples=samples,
+            batch_size=batch,
+            seed=seed,
+            progress=progress,
+            outputs=watched,
+        )
+    elif method == "fisher" and not isinstance(engine, GradientEngine):
+        if engine is None:
+            assert source is not None
+            shapes = input_shapes(data)
+            engine = OutputEngine(source, list(params), output=output, input_shapes=shapes)
+        diag = output_fisher(
+            engine, data, samples=samples, batch_size=batch, seed=seed, progress=progress
         )
     else:
         if engine is None:
             raise ConfigError(f"the {method!r} Hessian needs a gradient engine for the model")
+        assert isinstance(engine, GradientEngine)
         missing = [p for p in params if p not in engine.values]
         if missing:
             raise ConfigError(
@@ -152,6 +193,11 @@ def estimate(
     return {p: diag[p] for p in params}
 
 
+def input_shapes(data: Dataset) -> dict[str, tuple[int | None, ...]]:
+    """The dims a gradient view pins: each input's shape in ``data``, the batch axis left free."""
+    return {name: (None, *np.shape(array)[1:]) for name, array in data.inputs.items()}
+
+
 def _check_options(method: str, *, batch_size, rel_step, adam_state) -> None:
     if method not in METHODS:
         raise ConfigError(f"unknown Hessian method {method!r}; choose one of {', '.join(METHODS)}")
@@ -171,7 +217,7 @@ def _check_options(method: str, *, batch_size, rel_step, adam_state) -> None:
 
 
 def _shapes(
-    engine: GradientEngine | None, model: onnx.ModelProto | None, params: list[str]
+    engine: GradientEngine | OutputEngine | None, model: onnx.ModelProto | None, params: list[str]
 ) -> dict[str, tuple[int, ...]]:
     if engine is not None and all(p in engine.values for p in params):
         return {p: engine.values[p].shape for p in params}

@@ -214,7 +214,10 @@ class HessianSource:
     ``hutchinson``, ``gauss-newton``; or ``adam`` (needs ``state``: the Adam second moment, an
     .npz path or a mapping keyed by weight name); ``supplied`` (needs ``arrays``: diagonals keyed
     by weight name, or the path of an .npz written by ``onnxhq hessian``); ``none`` (unweighted).
-    Equality compares paths as text and in-memory mappings by identity.
+    ``activations`` draws samples too but needs no gradients (`onnxhq.hessian.activations`).
+    ``fallback`` (set when `compress` chose ``fisher`` itself) lets a model without a gradient
+    graph fall back to ``activations``. Equality compares paths as text and in-memory mappings
+    by identity, and ignores ``fallback``.
     """
 
     method: str = "fisher"
@@ -222,6 +225,7 @@ class HessianSource:
     batch_size: int | None = None
     state: PathLike | Mapping[str, Any] | None = None
     arrays: PathLike | Mapping[str, Any] | None = None
+    fallback: bool = False
 
     def __post_init__(self) -> None:
         method = self.method
@@ -322,3 +326,7 @@ class FineTune:
 
     def __hash__(self) -> int:
         return hash(self._key())
+
+
+#: What `compress` does with a tensor a shared codebook wrecks (`onnxhq.quantize.guard`).
+GUARDS = ("requantize", "warn", "off")

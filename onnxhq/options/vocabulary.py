@@ -9,22 +9,42 @@ WEIGHTED_METHODS = ("hkmeans", "uniform", "ecsq")
 #: Codebook scopes: one for the network, one per tensor, one per group of output channels.
 SCOPES = ("network", "layer", "channel-group")
 #: Hessian estimators of `onnxhq.hessian.METHODS` (``none``: no weighting).
-HESSIAN_METHODS = ("fisher", "empirical-fisher", "hutchinson", "gauss-newton", "adam", "none")
+HESSIAN_METHODS = (
+    "fisher",
+    "empirical-fisher",
+    "hutchinson",
+    "gauss-newton",
+    "activations",
+    "adam",
+    "none",
+)
 #: The estimators that draw samples from data (and so take ``samples``).
-SAMPLING_HESSIANS = ("fisher", "empirical-fisher", "hutchinson", "gauss-newton")
+SAMPLING_HESSIANS = ("fisher", "empirical-fisher", "hutchinson", "gauss-newton", "activations")
 #: The sampling estimators that take a ``batch_size`` (empirical-fisher: per-sample gradients).
-BATCHED_HESSIANS = ("fisher", "hutchinson", "gauss-newton")
+BATCHED_HESSIANS = ("fisher", "hutchinson", "gauss-newton", "activations")
+#: The estimators that differentiate the model (they need onnxruntime-training's gradient graph).
+GRADIENT_HESSIANS = ("fisher", "empirical-fisher", "hutchinson", "gauss-newton")
+#: The Hessian `compress` estimates unless told, and the one it falls back to when the model
+#: has no gradient graph (an op without a gradient, or no onnxruntime-training).
+DEFAULT_HESSIAN = "fisher"
+FALLBACK_HESSIAN = "activations"
+#: Output kinds (`onnxhq.outputs.OutputSpec`): class scores (softmax over the last axis, every
+#: other axis a sample), Bernoulli scores (sigmoid per entry), real values (embeddings, boxes).
+OUTPUT_KINDS = ("classes", "bernoulli", "real")
 #: How in-memory inputs appear in `CompressOptions.to_dict`, and the Hessian source they make.
 SUPPLIED = "supplied"
 #: What `HessianSource.method` may be: an estimator, or diagonals given by the caller.
 HESSIAN_SOURCES = (*HESSIAN_METHODS, SUPPLIED)
 #: Pruning criteria and scopes of `onnxhq.prune`.
-PRUNE_CRITERIA = ("magnitude", "saliency")
+PRUNE_CRITERIA = ("magnitude", "saliency", "obs")
 PRUNE_SCOPES = ("global", "layer")
 #: Op types whose weights a user may opt into (`onnxhq.model.OPTIONAL_WEIGHT_SLOTS`).
 EXTRA_OPS = ("Einsum", "GRU", "Gather", "LSTM", "RNN")
 #: The ways to give a rate, as `compress` keywords.
 RATES = ("k", "bits", "lam", "target_bits")
+#: Forms `decode` writes the weights in (`onnxhq.native`): onnxhq's codebook lookups (any
+#: codebook), or DequantizeLinear of int8 / int4 levels (codebooks on a uniform grid).
+DECODE_TARGETS = ("gather", "int8", "int4")
 
 #: Defaults, from the measurements in tools/RESULTS.md: at equal coded bits per weight, Hessian-
 #: weighted uniform quantization keeps more accuracy than k-means (as the paper found). 4 bits per

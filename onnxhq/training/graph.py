@@ -1,12 +1,14 @@
 """The training view of a model: the graph edits that make its weights differentiable.
 
 A training view is a copy of the model with its local functions inlined, inference-mode
-BatchNormalization folded into an affine map, the chosen parameters turned from initializers
-into graph inputs (`parameters_as_inputs`, the one place that does it), and a scalar loss
-attached: the mean cross-entropy of the class scores (`build_training_model`) or the projection
-``sum(r * y)`` of any float output (`build_projection_model`). onnxruntime-training's
-``GradientGraphBuilder`` (`build_gradient_model`) then adds the backward pass: outputs are the
-loss and ``<param>_grad`` for each parameter.
+BatchNormalization folded into an affine map, the ops the gradient builder cannot differentiate
+rewritten into equal-valued ones (`onnxhq.differentiable.make_differentiable`), the chosen
+parameters turned from initializers into graph inputs (`parameters_as_inputs`, the one place that
+does it), and a scalar loss attached: the mean cross-entropy of the class scores
+(`build_training_model`) or the projection ``sum(r * y)`` of any float tensor
+(`build_projection_model`). onnxruntime-training's ``GradientGraphBuilder``
+(`build_gradient_model`) then adds the backward pass: outputs are the loss and ``<param>_grad``
+for each parameter. When it fails, `gradient_build_error` makes the one-line error.
 
 Every tensor and node name these edits make is spelled here.
 """
@@ -18,7 +20,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -26,6 +28,7 @@ import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import naming
+from ..differentiable import make_differentiable, parse_builder_error, unsupported_ops
 from ..errors import ModelError
 from ..model import FLOAT_TYPES, initializer_map, value_info_map
 from ..outputs import logits_tensor, projection_output
@@ -38,6 +41,10 @@ LOSS = "onnxhq_loss"
 LABELS = "onnxhq_labels"
 #: The projection ``r`` input of the Gauss-Newton view, shaped like the projected output.
 PROJECTION = "onnxhq_projection"
+#: What the gradient errors suggest instead.
+INSTEAD = "use --hessian activations (forward passes only) or --hessian none"
+#: Input name -> its dims (None: symbolic, as the batch axis), pinned in the training views.
+InputShapes = Mapping[str, Sequence[int | None]]
 
 
 def grad_name(param: str) -> str:
@@ -116,15 +123,20 @@ def parameters_as_inputs(model: onnx.ModelProto, params: Iterable[str]) -> None:
 
 
 def build_training_model(
-    model: onnx.ModelProto, params: Iterable[str], *, output: str | None = None
+    model: onnx.ModelProto,
+    params: Iterable[str],
+    *,
+    output: str | None = None,
+    input_shapes: InputShapes | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with ``params`` as inputs, a labels input and the mean cross-entropy.
 
     The loss ``onnxhq_loss`` (float scalar, mean over the batch) is the only output; labels are
-    the int64 (N,) input ``onnxhq_labels``. ``params`` must be float32.
+    the int64 (N,) input ``onnxhq_labels``. ``params`` must be float32. ``input_shapes`` pins
+    input dims (see `onnxhq.differentiable.make_differentiable`).
     """
     params = list(params)
-    m = _differentiable_copy(model)
+    m = _differentiable_copy(model, input_shapes)
     logits = logits_tensor(m, output)
     inits = initializer_map(m)
     not_f32 = [p for p in params if p in inits and inits[p].data_type != TensorProto.FLOAT]
@@ -151,15 +163,24 @@ def build_training_model(
 
 
 def build_projection_model(
-    model: onnx.ModelProto, params: Iterable[str], *, output: str | None = None
+    model: onnx.ModelProto,
+    params: Iterable[str],
+    *,
+    output: str | None = None,
+    tensor: str | None = None,
+    input_shapes: InputShapes | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with ``params`` as inputs, a projection input and loss ``sum(r * y)``.
 
-    ``y`` is `onnxhq.outputs.projection_output`; ``r`` is the input ``onnxhq_projection`` of
-    ``y``'s shape and type. The gradient of the loss is ``J^T r``.
+    ``y`` is ``tensor`` (any float tensor of the graph, e.g. the logits before a Softmax) if
+    given, else `onnxhq.outputs.projection_output` of ``output``; ``r`` is the input
+    ``onnxhq_projection`` of ``y``'s shape and type. The gradient of the loss is ``J^T r``.
     """
-    m = _differentiable_copy(model)
-    chosen, elem = projection_output(m, output)
+    m = _differentiable_copy(model, input_shapes)
+    if tensor is None:
+        chosen, elem = projection_output(m, output)
+    else:
+        chosen, elem = tensor, _tensor_type(m, tensor)
     parameters_as_inputs(m, params)
     m.graph.input.append(helper.make_tensor_value_info(PROJECTION, elem, None))
     projected = f"{PROJECTION}__product"
@@ -177,6 +198,19 @@ def build_projection_model(
     return m
 
 
+def _tensor_type(model: onnx.ModelProto, tensor: str) -> int:
+    """The float element type of ``tensor`` (float32 when not recorded); ModelError if absent."""
+    made = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    if tensor not in made:
+        raise ModelError(f"the model has no tensor {tensor!r} to differentiate")
+    value = value_info_map(model).get(tensor)
+    elem = value.type.tensor_type.elem_type if value is not None else 0
+    if elem and elem not in FLOAT_TYPES:
+        kind = TensorProto.DataType.Name(elem)
+        raise ModelError(f"tensor {tensor!r} is {kind}; the Hessian differentiates float tensors")
+    return elem or TensorProto.FLOAT
+
+
 def build_forward_model(
     model: onnx.ModelProto, params: Iterable[str], output: str
 ) -> onnx.ModelProto:
@@ -188,10 +222,16 @@ def build_forward_model(
     return m
 
 
-def _differentiable_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy with local functions inlined and inference BatchNormalization made affine."""
+def _differentiable_copy(
+    model: onnx.ModelProto, input_shapes: InputShapes | None = None
+) -> onnx.ModelProto:
+    """A copy with local functions inlined, inference BatchNormalization made affine, and the ops
+    the builder cannot differentiate rewritten (`onnxhq.differentiable.make_differentiable`)."""
     m = onnx.inliner.inline_local_functions(model) if model.functions else _copy(model)
     frozen_batchnorm_as_affine(m)
+    m, replaced = make_differentiable(m, input_shapes=input_shapes)
+    if replaced:
+        log.info("gradient view: %d nodes rewritten into differentiable ops", replaced)
     return m
 
 
@@ -295,10 +335,7 @@ def build_gradient_model(training_model: onnx.ModelProto, params: list[str]) -> 
             builder.build()
         grad_model = onnx.load_from_string(builder.get_model())
     except Exception as exc:  # the builder raises RuntimeError/Fail with C++ messages
-        message = str(exc).strip()[:300]
-        raise ModelError(
-            f"onnxruntime could not build a gradient graph for this model: {message}"
-        ) from None
+        raise gradient_build_error(str(exc), training_model) from None
     have = {o.name for o in grad_model.graph.output}
     missing = [p for p in params if grad_name(p) not in have]
     if missing:
@@ -306,6 +343,39 @@ def build_gradient_model(training_model: onnx.ModelProto, params: list[str]) -> 
             f"no gradient flows to {missing[0]!r}; it does not influence the output the loss reads"
         )
     return grad_model
+
+
+def gradient_build_error(message: str, model: onnx.ModelProto | None = None) -> ModelError:
+    """The one-line `ModelError` for a failed gradient build, from the builder's ``message``.
+
+    An op without a gradient is named with its node (found in ``model``, the training view,
+    when the builder leaves the node name out); other failures keep the message's end, where
+    the builder states the cause. Both say that ``--hessian activations`` needs no gradients.
+    """
+    text = " ".join(message.split())
+    found = parse_builder_error(message)
+    if found is None and model is not None:
+        left = _still_unsupported(model)
+        found = left[0] if left else None
+    if found is not None:
+        op, node = found
+        if not node and model is not None:
+            node = next((n.name or n.output[0] for n in model.graph.node if n.op_type == op), "")
+        return ModelError(
+            f"onnxruntime-training has no gradient for {op} (node {node!r}), and onnxhq has no "
+            f"rewrite for it; {INSTEAD}"
+        )
+    cause = text if len(text) <= 400 else "..." + text[-400:]
+    return ModelError(
+        f"onnxruntime could not build a gradient graph for this model: {cause}; {INSTEAD}"
+    )
+
+
+def _still_unsupported(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    try:
+        return unsupported_ops(model, [i.name for i in model.graph.input])
+    except Exception:  # best effort: the builder's own message is kept
+        return []
 
 
 # A child process, not a thread or a file, filters: if the native code aborts the whole process,

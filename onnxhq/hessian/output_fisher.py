@@ -1,0 +1,127 @@
+"""The Fisher of any output kind, label-free: residuals drawn from the model's own distribution.
+
+For an output whose distribution is made from a tensor ``t`` (`onnxhq.outputs.ModelOutput`),
+the score of a draw ``y`` is ``J^T r`` with ``J = dt/dw`` and ``r = d(-log p(y|t))/dt``:
+
+=========  ================================================  ==================================
+kind       distribution of each sample                       residual ``r`` (per entry of t)
+=========  ================================================  ==================================
+classes    softmax over the class axis, every other axis a   ``softmax(t) - onehot(y)``,
+           position drawn independently (sequences, CTC)     ``y ~ softmax(t)`` per position
+bernoulli  independent Bernoulli(sigmoid(t)) per entry       ``sigmoid(t) - y``, ``y ~ B(.)``
+real       Gaussian N(t, I)                                  Rademacher ``+-1`` (same moments)
+=========  ================================================  ==================================
+
+So ``E_y (J^T r)^2`` is the diagonal of ``J^T F_t J``: the Fisher, with ``F_t`` the Fisher of the
+distribution in ``t`` (``diag p - p p^T`` per position; ``p (1 - p)``; the identity, which makes
+the ``real`` kind the Gauss-Newton diagonal of `onnxhq.hessian.gauss_newton`). Positions of one
+sample are independent draws, so their cross terms vanish in expectation, and likewise across
+the samples of a batch: one projected gradient per batch estimates the batch's sum without bias.
+For class scores of rank 2 the labels are drawn exactly as `onnxhq.hessian.fisher` draws them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..data import Dataset
+from ..errors import DataError
+from .common import DEFAULT_BATCH, Diag, Progress, accumulate, check_finite, check_sizes, finalize
+
+if TYPE_CHECKING:
+    from ..outputs import ModelOutput
+    from ..training.output_engine import OutputEngine
+
+
+def output_fisher(
+    engine: OutputEngine,
+    data: Dataset,
+    *,
+    samples: int = 1000,
+    batch_size: int = DEFAULT_BATCH,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Diag:
+    """Diagonal Fisher ``E_x E_{y~p(y|x)} (J^T r)^2`` of ``engine``'s output (see the module doc).
+
+    Returns float32 arrays keyed by parameter, shaped like the parameters, finite and floored.
+    """
+    check_sizes(samples=samples, batch_size=batch_size)
+    out = engine.output
+    check_scores(out, engine.forward(data.head(min(len(data), 64)).inputs))
+
+    def step(batch: Dataset, rng: np.random.Generator) -> Diag:
+        t = engine.forward(batch.inputs)
+        axis = out.axis if out.axis is not None else -1
+        r = residual(out.kind, t, rng, axis=axis, flat=out.flat)
+        grads = engine.projected_gradients(batch.inputs, r.astype(t.dtype))
+        check_finite(grads, "projected gradient")
+        return {p: np.square(g, dtype=np.float64) for p, g in grads.items()}
+
+    return finalize(
+        accumulate(
+            data,
+            step,
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            method="fisher",
+        )
+    )
+
+
+def residual(
+    kind: str, t: np.ndarray, rng: np.random.Generator, *, axis: int = -1, flat: bool = False
+) -> np.ndarray:
+    """A draw of ``r`` for tensor ``t`` (float64, shaped like ``t``) under output ``kind``.
+
+    ``axis`` is the class axis; with ``flat`` the classes span every axis from ``axis`` on.
+    """
+    if kind == "real":
+        return (rng.integers(0, 2, size=t.shape) * 2 - 1).astype(np.float64)
+    z = np.asarray(t, np.float64)
+    if kind == "bernoulli":
+        s = 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid without overflow
+        return s - (rng.random(z.shape) < s)
+    if flat:
+        lead = z.shape[: axis % z.ndim]
+        return residual(kind, z.reshape(*lead, -1), rng).reshape(z.shape)
+    moved = np.moveaxis(z, axis, -1)
+    classes = moved.shape[-1]
+    rows = moved.reshape(-1, classes)
+    p = np.exp(rows - rows.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    u = rng.random((len(p), 1))
+    labels = np.minimum((p.cumsum(axis=1) < u).sum(axis=1), classes - 1)
+    p[np.arange(len(p)), labels] -= 1.0
+    return np.moveaxis(p.reshape(moved.shape), -1, axis)
+
+
+def check_scores(out: ModelOutput, t: np.ndarray) -> None:
+    """Refuse scores the kind cannot read: fewer than 2 classes, or probabilities read as logits
+    (no Softmax or Sigmoid makes the output, but its values look like probabilities)."""
+    if out.kind == "real":
+        return
+    axis = out.axis if out.axis is not None else -1
+    if out.kind == "classes" and out.flat:
+        t = t.reshape(*t.shape[: axis % t.ndim], -1)
+        axis = -1
+    if out.kind == "classes" and (t.ndim < 1 or t.shape[axis] < 2):
+        raise DataError(
+            f"output {out.name!r} of shape {t.shape} has fewer than 2 classes on axis "
+            f"{out.axis}; give its kind with --output {out.name}:bernoulli or :real"
+        )
+    if out.tensor != out.name or not t.size or t.min() < 0 or t.max() > 1:
+        return
+    sums = np.asarray(t, np.float64).sum(axis=axis if out.kind == "classes" else None)
+    if out.kind == "classes" and np.abs(sums - 1).max() >= 1e-3:
+        return
+    maker = "Softmax" if out.kind == "classes" else "Sigmoid"
+    raise DataError(
+        f"output {out.name!r} holds probabilities (values in [0, 1]) but no {maker} node makes "
+        f"it, so they cannot serve as logits; name the logits output with --output, or read it "
+        f"as --output {out.name}:real"
+    )
