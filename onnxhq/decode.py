@@ -9,10 +9,14 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
+from . import model as model_io
 from . import naming
+from ._io import reading
 from .encode import GRAPH_FORMAT_VERSION, READABLE_GRAPH_FORMATS, restore_derived_names
-from .errors import ModelError, SidecarError
+from .errors import ConfigError, ModelError, SidecarError
+from .graphfile import proto_size
 from .model import get_metadata, load_model, save_model
+from .native import check_target, lower
 from .rewrite import PACK_MAX_K, PACKED_OP, attach_functions, dequantize_model, index_dtype, pack4
 from .sidecar import IndexStream, decode_sidecar, read_sidecar
 
@@ -32,13 +36,18 @@ def sidecar_path(graph_path: str | os.PathLike, graph: onnx.ModelProto) -> Path:
     return Path(graph_path).parent / name
 
 
-def join_artifacts(graph: onnx.ModelProto, streams: list[IndexStream]) -> onnx.ModelProto:
+def join_artifacts(
+    graph: onnx.ModelProto, streams: list[IndexStream], *, in_place: bool = False
+) -> onnx.ModelProto:
     """The runnable model: each dequantize node's index tensor made an initializer from its decoded
     stream (packed two per byte where a ``DequantizePacked4`` node reads it), the names the graph
-    file leaves out restored, onnxhq's function definitions attached."""
+    file leaves out restored, onnxhq's function definitions attached. ``graph`` is copied first
+    unless ``in_place`` (no copy of its tensors: for a graph the caller just loaded)."""
     graph_format(graph)
-    model = onnx.ModelProto()
-    model.CopyFrom(graph)
+    model = graph
+    if not in_place:
+        model = onnx.ModelProto()
+        model.CopyFrom(graph)
     nodes = [n for n in model.graph.node if n.domain == naming.DOMAIN]
     for node in nodes:
         if len(node.input) < 2 or len(node.output) != 1:
@@ -148,22 +157,34 @@ def _packed(stream: IndexStream, shape: tuple[int, ...]):
     return pack4(stream.indices)
 
 
-def load(path: str | os.PathLike, *, dequantize: bool = False) -> onnx.ModelProto:
+def load(
+    path: str | os.PathLike, *, dequantize: bool = False, target: str = "gather"
+) -> onnx.ModelProto:
     """Read a compressed graph and the sidecar beside it; return the runnable ``onnx.ModelProto``.
 
-    With ``dequantize=True`` the weights are plain float initializers (no custom nodes).
+    With ``dequantize=True`` the weights are plain float initializers (no custom nodes); else
+    ``target`` picks their form (`onnxhq.native.lower`: ``gather``, ``int8``, ``int4``).
     """
-    graph = load_model(path)
-    model = join_artifacts(graph, _read_streams(path, graph))
-    return dequantize_model(model) if dequantize else model
+    check_target(target)
+    with reading(Path(path).parent):  # the pair as one write left it (`_io.write_files`)
+        graph = load_model(path)
+        streams = _read_streams(path, graph)
+    model = join_artifacts(graph, streams, in_place=True)
+    if dequantize:
+        if target != "gather":
+            raise ConfigError(f"--dequantize writes float weights; it takes no --target {target}")
+        return dequantize_model(model)
+    return lower(model, target)
 
 
 def load_runnable(path: str | os.PathLike) -> onnx.ModelProto:
     """A runnable model from a plain .onnx or a compressed graph (decoded with its sidecar)."""
-    model = load_model(path)
-    if naming.METADATA_SIDECAR in get_metadata(model):
-        return join_artifacts(model, _read_streams(path, model))
-    return model
+    with reading(Path(path).parent):
+        model = load_model(path)
+        if naming.METADATA_SIDECAR not in get_metadata(model):
+            return model
+        streams = _read_streams(path, model)
+    return join_artifacts(model, streams, in_place=True)
 
 
 def _read_streams(graph_path, graph: onnx.ModelProto) -> list[IndexStream]:
@@ -177,13 +198,20 @@ def load_from_bytes(graph_bytes: bytes, sidecar_bytes: bytes) -> onnx.ModelProto
     """As `load`, from the two artifacts in memory."""
     graph = load_model(graph_bytes)
     streams, _ = decode_sidecar(sidecar_bytes, crc32=sidecar_crc32(graph))
-    return join_artifacts(graph, streams)
+    return join_artifacts(graph, streams, in_place=True)
 
 
 def decode_file(
-    path: str | os.PathLike, out: str | os.PathLike, *, dequantize: bool = False
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dequantize: bool = False,
+    target: str = "gather",
 ) -> int:
-    """Write the runnable model for compressed graph ``path`` to ``out``; returns bytes written."""
-    model = load(path, dequantize=dequantize)
-    onnx.checker.check_model(model, full_check=False)
+    """Write the runnable model for compressed graph ``path`` to ``out``; returns bytes written
+    (a model past 2 GB is written with its tensors in ``<out>.data``, see `model.save_model`).
+    ``dequantize`` and ``target`` as in `load`."""
+    model = load(path, dequantize=dequantize, target=target)
+    if proto_size(model) < model_io.EXTERNAL_ABOVE:  # the checker serializes: 2 GB at most
+        onnx.checker.check_model(model, full_check=False)
     return save_model(model, out)

@@ -13,9 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from . import naming
+from ._io import reading
 from .decode import join_artifacts, sidecar_crc32, sidecar_path
 from .errors import SidecarError
-from .model import count_float_params, get_metadata, load_model, read_initializers
+from .model import (
+    count_float_params,
+    external_files,
+    get_metadata,
+    load_model,
+    read_initializers,
+)
 from .report import Report, codebook_rows, layer_rows
 from .rewrite import dequantize_model
 from .sidecar import decode_sidecar, describe_sidecar
@@ -34,12 +41,15 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
     SidecarError : the sidecar is missing, corrupt, or belongs to another graph.
     """
     graph_path = Path(path)
-    graph = load_model(graph_path)
-    side_path = sidecar_path(graph_path, graph)
-    try:
-        sidecar = side_path.read_bytes()
-    except OSError as exc:
-        raise SidecarError(f"cannot read sidecar {side_path}: {exc.strerror or exc}") from None
+    with reading(graph_path.parent):  # the pair as one write left it (`_io.write_files`)
+        graph = load_model(graph_path)
+        graph_files = [graph_path, *external_files(graph_path)]  # a graph past 2 GB has two
+        graph_bytes = sum(f.stat().st_size for f in graph_files)
+        side_path = sidecar_path(graph_path, graph)
+        try:
+            sidecar = side_path.read_bytes()
+        except OSError as exc:
+            raise SidecarError(f"cannot read sidecar {side_path}: {exc.strerror or exc}") from None
     try:
         streams, _ = decode_sidecar(sidecar, crc32=sidecar_crc32(graph))
         layouts = describe_sidecar(sidecar, streams=streams)
@@ -58,7 +68,6 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
     books = read_initializers(decoded, list(dict.fromkeys(readers.values())))
     codebooks = codebook_rows(books, readers, indices)
 
-    graph_bytes = graph_path.stat().st_size
     recorded = get_metadata(graph).get(naming.METADATA_ORIGINAL_BYTES, "")
     if recorded.isdigit():
         original, source = int(recorded), "input"
@@ -67,7 +76,10 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
     return Report(
         model=graph_path.stem,
         original_bytes=original,
-        files={str(graph_path.resolve()): graph_bytes, str(side_path.resolve()): len(sidecar)},
+        files={
+            **{str(f.resolve()): f.stat().st_size for f in graph_files},
+            str(side_path.resolve()): len(sidecar),
+        },
         layers=layer_rows(indices, layouts),
         codebook_bytes=sum(int(b.nbytes) for b in books.values()),
         unquantized_params=count_float_params(graph, exclude=set(books)),

@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 
 from . import naming
+from ._io import Content
 from .coding.layout import StreamLayout
 from .errors import ConfigError
-from .model import initializer_map, set_metadata
+from .model import initializer_map, serialize_model, set_metadata
 from .rewrite import detach_functions, index_facts, node_codes
 from .sidecar import IndexStream, encode_sidecar_with_layouts
 
@@ -45,7 +46,9 @@ class Artifacts:
     """The serialized compressed model: graph bytes, sidecar bytes and their file names.
 
     ``layouts`` is the size accounting of every sidecar stream, in name order (what
-    `sidecar.describe_sidecar` of ``sidecar_bytes`` gives), made while encoding.
+    `sidecar.describe_sidecar` of ``sidecar_bytes`` gives), made while encoding. A graph past
+    2 GB keeps its tensors in ``graph_data``, ``(file name, content, bytes)`` of its external
+    data file (`model.serialize_model`); ``graph_bytes`` then holds the graph without them.
     """
 
     graph_name: str
@@ -53,6 +56,20 @@ class Artifacts:
     sidecar_name: str
     sidecar_bytes: bytes
     layouts: tuple[StreamLayout, ...]
+    graph_data: tuple[tuple[str, Content, int], ...] = ()
+
+    @property
+    def graph_size(self) -> int:
+        """Bytes of the graph file plus those of its external data."""
+        return len(self.graph_bytes) + sum(size for _, _, size in self.graph_data)
+
+    def files(self) -> list[tuple[str, Content]]:
+        """Every file to write, ``(name, content)``: graph, sidecar, the graph's external data."""
+        return [
+            (self.graph_name, self.graph_bytes),
+            (self.sidecar_name, self.sidecar_bytes),
+            *((name, content) for name, content, _ in self.graph_data),
+        ]
 
 
 def index_streams(model: onnx.ModelProto) -> list[IndexStream]:
@@ -130,7 +147,9 @@ def split_artifacts(
     if original_bytes is not None:
         metadata[naming.METADATA_ORIGINAL_BYTES] = str(original_bytes)
     set_metadata(graph, metadata)
-    return Artifacts(graph_name, graph.SerializeToString(), sidecar_name, sidecar, tuple(layouts))
+    (_, graph_bytes, _), *data = serialize_model(graph, graph_name)
+    assert isinstance(graph_bytes, bytes)
+    return Artifacts(graph_name, graph_bytes, sidecar_name, sidecar, tuple(layouts), tuple(data))
 
 
 def _check_streams(model: onnx.ModelProto, streams: Sequence[IndexStream]) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import Dataset
+from .data import Dataset, check_label_range
 from .errors import ConfigError, DataError, ModelError
 from .model import read_initializers, replace_initializers
 from .training.engine import GradientEngine
@@ -88,6 +88,8 @@ def finetune_codebooks(
             )
     masks = {n: b != 0 for n, b in books.items()} if hold_zero else None
     engine = GradientEngine(rewritten, params=names, output=output)
+    # out-of-range labels crash onnxruntime's loss: check them first
+    check_label_range(data, engine.logits(data.head(1).inputs).shape[-1])
     losses: list[float] = []
 
     def track(done: int, total: int, loss: float) -> None:

@@ -17,22 +17,43 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ._io import atomic_write_bytes
+from ._io import Content, write_files
 from .errors import ModelError
+from .graphfile import BASELINE_IR as BASELINE_IR  # re-exported: model is the I/O front
+from .graphfile import MAX_OPSET as MAX_OPSET
+from .graphfile import (
+    all_graphs,
+    check_names,
+    check_no_nan,
+    check_tensors,
+    check_versions,
+    external_files,
+    has_external_data,
+    one_line,
+    parse_model,
+    part_size,
+    proto_size,
+    read_model_file,
+)
+from .graphfile import default_opset as default_opset
+from .graphfile import model_files as model_files
+from .graphfile import runtime_limits as runtime_limits
 from .normalize import bypass_initializer_identities, drop_initializer_inputs, materialize_constants
 
 log = logging.getLogger(__name__)
 
-#: Highest default-domain opset the bundled onnxruntime-training build runs.
-MAX_OPSET = 21
 
 #: op type -> positions of its inputs that are weights (the ones onnxhq quantizes by default).
+#: A table read only by Gather counts by default when it is an embedding table: at least 2 dims
+#: and `GATHER_MIN_SIZE` elements (``extra_ops=("Gather",)`` takes every float Gather table).
 WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "Conv": (1,),
     "ConvTranspose": (1,),
     "Gemm": (0, 1),
     "MatMul": (0, 1),
+    "Gather": (0,),
 }
+GATHER_MIN_SIZE = 4096
 #: Extra op types a user may opt into with ``extra_ops``.
 OPTIONAL_WEIGHT_SLOTS: dict[str, tuple[int, ...]] = {
     "Gather": (0,),  # embedding tables
@@ -74,83 +95,50 @@ def load_model(
 ) -> onnx.ModelProto:
     """Load an ONNX model from a path (external data beside it included), bytes, or a ModelProto.
 
-    Constant and ConstantOfShape weights are turned into initializers; an opset above
-    ``MAX_OPSET`` is converted down, or refused with `ModelError` saying why.
+    External data (of initializers, subgraph initializers and Constant nodes alike) is read from
+    the model's own folder; a location outside it is refused. Malformed tensors (negative or
+    impossible dims, data of the wrong length) and duplicate value names are refused with
+    `ModelError`. Constant and ConstantOfShape weights are turned into initializers. An opset or
+    IR version the installed onnxruntime cannot run (`runtime_limits`) is converted down, or
+    refused with `ModelError` saying why.
     """
+    where = "<bytes>"
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
+        where = "the model"
     elif isinstance(source, (bytes, bytearray)):
-        model = _parse(bytes(source), "<bytes>")
+        model = parse_model(bytes(source), where)
     else:
         path = Path(source)
+        where = str(path)
         if not path.is_file():
             raise ModelError(f"model file {path} does not exist; pass the path of an .onnx file")
-        model = _parse(path.read_bytes(), str(path))
-        if _has_external_data(model):
+        model = parse_model(read_model_file(path), where)
+        if has_external_data(model):
+            check_tensors(model, where, external=True)
             try:
                 onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
             # onnx raises OSError, ValueError or its checker's ValidationError
             except Exception as exc:
                 raise ModelError(
-                    f"{path}: cannot read its external data files ({exc}); "
-                    "keep them beside the model"
+                    f"{path}: cannot read its external data files ({one_line(exc)}); "
+                    "keep them beside the model, inside its folder"
                 ) from None
-    if _has_external_data(model):
+    if has_external_data(model):
         raise ModelError(
             "the model keeps tensors in external data files; load it from its path, not from bytes"
         )
     if not model.graph.node:
-        raise ModelError("the model has no nodes; is this an ONNX model file?")
-    model = _check_opset(model, convert=convert_opset)
+        raise ModelError(f"{where} has no nodes; is this an ONNX model file?")
+    check_tensors(model, where, external=False)
+    check_names(model, where)
+    check_no_nan(model, where)
+    model = check_versions(model, where, convert=convert_opset)
     materialize_constants(model)
     drop_initializer_inputs(model)
     bypass_initializer_identities(model)
     return model
-
-
-def _parse(data: bytes, where: str) -> onnx.ModelProto:
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-like or ValueError
-        raise ModelError(
-            f"{where} is not an ONNX model (protobuf parse failed: {type(exc).__name__})"
-        ) from None
-    if not model.HasField("graph"):
-        raise ModelError(f"{where} is not an ONNX model (it has no graph)")
-    return model
-
-
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    raise ModelError("the model imports no default-domain opset; it is not a valid ONNX model")
-
-
-def _check_opset(model: onnx.ModelProto, *, convert: bool) -> onnx.ModelProto:
-    version = default_opset(model)
-    if version <= MAX_OPSET:
-        return model
-    if not convert:
-        raise ModelError(
-            f"the model uses opset {version}; onnxhq runs opsets up to {MAX_OPSET}. "
-            f"Re-export it with opset {MAX_OPSET} or allow conversion"
-        )
-    log.info("converting the model from opset %d to %d", version, MAX_OPSET)
-    try:
-        converted = onnx.version_converter.convert_version(model, MAX_OPSET)
-    except Exception as exc:
-        raise ModelError(
-            f"the model uses opset {version} and could not be converted to {MAX_OPSET}, the "
-            f"highest onnxhq's onnxruntime runs ({type(exc).__name__}: {str(exc)[:200]}); "
-            f"re-export it with opset {MAX_OPSET}"
-        ) from None
-    return converted
 
 
 def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -162,9 +150,12 @@ def quantizable_weights(
 ) -> list[WeightInfo]:
     """Float initializers read as weights by Conv, ConvTranspose, Gemm, MatMul (and ``extra_ops``).
 
-    Tensors with fewer than ``min_size`` elements are skipped. Order: first use in the graph.
+    Tensors with fewer than ``min_size`` elements are skipped, and so are tables read only by
+    Gather with fewer than 2 dims or `GATHER_MIN_SIZE` elements unless ``extra_ops`` names
+    Gather. Order: first use in the graph.
     """
     slots = dict(WEIGHT_SLOTS)
+    small_tables = "Gather" in extra_ops
     for op in extra_ops:
         if op not in OPTIONAL_WEIGHT_SLOTS and op not in WEIGHT_SLOTS:
             raise ModelError(
@@ -186,10 +177,15 @@ def quantizable_weights(
         tensor = inits[name]
         if tensor.data_type not in QUANTIZABLE_TYPES:
             continue
-        if not any(op in slots and pos in slots[op] for _, op, pos in uses):
+        read_as = {op for _, op, pos in uses if op in slots and pos in slots[op]}
+        if not read_as:
             continue
         shape = tuple(int(d) for d in tensor.dims)
-        if int(np.prod(shape, dtype=np.int64)) < min_size:
+        size = int(np.prod(shape, dtype=np.int64))
+        if size < min_size:
+            continue
+        small_table = len(shape) < 2 or size < GATHER_MIN_SIZE
+        if read_as == {"Gather"} and small_table and not small_tables:
             continue
         found.append(
             WeightInfo(name, shape, np.dtype(QUANTIZABLE_TYPES[tensor.data_type]), tuple(uses))
@@ -222,22 +218,106 @@ def replace_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]) 
     return out
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
-    """Serialize ``model`` to ``path`` atomically; returns the bytes written."""
-    data = model.SerializeToString()
+#: Serialized size from which `save_model` keeps the tensors in an external data file
+#: (protobuf cannot write or read a message of 2 GiB).
+EXTERNAL_ABOVE = 2**31 - 2**24
+#: Tensors of at least this many bytes go to the external data file; alignment of their offsets.
+_EXTERNAL_MIN, _ALIGN = 1024, 4096
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike, *, external_above: int | None = None
+) -> int:
+    """Serialize ``model`` to ``path`` atomically; returns the bytes written.
+
+    A model of ``external_above`` bytes or more is written as ``path`` plus ``<name>.data``
+    beside it (`serialize_model`), both as one (`_io.write_files`).
+    """
+    path = Path(path)
+    files = serialize_model(model, path.name, external_above=external_above)
+    return sum(write_files(path.parent, [(name, content) for name, content, _ in files]))
+
+
+def serialize_model(
+    model: onnx.ModelProto, name: str, *, external_above: int | None = None
+) -> list[tuple[str, Content, int]]:
+    """The files of ``model`` saved as ``name``: ``(file name, content, bytes)``, the graph first.
+
+    Under ``external_above`` bytes (default `EXTERNAL_ABOVE`) that is one file of serialized
+    bytes. Otherwise the tensors of 1 KiB or more go to ``<name>.data`` (onnx's external data,
+    offsets aligned to 4 KiB), whose content is a function that writes them one at a time,
+    never joined into one buffer; it reads ``model``, which must not change before it runs.
+    """
+    limit = EXTERNAL_ABOVE if external_above is None else external_above
+    moved = [t for t in model.graph.initializer if part_size(t) >= _EXTERNAL_MIN]
+    if proto_size(model) < limit or not moved:
+        data = model.SerializeToString()  # past 2 GiB without tensors to move: protobuf says so
+        return [(name, data, len(data))]
+    data_name = f"{name}.data"
+    offsets, end = [], 0
+    for t in moved:
+        start = -(-end // _ALIGN) * _ALIGN
+        offsets.append(start)
+        end = start + len(t.raw_data)
+    header = _external_header(model, moved, offsets, data_name)
+
+    def write_data(f) -> None:
+        for t, start in zip(moved, offsets):
+            f.seek(start)
+            f.write(t.raw_data)
+        f.truncate(end)
+
+    return [(name, header, len(header)), (data_name, write_data, end)]
+
+
+def _external_header(
+    model: onnx.ModelProto, moved: list[onnx.TensorProto], offsets: list[int], location: str
+) -> bytes:
+    """``model`` serialized with its initializers ``moved`` pointing into ``location``.
+
+    Built field by field beside ``model`` (which is not touched), the moved tensors as headers
+    without their bytes: no copy of the weights is made.
+    """
+    header = onnx.ModelProto()
+    _copy_fields(header, model, skip="graph")
+    _copy_fields(header.graph, model.graph, skip="initializer")
+    at = {id(t): start for t, start in zip(moved, offsets)}
+    for t in model.graph.initializer:
+        if id(t) not in at:
+            header.graph.initializer.add().CopyFrom(t)
+            continue
+        out = header.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+        out.data_location = onnx.TensorProto.EXTERNAL
+        length = len(t.raw_data)
+        for key, value in (("location", location), ("offset", at[id(t)]), ("length", length)):
+            out.external_data.add(key=key, value=str(value))
+    data = header.SerializeToString()
     if len(data) >= 2**31:
-        raise ModelError("the model is over 2 GB; onnxhq writes single-file models only")
-    return atomic_write_bytes(path, data)
+        raise ModelError(
+            f"the model's graph is {len(data) / 2**30:.1f} GiB without its tensors; protobuf "
+            "writes at most 2 GiB"
+        )
+    return data
+
+
+def _copy_fields(dst, src, *, skip: str) -> None:
+    """Copy every field that ``src`` sets into ``dst``, except the field ``skip``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        repeated = getattr(field, "is_repeated", None)  # protobuf 5.x; older ones: label
+        if field.label == field.LABEL_REPEATED if repeated is None else repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:
     """Bytes of the model file at ``path`` plus those of the external data files it names."""
     path = Path(path)
-    header = onnx.load(str(path), load_external_data=False)
-    locations = {
-        e.value for t in header.graph.initializer for e in t.external_data if e.key == "location"
-    }
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+    return path.stat().st_size + sum(f.stat().st_size for f in external_files(path))
 
 
 def value_info_map(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -279,11 +359,12 @@ def count_float_params(model: onnx.ModelProto, exclude: Set[str] = frozenset()) 
     """Elements of the float initializers (`FLOAT_TYPES`) whose names are not in ``exclude``.
 
     With ``exclude`` the quantized tensors (and codebooks), this is the report's count of
-    parameters kept as they were.
+    parameters kept as they were. Initializers of subgraphs (If/Loop bodies) count too.
     """
     return sum(
         int(np.prod(t.dims, dtype=np.int64))
-        for t in model.graph.initializer
+        for graph in all_graphs(model.graph)
+        for t in graph.initializer
         if t.data_type in FLOAT_TYPES and t.name not in exclude
     )
 

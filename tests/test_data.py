@@ -121,3 +121,104 @@ def test_a_corrupt_member_is_a_data_error_when_read(tmp_path, convnet):
         assert sorted(arrays) == ["big", "input"] and "big" in arrays and "other" not in arrays
         with pytest.raises(DataError, match=r"test file .*c\.npz is not a readable \.npz archive"):
             arrays["big"]
+
+
+def stored_npz(path, **arrays) -> None:
+    """An .npz with uncompressed members (their bytes sit in the file as they are)."""
+    import io
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.save(buffer, array)
+            z.writestr(f"{name}.npy", buffer.getvalue())
+
+
+def test_only_the_samples_asked_for_are_read(tmp_path, convnet):
+    x = np.arange(400 * 36, dtype=np.float32).reshape(400, 1, 6, 6)
+    path = tmp_path / "d.npz"
+    stored_npz(path, input=x, labels=np.arange(400) % 4)
+    raw = bytearray(path.read_bytes())
+    tail = raw.index(x[300].tobytes())  # damage row 300 on: a whole read fails its CRC check
+    raw[tail : tail + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    data = load_data(path, convnet, max_samples=10)
+    np.testing.assert_array_equal(data.inputs["input"], x[:10])
+    assert list(data.labels) == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    with pytest.raises(DataError, match=r"d\.npz is not a readable \.npz archive"):
+        load_data(path, convnet)
+
+
+def test_a_member_larger_than_memory_is_refused_before_it_is_inflated(
+    tmp_path, convnet, monkeypatch
+):
+    import onnxhq.data
+
+    path = write(tmp_path, input=np.zeros((4096, 1, 6, 6), np.float32))
+    monkeypatch.setattr(onnxhq.data, "available_memory", lambda: 2**19)
+    with pytest.raises(DataError) as info:
+        load_data(path, convnet)
+    assert str(info.value) == (
+        f"data file {path}: 'input' has shape (4096, 1, 6, 6) float32: 576.0 KiB to read, more "
+        "than the 512.0 KiB of memory available; pass fewer samples"
+    )
+    assert len(load_data(path, convnet, max_samples=100)) == 100  # 14 KiB: fine
+
+
+def test_a_declared_shape_that_disagrees_with_the_stored_bytes_is_refused(tmp_path, convnet):
+    path = tmp_path / "d.npz"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**9, 1, 6, 6)}
+    with zipfile.ZipFile(path, "w") as z, z.open("input.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(bytes(144))
+    with pytest.raises(DataError, match=r"declares shape \(1000000000, 1, 6, 6\) float32 "
+                       r"\(134\.1 GiB\) but stores 144 bytes"):  # fmt: skip
+        load_data(path, convnet)
+
+
+def test_labels_past_int64_and_out_of_range_are_refused(tmp_path, convnet):
+    from onnxhq.data import Dataset, check_label_range
+
+    x = np.zeros((2, 1, 6, 6), np.float32)
+    path = write(tmp_path, input=x, labels=np.array([1, 2**63], np.uint64))
+    with pytest.raises(DataError, match="'labels' has label 9223372036854775808, past int64"):
+        load_data(path, convnet)
+    data = Dataset({"input": x}, np.array([0, 4]), "train.npz")
+    check_label_range(data, 5)
+    with pytest.raises(DataError) as info:
+        check_label_range(data, 4)
+    assert str(info.value) == (
+        "train.npz: label 4 is not a class of the model, which scores 4 classes (labels 0..3); "
+        "check the labels match this model"
+    )
+
+
+#: Run in a child: read the first 1,000 samples of argv[1]; print their count and peak RSS.
+FIRST_SAMPLES = """
+import resource, sys
+from onnxhq.data import load_data
+from onnxhq.model import InputSpec
+import numpy as np
+data = load_data(sys.argv[1], [InputSpec("x", np.dtype(np.float32), (None, 4))], max_samples=1000)
+print(len(data), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_zip_bomb_is_not_inflated_past_the_samples_used(tmp_path):
+    """4 GiB of zeros in a few MB: reading 1,000 samples inflates 16 KB of it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "hostile"))
+    import make_hostile
+
+    bomb = make_hostile.zip_bomb(tmp_path, gib=4.0)
+    assert bomb.stat().st_size < 2**24
+    proc = subprocess.run(
+        [sys.executable, "-c", FIRST_SAMPLES, str(bomb)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    count, peak = map(int, proc.stdout.split())
+    assert count == 1000 and peak < 2**29  # the interpreter, numpy and onnx: well under 512 MB

@@ -11,6 +11,7 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxhq.errors import ModelError
 from onnxhq.model import (
+    BASELINE_IR,
     MAX_OPSET,
     InputSpec,
     count_float_params,
@@ -18,9 +19,11 @@ from onnxhq.model import (
     input_specs,
     load_model,
     model_file_bytes,
+    model_files,
     quantizable_weights,
     read_initializers,
     replace_initializers,
+    runtime_limits,
     save_model,
     set_metadata,
 )
@@ -188,13 +191,54 @@ def test_weights_behind_reshape_and_transpose_are_folded_into_initializers():
     )
 
 
-def test_newer_opset_is_converted_or_refused(convnet):
+def test_an_opset_or_ir_the_runtime_cannot_run_is_converted_down_or_refused(convnet):
+    max_opset, max_ir = runtime_limits()
+    assert (max_opset, max_ir) >= (MAX_OPSET, BASELINE_IR)
     model = small_convnet()
-    model.opset_import[0].version = MAX_OPSET + 1
+    model.opset_import[0].version = max_opset + 1
+    model.ir_version = max_ir + 1
     converted = load_model(model)
-    assert converted.opset_import[0].version == MAX_OPSET
-    with pytest.raises(ModelError, match=f"opset {MAX_OPSET + 1}"):
+    assert (converted.opset_import[0].version, converted.ir_version) == (max_opset, max_ir)
+    make_session(converted)  # loads in the installed onnxruntime
+    with pytest.raises(ModelError, match=f"opset {max_opset + 1}"):
         load_model(model, convert_opset=False)
+    within = small_convnet()
+    within.opset_import[0].version = max_opset
+    assert load_model(within).opset_import[0].version == max_opset  # kept as it is
+
+
+def test_a_large_model_is_saved_with_external_data_and_loads_back(tmp_path):
+    convnet = small_convnet()
+    big = np.arange(3000, dtype=np.float32).reshape(30, 100)
+    convnet.graph.initializer.append(numpy_helper.from_array(big, "big"))
+    path = tmp_path / "out" / "m.onnx"
+    before = convnet.SerializeToString()
+    written = save_model(convnet, path, external_above=0)
+    assert convnet.SerializeToString() == before  # the model is left as it was
+    assert written == path.stat().st_size + (tmp_path / "out/m.onnx.data").stat().st_size
+    header = onnx.load(str(path), load_external_data=False)
+    assert [t.name for t in header.graph.initializer if t.data_location == 1] == ["big"]
+    loaded = load_model(path)
+    names = [t.name for t in convnet.graph.initializer]
+    for name, value in read_initializers(loaded, names).items():
+        np.testing.assert_array_equal(value, read_initializers(convnet, names)[name])
+    assert model_files(path) == [path, (tmp_path / "out/m.onnx.data").resolve()]
+
+
+def test_subgraph_initializers_are_counted(convnet):
+    model = small_convnet()
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["extra"], ["y"])],
+        "body",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((5, 7), np.float32), "extra")],
+    )
+    node = helper.make_node("If", ["cond"], ["branch"], then_branch=body, else_branch=body)
+    model.graph.node.append(node)
+    before = count_float_params(model)
+    assert count_float_params(model) == before  # no side effect
+    assert before == count_float_params(small_convnet()) + 2 * 35  # both branches
 
 
 def test_replace_initializers_checks_shapes_and_copies(convnet):
@@ -289,3 +333,101 @@ def test_model_file_bytes_count_the_external_data_files(tmp_path, convnet):
     )
     sizes = split.stat().st_size + (tmp_path / "ext.data").stat().st_size
     assert model_file_bytes(split) == sizes > split.stat().st_size
+
+
+def test_a_compressed_graph_past_the_limit_keeps_its_tensors_beside_it(tmp_path, monkeypatch):
+    """Unquantized tensors past 2 GB (here: past a lowered limit) go to ``<graph>.data``,
+    written with the pair as one; report and decode read all three."""
+    import onnxhq.model
+    from onnxhq import compress, decode, report
+
+    model = small_convnet()
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.ones((40, 50), np.float32), "unquantized")
+    )
+    monkeypatch.setattr(onnxhq.model, "EXTERNAL_ABOVE", 4096)
+    result = compress(model, hessian="none", method="kmeans", k=4, name="m")
+    paths = result.save(tmp_path)
+    assert [p.name for p in paths] == ["m.onnx", "m.onnxhq", "m.onnx.data"]
+    assert result.report.graph_bytes == sum(p.stat().st_size for p in (paths[0], paths[2]))
+    assert report(tmp_path / "m.onnx").graph_bytes == result.report.graph_bytes
+    decoded = decode.load(tmp_path / "m.onnx", dequantize=True)
+    np.testing.assert_array_equal(read_initializers(decoded, ["unquantized"])["unquantized"], 1)
+    decode.decode_file(tmp_path / "m.onnx", tmp_path / "d.onnx", dequantize=True)
+    assert (tmp_path / "d.onnx.data").is_file()  # the decoded model is past the limit too
+    make_session(str(tmp_path / "d.onnx"))
+
+
+#: Run in a child: load the model at argv[1], save it to argv[2], print peak RSS in bytes.
+ROUND_TRIP = """
+import resource, sys
+from onnxhq.model import load_model, save_model
+save_model(load_model(sys.argv[1]), sys.argv[2])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_a_model_past_2_gb_loads_and_saves_with_external_data(tmp_path):
+    """A 2.1 GiB weight in external data: loaded from the model's folder, written back as
+    graph + ``.data`` (one file could not hold it), bit-exact, at a peak memory of a small
+    multiple of the tensor."""
+    import subprocess
+    import sys
+
+    from onnxhq.data import available_memory
+
+    size = 2**31 + 2**26  # 2.06 GiB of float32
+    if available_memory() < 4 * size:
+        pytest.skip(f"needs {4 * size / 2**30:.0f} GiB of free memory")
+    rows, cols = size // 4096, 1024
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in/big.bin", "wb") as f:
+        block = np.arange(cols * 256, dtype=np.float32).reshape(256, cols)
+        for _ in range(rows // 256):
+            f.write(block.tobytes())
+    table = TensorProto(name="table", data_type=TensorProto.FLOAT, dims=[rows, cols])
+    table.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "big.bin"), ("offset", "0"), ("length", str(size))):
+        table.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "table"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cols])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, cols])],
+        [table],
+    )
+    onnx.save_model(helper.make_model(graph), tmp_path / "in/big.onnx")
+    out = tmp_path / "out/big.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-c", ROUND_TRIP, str(tmp_path / "in/big.onnx"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split()[-1])
+    assert peak <= 3 * size + 2**30  # the proto's copy, the bytes onnx reads, the NaN check
+    assert sorted(p.name for p in out.parent.iterdir()) == ["big.onnx", "big.onnx.data"]
+    assert out.stat().st_size < 2**20
+    header = onnx.load(str(out), load_external_data=False)
+    offset = int({e.key: e.value for e in header.graph.initializer[0].external_data}["offset"])
+    with open(tmp_path / "in/big.bin", "rb") as a, open(out.parent / "big.onnx.data", "rb") as b:
+        b.seek(offset)
+        while chunk := a.read(2**26):
+            assert b.read(len(chunk)) == chunk
+
+
+def test_a_large_model_is_converted_without_its_tensor_bytes(monkeypatch):
+    import onnxhq.graphfile
+
+    monkeypatch.setattr(onnxhq.graphfile, "LEAN_ABOVE", 0)
+    monkeypatch.setattr(onnxhq.graphfile, "_LEAN_TENSOR", 64)
+    max_opset, _ = runtime_limits()
+    model = small_convnet()
+    model.opset_import[0].version = max_opset + 1
+    names = [t.name for t in model.graph.initializer]
+    converted = load_model(model)
+    assert converted.opset_import[0].version == max_opset
+    for name, value in read_initializers(small_convnet(), names).items():
+        np.testing.assert_array_equal(read_initializers(converted, [name])[name], value)
