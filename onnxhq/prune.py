@@ -6,6 +6,14 @@ Two criteria rank the weights:
 - ``saliency``: ``h_ii * w_i**2``, the second-order loss increase from setting ``w_i`` to zero
   when the Hessian is taken as diagonal (LeCun et al., "Optimal brain damage", 1990). ``h_ii``
   are the same importances the Hessian-weighted quantizers use.
+- ``obs``: SparseGPT (Frantar & Alistarh 2023), Optimal Brain Surgeon per layer on the layer-wise
+  Hessian ``X X^T`` of its inputs (`onnxhq.layer_inputs`): each block of 128 input columns
+  prunes the entries of least ``w^2 / [H^-1]_cc`` and the surviving weights are updated to cancel
+  the pruned ones' effect on the layer's outputs (`obs_prune`), so even one-shot pruning without
+  retraining keeps much of the accuracy. Needs model inputs only (labels only to retrain). Per
+  layer the target is met to rounding in each block; at ``global`` scope one ``|w|`` threshold
+  over all weights sets each layer's share (layer-wise Hessians are not comparable across layers).
+  Weights without a layer Hessian (other ops than MatMul, Gemm, Conv) are pruned by magnitude.
 
 The ``global`` scope ranks all weights together, the ``layer`` scope prunes each tensor to its own
 sparsity. Biases are never pruned. Pruning in a few steps with retraining between them loses much
@@ -22,9 +30,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import Dataset
+from .data import Dataset, check_label_range
 from .errors import ConfigError, DataError
 from .hessian import fisher
+from .layer_inputs import layer_hessians
+from .layerwise import DAMP, LayerHessian, from_view, inverse_cholesky, matrix_view
+from .layerwise import obs_prune_columns as _obs_columns
 from .model import load_model, quantizable_weights, read_initializers, replace_initializers
 from .options import PRUNE_CRITERIA as CRITERIA
 from .options import PRUNE_SCOPES as SCOPES
@@ -52,7 +63,8 @@ def prune_masks(
     weights : name -> float array of any shape.
     sparsity : fraction in [0, 1) of the weights to set to zero: one number, or name -> fraction
         (per-layer targets; names left out are not pruned).
-    criterion : ``magnitude`` (rank by ``|w|``) or ``saliency`` (rank by ``h * w**2``).
+    criterion : ``magnitude`` (rank by ``|w|``) or ``saliency`` (rank by ``h * w**2``); for
+        ``obs`` use `obs_prune`, which also updates the surviving weights.
     importances : name -> nonnegative array shaped like the weight (the Hessian diagonal ``h``);
         required by ``saliency``.
     scope : ``global`` ranks all weights together against one target; ``layer`` prunes each tensor
@@ -69,6 +81,63 @@ def prune_masks(
     if scope == "global":
         return _prune_global(scores, targets)
     return {name: _prune_one(s, targets.get(name, 0.0)) for name, s in scores.items()}
+
+
+def obs_prune(
+    weights: Mapping[str, np.ndarray],
+    hessians: Mapping[str, LayerHessian],
+    *,
+    sparsity: float | Mapping[str, float],
+    scope: str | None = None,
+    keep: Mapping[str, np.ndarray] | None = None,
+    damp: float = DAMP,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """SparseGPT: prune ``weights`` and update the survivors to cancel the error (module doc).
+
+    Parameters
+    ----------
+    weights : name -> float array.
+    hessians : name -> `LayerHessian` (`onnxhq.layer_inputs.layer_hessians`); names left out
+        are pruned by magnitude, without updates.
+    sparsity, scope : as `prune_masks` (``global``: the layers' shares from one ``|w|``
+        threshold).
+    keep : earlier keep-masks; what they pruned stays pruned.
+    damp : relative dampening of ``H``.
+
+    Returns
+    -------
+    (weights, masks) : new arrays (the dtype of each input; pruned entries exactly 0) and name ->
+        bool keep-mask.
+    """
+    scope, targets = _check_targets(weights, sparsity, scope)
+    if scope == "global":
+        counts = _prune_global({n: np.abs(np.asarray(w, np.float64)) for n, w in weights.items()},
+                               targets)  # fmt: skip
+        targets = {n: 1.0 - float(np.mean(m)) for n, m in counts.items()}
+    new, masks = {}, {}
+    for name, w in weights.items():
+        fraction = targets.get(name, 0.0)
+        forced = np.zeros(np.shape(w), bool) if keep is None or name not in keep else ~keep[name]
+        lh = hessians.get(name)
+        if lh is None:
+            score = np.where(forced, -1.0, np.abs(np.asarray(w, np.float64)))
+            masks[name] = _prune_one(score, max(fraction, float(np.mean(forced))))
+            new[name] = np.where(masks[name], w, 0).astype(np.asarray(w).dtype)
+            continue
+        view, fview = matrix_view(np.asarray(w, np.float64), lh), matrix_view(forced, lh)
+        out, kept = np.empty(view.shape), np.empty(view.shape, bool)
+        start = 0
+        for b in lh.blocks:
+            cols = slice(start, start + b.shape[-1])
+            for g in range(lh.groups):
+                u = inverse_cholesky(b[g], damp)
+                out[g][:, cols], kept[g][:, cols] = _obs_columns(
+                    view[g][:, cols], u, fraction, fview[g][:, cols]
+                )
+            start += b.shape[-1]
+        masks[name] = from_view(kept, np.shape(w), lh)
+        new[name] = from_view(out, np.shape(w), lh).astype(np.asarray(w).dtype)
+    return new, masks
 
 
 def apply_masks(
@@ -127,7 +196,8 @@ def prune_model(
         pruned, every float parameter (biases included) is retrained.
     data : training inputs with labels (labels may be absent when ``retrain_epochs`` is 0).
     sparsity, criterion, scope : as in `prune_masks`; ``saliency`` re-estimates the diagonal
-        Fisher (``hessian_samples`` samples) before every step.
+        Fisher (``hessian_samples`` samples) before every step, ``obs`` the layer Hessians of the
+        current model (`obs_prune`; no labels needed without retraining).
     steps : pruning steps on `sparsity_schedule`; 1 is one-shot pruning.
     retrain_epochs : epochs of masked Adam retraining after each step (0: no retraining).
     lr : a number is the peak of a cosine decay (to 1% of it) within each step; a function gets
@@ -162,6 +232,8 @@ def prune_model(
     weights = read_initializers(proto, names)
     _check_targets(weights, sparsity, scope)  # fail before building the engine
     engine = GradientEngine(proto, output=output)
+    if data.labels is not None:  # out-of-range labels crash onnxruntime's loss
+        check_label_range(data, engine.logits(data.head(1).inputs).shape[-1])
     schedule = sparsity_schedule(1.0, steps)
     masks: dict[str, np.ndarray] = {}
     for step, fraction in enumerate(schedule):
@@ -175,10 +247,20 @@ def prune_model(
             importances = fisher(
                 engine, data, samples=hessian_samples, seed=seed + step, progress=report
             )
-        masks = prune_masks(
-            current, sparsity=target, criterion=criterion, importances=importances, scope=scope
-        )
-        engine.with_values(apply_masks(current, masks))
+        if criterion == "obs":
+            report = None if progress is None else (lambda d, t: progress("layer inputs", d, t))
+            hessians = layer_hessians(replace_initializers(proto, current), data.inputs, names,
+                                      samples=hessian_samples, seed=seed + step,
+                                      progress=report)  # fmt: skip
+            updated, masks = obs_prune(
+                current, hessians, sparsity=target, scope=scope, keep=masks or None
+            )
+            engine.with_values(updated)
+        else:
+            masks = prune_masks(
+                current, sparsity=target, criterion=criterion, importances=importances, scope=scope
+            )
+            engine.with_values(apply_masks(current, masks))
         log.info("prune step %d/%d: sparsity %.4f", step + 1, steps, sparsity_of(masks))
         if retrain_epochs > 0:
             _retrain(
@@ -285,6 +367,11 @@ def _scores(
         )
     if criterion == "magnitude":
         return {n: np.abs(np.asarray(w, np.float64)) for n, w in weights.items()}
+    if criterion == "obs":
+        raise ConfigError(
+            "criterion 'obs' also updates the surviving weights: use obs_prune (or prune_model), "
+            "not prune_masks"
+        )
     if importances is None:
         raise ConfigError(
             "the saliency criterion needs importances (the Hessian diagonal of every weight)"

@@ -11,8 +11,16 @@ from conftest import small_convnet
 
 from onnxhq.data import Dataset
 from onnxhq.errors import ConfigError, DataError
+from onnxhq.layerwise import LayerHessian
 from onnxhq.model import read_initializers
-from onnxhq.prune import apply_masks, prune_masks, prune_model, sparsity_of, sparsity_schedule
+from onnxhq.prune import (
+    apply_masks,
+    obs_prune,
+    prune_masks,
+    prune_model,
+    sparsity_of,
+    sparsity_schedule,
+)
 from onnxhq.training.engine import GradientEngine
 
 
@@ -134,7 +142,7 @@ def classification_data(seed=0, n=256):
     return Dataset({"input": x}, teacher.logits({"input": x}).argmax(axis=1).astype(np.int64))
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "saliency"])
+@pytest.mark.parametrize("criterion", ["magnitude", "saliency", "obs"])
 def test_prune_model_reaches_the_target_and_keeps_pruned_weights_at_zero(criterion):
     model = small_convnet(seed=7)
     data = classification_data()
@@ -188,3 +196,47 @@ def test_retraining_needs_labels():
         small_convnet(), Dataset(data.inputs), sparsity=0.5, retrain_epochs=0, steps=1
     )
     assert sparsity_of(masks) == pytest.approx(0.5, abs=1e-2)
+
+
+def _layer(rows=6, d=10, n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ (np.eye(d) + 0.7 * rng.standard_normal((d, d)))
+    w = rng.standard_normal((rows, d))
+    return w, x, LayerHessian(False, 1, ((x.T @ x / n)[None],), n)
+
+
+def _error(w, q, x):
+    return float(np.sum(np.square(x @ (w - q).T)))
+
+
+def test_obs_prune_beats_masking_and_hits_the_target():
+    w, x, lh = _layer()
+    new, masks = obs_prune({"w": w}, {"w": lh}, sparsity=0.5, damp=0.0)
+    assert masks["w"].sum() == 30 and np.all(new["w"][~masks["w"]] == 0)
+    magnitude = apply_masks({"w": w}, prune_masks({"w": w}, sparsity=0.5))["w"]
+    same_mask = np.where(masks["w"], w, 0.0)
+    assert _error(w, new["w"], x) < _error(w, same_mask, x)
+    assert _error(w, new["w"], x) < _error(w, magnitude, x)
+
+
+def test_obs_prune_of_a_first_column_is_the_exact_least_squares_update():
+    """Pruning column 0 only, the survivors move to the OBS optimum w_1 + H11^-1 H10 w_0."""
+    w, x, lh = _layer(rows=3, d=5, seed=1)
+    h = x.T @ x / len(x)
+    keep = np.ones(w.shape, bool)
+    keep[:, 0] = False
+    new, masks = obs_prune({"w": w}, {"w": lh}, sparsity=0.0, keep={"w": keep}, damp=0.0)
+    np.testing.assert_array_equal(masks["w"], keep)
+    best = w[:, 1:] + np.linalg.solve(h[1:, 1:], h[1:, :1] @ w[:, :1].T).T
+    np.testing.assert_allclose(new["w"][:, 1:], best, rtol=1e-9, atol=1e-12)
+
+
+def test_obs_prune_keeps_earlier_masks_and_falls_back_to_magnitude():
+    w, _, lh = _layer(seed=2)
+    other = np.arange(1.0, 21.0).reshape(4, 5)
+    first, masks = obs_prune({"w": w, "o": other}, {"w": lh}, sparsity=0.3, scope="layer")
+    assert np.array_equal(np.flatnonzero(~masks["o"]), np.arange(6))  # the 6 smallest |w|
+    _, later = obs_prune(first, {"w": lh}, sparsity=0.6, scope="layer", keep=masks)
+    assert np.all(later["w"] <= masks["w"]) and np.all(later["o"] <= masks["o"])
+    with pytest.raises(ConfigError, match="criterion 'obs' also updates the surviving weights"):
+        prune_masks({"w": w}, sparsity=0.5, criterion="obs")

@@ -1,0 +1,259 @@
+"""Each weight's input second-moment matrix ``H = X X^T / n``, gathered by running the model.
+
+The layer-wise Hessian of GPTQ / OBQ / SparseGPT (their ``2 X X^T``, up to the constant), for
+`onnxhq.compensate` and `onnxhq.prune`: the inputs of the weight-reading nodes are exposed as
+graph outputs (as `onnxhq.hessian.activations` does for the diagonal) and their products summed
+batch by batch, so memory holds one batch and the ``H`` sums, never the whole data:
+
+=============  ===================================================================================
+MatMul         ``x @ W`` (W ``(K, N)``): rows of x over all leading positions, ``H`` is ``(K, K)``;
+               ``W @ x`` (W ``(M, K)``): the columns of x, per position
+Gemm           either operand, with transA / transB (the weight may be stored ``(N, K)``), times
+               alpha^2
+Conv           the im2col view: one row per sample and output position, the zero-padded input
+               patch it reads (strides, dilations, pads, auto_pad), ``(C/G * prod(kernel))``
+               columns ordered like the weight's ``(C/G, kernel...)``; one ``H`` per group
+               (depthwise: ``G = C``, ``H`` is ``prod(kernel)`` square)
+=============  ===================================================================================
+
+Weights read by other ops (ConvTranspose, Gather, batched MatMul weights of rank > 2), or by two
+nodes that see them differently, are left out (the caller rounds them with the diagonal model).
+A weight with more than ``cap`` inputs per group keeps only the diagonal blocks of ``cap`` inputs
+(``H`` block-diagonal: correlations across blocks are dropped, each block compensated alone), so
+memory is at most ``d * cap`` float64 per weight (``cap=4096``: 128 MB for ``d = 4096``). Each
+batch contributes at most ``max_rows`` rows per weight (a seeded random subset of a conv's
+sample-and-position rows); products are formed in float32 and summed in float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .data import Dataset, load_data
+from .errors import ConfigError
+from .hessian.activations import _check_inputs, _conv_pads, _Use, _uses, _weights_as_inputs
+from .layerwise import LayerHessian
+from .runtime import make_session
+
+if TYPE_CHECKING:
+    import os
+
+    from .options import CompressOptions
+
+log = logging.getLogger(__name__)
+
+#: Samples `gather_layer_hessians` draws. A fully connected layer gets one row of ``X`` per
+#: sample and needs many more rows than inputs: with fewer (256 samples for LeNet-5's 800 inputs)
+#: the compensation fits the calibration data and raised the error on held-out data.
+SAMPLES = 1024
+#: Most rows of ``X`` per batch and weight, drawn at random (a convolution gives one per sample
+#: and output position, far more than its ``H`` needs), which bounds the time per batch.
+MAX_ROWS = 8192
+#: Most inputs per ``H`` block (see the module doc).
+CAP = 4096
+_SUPPORTED = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,)}
+
+
+def gather_layer_hessians(
+    proto: onnx.ModelProto,
+    data: str | os.PathLike | Dataset,
+    options: CompressOptions,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, LayerHessian]:
+    """`layer_hessians` of the weights `compress` quantizes with ``options`` (stage
+    ``layer inputs``), from ``SAMPLES`` samples of ``data`` drawn with ``options.seed``."""
+    from .importances import weight_names
+
+    dataset = data if isinstance(data, Dataset) else load_data(data, proto)
+    report = None if progress is None else (lambda d, t: progress("layer inputs", d, t))
+    return layer_hessians(proto, dataset.inputs, weight_names(proto, options), samples=SAMPLES,
+                          seed=options.seed, progress=report)  # fmt: skip
+
+
+def layer_hessians(
+    model: onnx.ModelProto,
+    inputs: Mapping[str, np.ndarray],
+    params: Sequence[str],
+    *,
+    samples: int = SAMPLES,
+    batch_size: int = 16,
+    seed: int = 0,
+    cap: int = CAP,
+    max_rows: int = MAX_ROWS,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, LayerHessian]:
+    """``H`` of every weight in ``params`` that a MatMul, Gemm or Conv reads (see the module doc).
+
+    Parameters
+    ----------
+    model : any model onnxruntime runs; not changed.
+    inputs : every runtime input, samples on axis 0.
+    params : weight names (initializers or Constant outputs); others are skipped with a log line.
+    samples : at most this many samples, drawn at random (``seed``), in ``batch_size`` runs.
+    cap : most inputs per ``H`` block.
+    max_rows : most rows of ``X`` per batch and weight (a random subset beyond; `MAX_ROWS`).
+    progress : called with (runs done, runs in all).
+
+    Returns
+    -------
+    name -> `LayerHessian`, float64 blocks, means over all positions and samples.
+    """
+    checked = (("samples", samples), ("batch_size", batch_size), ("cap", cap),
+               ("max_rows", max_rows))  # fmt: skip
+    for label, v in checked:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConfigError(f"{label}={v!r} must be an integer >= 1")
+    graph_model, _ = _weights_as_inputs(model, params)
+    wanted = _readable(graph_model, params)
+    graph_model, values = _weights_as_inputs(model, wanted)
+    uses = _uses(graph_model, wanted, values)
+    views: dict[str, tuple[bool, int, tuple[int, ...]] | None] = {}
+    for use in uses:
+        view = _view(use)
+        if view is None or views.get(use.param, view) != view:
+            log.info("no layer Hessian for %s (read as %s): diagonal model", use.param,
+                     use.node.op_type)  # fmt: skip
+            views[use.param] = None
+        else:
+            views.setdefault(use.param, view)
+    uses = [u for u in uses if views.get(u.param) is not None]
+    feeds = _check_inputs(graph_model, inputs, wanted)
+    n = len(next(iter(feeds.values())))
+    order = np.random.default_rng(seed).permutation(n)[: min(samples, n)]
+    exposed = sorted({u.x for u in uses} - set(feeds) - set(values))
+    for name in exposed:
+        if name not in {o.name for o in graph_model.graph.output}:
+            graph_model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    session = make_session(graph_model) if exposed else None
+    sums: dict[int, list[np.ndarray]] = {}
+    counts = dict.fromkeys(range(len(uses)), 0)
+    runs = -(-len(order) // batch_size)
+    for step, start in enumerate(range(0, len(order), batch_size)):
+        batch = {k: v[order[start : start + batch_size]] for k, v in feeds.items()}
+        got = session.run(exposed, {**batch, **values}) if session is not None else []
+        known = {**batch, **values, **dict(zip(exposed, got))}
+        for i, use in enumerate(uses):
+            parts = _rows(use, np.asarray(known[use.x], np.float32))
+            if len(parts[0]) > max_rows:
+                pick = np.random.default_rng([seed, step, i]).choice(
+                    len(parts[0]), max_rows, replace=False
+                )
+                parts = [rows[pick] for rows in parts]
+            for g, rows in enumerate(parts):
+                blocks = _products(rows, cap)
+                acc = sums.setdefault(i, [np.zeros((_groups(use), *b.shape)) for b in blocks])
+                for a, b in zip(acc, blocks):
+                    a[g] += b
+                counts[i] += len(rows) if g == 0 else 0
+        if progress is not None:
+            progress(step + 1, runs)
+    out: dict[str, LayerHessian] = {}
+    for i, use in enumerate(uses):
+        view = views[use.param]
+        assert view is not None
+        transpose, groups, _ = view
+        scale = _alpha(use) ** 2 / max(counts[i], 1)
+        prev = out.get(use.param)
+        mine = [a * scale for a in sums[i]]
+        merged = tuple(mine if prev is None else [a + b for a, b in zip(prev.blocks, mine)])
+        total = counts[i] + (prev.samples if prev is not None else 0)
+        out[use.param] = LayerHessian(transpose, groups, merged, total)
+    return out
+
+
+def _readable(model: onnx.ModelProto, params: Sequence[str]) -> list[str]:
+    """The params whose every reader is a MatMul / Gemm / Conv at a weight slot."""
+    read, bad = set(), set()
+    wanted = set(params)
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name in wanted:
+                read.add(name)
+                if not (node.domain in ("", "ai.onnx")
+                        and slot in _SUPPORTED.get(node.op_type, ())):  # fmt: skip
+                    bad.add(name)
+    ok = {p: p in read and p not in bad for p in params}
+    skipped = [p for p, v in ok.items() if not v]
+    if skipped:
+        log.info("no layer Hessian for %d weights read by other ops (%s...)", len(skipped),
+                 skipped[0])  # fmt: skip
+    return [p for p, v in ok.items() if v]
+
+
+def _view(use: _Use) -> tuple[bool, int, tuple[int, ...]] | None:
+    """(transpose, groups, shape) of the weight's matrix view, or None if unsupported."""
+    op, shape = use.node.op_type, use.shape
+    if op == "Conv":
+        return False, _groups(use), shape
+    if len(shape) != 2:
+        return None
+    if op == "MatMul":
+        return use.slot == 1, 1, shape
+    trans = use.attr("transB" if use.slot == 1 else "transA", 0)
+    rows_are_k = (use.slot == 1) != bool(trans)  # B (K, N), or A^T stored as (K, M)
+    return rows_are_k, 1, shape
+
+
+def _groups(use: _Use) -> int:
+    return int(use.attr("group", 1)) if use.node.op_type == "Conv" else 1
+
+
+def _alpha(use: _Use) -> float:
+    return float(use.attr("alpha", 1.0)) if use.node.op_type == "Gemm" else 1.0
+
+
+def _rows(use: _Use, x: np.ndarray) -> list[np.ndarray]:
+    """Per group, the (positions, d) matrix whose rows the weight's view multiplies."""
+    op = use.node.op_type
+    if op == "Conv":
+        return _im2col(use, x)
+    if op == "Gemm":
+        trans = use.attr("transA" if use.slot == 1 else "transB", 0)
+        x = x.T if trans else x
+        return [x if use.slot == 1 else x.T]  # activation A (M, K), or B (K, N) by columns
+    if use.slot == 1:
+        return [x.reshape(-1, x.shape[-1])]
+    x = x[:, None] if x.ndim == 1 else np.moveaxis(x, -2, -1)  # W (M, K) @ x (..., K, N)
+    return [x.reshape(-1, x.shape[-1])]
+
+
+def _im2col(use: _Use, x: np.ndarray) -> list[np.ndarray]:
+    """Per group: (samples * output positions, C/G * prod(kernel)) patches, weight order."""
+    kernel = use.shape[2:]
+    sp = len(kernel)
+    strides = list(use.attr("strides", [1] * sp))
+    dil = list(use.attr("dilations", [1] * sp))
+    begin, end = _conv_pads(use, x.shape[2:], kernel, strides, dil)
+    padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end)])
+    out = [
+        (padded.shape[2 + i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(sp)
+    ]
+    patches = []
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(
+            slice(o * d, o * d + (n - 1) * s + 1, s)
+            for o, d, n, s in zip(offset, dil, out, strides)
+        )
+        where: tuple[slice, ...] = (slice(None), slice(None), *window)
+        patches.append(padded[where])
+    cols = np.stack(patches, axis=-1)  # (N, C, *out, K)
+    cols = np.moveaxis(cols, 1, -2)  # (N, *out, C, K)
+    groups = int(use.attr("group", 1))
+    per = x.shape[1] // groups
+    flat = cols.reshape(-1, x.shape[1], cols.shape[-1])
+    return [flat[:, g * per : (g + 1) * per].reshape(len(flat), -1) for g in range(groups)]
+
+
+def _products(rows: np.ndarray, cap: int) -> list[np.ndarray]:
+    """``rows^T rows`` as diagonal blocks of at most ``cap`` columns."""
+    d = rows.shape[1]
+    return [
+        (rows[:, s : s + cap].T @ rows[:, s : s + cap]).astype(np.float64) for s in range(0, d, cap)
+    ]

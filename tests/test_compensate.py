@@ -1,0 +1,223 @@
+"""compensate: GPTQ-style assignment onto codebooks, against brute force and plain rounding."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from onnxhq.compensate import compensate
+from onnxhq.errors import ConfigError
+from onnxhq.layerwise import LayerHessian, gptq_columns, inverse_cholesky, matrix_view
+from onnxhq.quantize import quantize_weights
+
+
+def _layer(rows, d, n, seed=0, mix=0.6):
+    """Weights (rows, d) of a layer ``y = W x`` and correlated inputs X (n, d)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) @ (np.eye(d) + mix * rng.standard_normal((d, d)))
+    return rng.standard_normal((rows, d)), x
+
+
+def _hessian(x):
+    return LayerHessian(False, 1, ((x.T @ x / len(x))[None],), len(x))
+
+
+def _objective(w, q, x):
+    """The layer objective ||X (W - Q)^T||^2 / n."""
+    return float(np.sum(np.square(x @ (w - q).T)) / len(x))
+
+
+def test_compensation_never_loses_to_plain_rounding():
+    layers = {"a": _layer(12, 9, 200, seed=1), "b": _layer(7, 16, 300, seed=2)}
+    weights = {n: w for n, (w, _) in layers.items()}
+    hessians = {n: _hessian(x) for n, (_, x) in layers.items()}
+    for scope, method, rate in [
+        ("layer", "hkmeans", {"bits": 2}),
+        ("network", "uniform", {"bits": 3}),
+        ("network", "ecsq", {"target_bits": 2.0}),
+        ("channel-group", "uniform", {"k": 3}),
+    ]:
+        extra = {"group_size": 4} if scope == "channel-group" else {}
+        plain = quantize_weights(weights, scope=scope, method=method, **rate, **extra)
+        match = "target_bits" in rate
+        done, info = compensate(plain, weights, hessians, match_bits=match)
+        for n, (w, x) in layers.items():
+            assert done.codebooks[done.tensors[n].codebook].shape == (
+                plain.codebooks[plain.tensors[n].codebook].shape
+            )
+            got = _objective(w, done.dequantize(n), x)
+            assert got <= _objective(w, plain.dequantize(n), x) + 1e-12
+            assert got == pytest.approx(info.compensated[n] / _scale(w, hessians[n]), rel=1e-6)
+        if match:  # the rate term keeps the coded size at most the plain one's
+            assert _bits(done) <= _bits(plain) + 1e-6
+
+
+def _scale(w, lh):
+    """The importance-units scale of a layer without importances: 1 / mean H_cc."""
+    return w.size / float(np.sum(np.broadcast_to(lh.diagonal()[:, None], (1, *w.shape))))
+
+
+def _bits(qw):
+    idx = np.concatenate([t.indices.ravel() for t in qw.tensors.values()])
+    counts = np.bincount(idx)
+    p = counts[counts > 0] / idx.size
+    return float(-np.sum(counts[counts > 0] * np.log2(p)))
+
+
+def test_one_column_is_the_exact_optimum():
+    w, x = _layer(40, 1, 50, seed=3)
+    plain = quantize_weights({"w": w}, scope="layer", method="hkmeans", k=3)
+    done, _ = compensate(plain, {"w": w}, {"w": _hessian(x)}, refit=False)
+    book = plain.codebooks["w"]
+    best = np.argmin(np.abs(w - book[None, :].astype(np.float64)), axis=1)
+    np.testing.assert_array_equal(done.tensors["w"].indices[:, 0], best)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_each_column_is_optimal_given_earlier_codes_and_later_columns_free(seed):
+    """The promise, by brute force: 3 columns, 2 codewords, every row, damp=0, natural order."""
+    w, x = _layer(5, 3, 40, seed=seed, mix=1.0)
+    h = x.T @ x / len(x)
+    plain = quantize_weights({"w": w}, scope="layer", method="uniform", k=2)
+    done, _ = compensate(
+        plain, {"w": w}, {"w": _hessian(x)}, refit=False, damp=0.0, order="natural"
+    )
+    book = plain.codebooks["w"].astype(np.float64)
+    got = done.tensors["w"].indices
+    for r in range(len(w)):
+        for c in range(3):
+            costs = []
+            for j in range(2):
+                e = w[r, : c + 1] - book[[*got[r, :c], j]]
+                hf, hl = h[: c + 1, : c + 1], h[: c + 1, c + 1 :]
+                schur = hf - hl @ np.linalg.solve(h[c + 1 :, c + 1 :], hl.T) if c < 2 else hf
+                costs.append(e @ schur @ e)
+            assert got[r, c] == int(np.argmin(costs)), (r, c, costs)
+
+
+def test_objective_is_the_sum_of_the_column_costs():
+    w, x = _layer(6, 8, 60, seed=4)
+    h = x.T @ x / len(x)
+    u = inverse_cholesky(h, damp=0.0)
+    book = np.array([-1.0, 0.0, 1.5])
+    paid = []
+
+    def nearest(c, wc, ucc):
+        j = np.argmin(np.abs(wc[:, None] - book), axis=1)
+        paid.append(np.sum(np.square((wc - book[j]) / ucc)))
+        return j, book[j]
+
+    _, q = gptq_columns(w, u, nearest, block=3)
+    assert _objective(w, q, x) == pytest.approx(sum(paid), rel=1e-9)
+
+
+def test_brute_force_over_all_codes_bounds_the_result():
+    """On 2 columns x 2 codewords the global optimum is enumerable: greedy is never below it."""
+    w, x = _layer(4, 2, 30, seed=5)
+    plain = quantize_weights({"w": w}, scope="layer", method="uniform", k=2)
+    done, _ = compensate(plain, {"w": w}, {"w": _hessian(x)}, refit=False, damp=0.0)
+    book = plain.codebooks["w"].astype(np.float64)
+    for r in range(len(w)):
+        best = min(
+            _objective(w[r : r + 1], book[list(js)][None], x)
+            for js in itertools.product(range(2), repeat=2)
+        )
+        mine = _objective(w[r : r + 1], done.dequantize("w")[r : r + 1].astype(np.float64), x)
+        assert best <= mine + 1e-12
+        assert mine <= _objective(w[r : r + 1], plain.dequantize("w")[r : r + 1], x) + 1e-12
+
+
+def test_rows_are_independent_and_input_scale_does_not_matter():
+    w, x = _layer(10, 6, 80, seed=6)
+    perm = np.random.default_rng(0).permutation(10)
+    plain = quantize_weights({"w": w}, scope="layer", method="hkmeans", k=4)
+    base, _ = compensate(plain, {"w": w}, {"w": _hessian(x)})
+    moved_plain = quantize_weights({"w": w[perm]}, scope="layer", method="hkmeans", k=4)
+    moved, _ = compensate(moved_plain, {"w": w[perm]}, {"w": _hessian(x)})
+    np.testing.assert_array_equal(moved.tensors["w"].indices, base.tensors["w"].indices[perm])
+    np.testing.assert_allclose(moved.codebooks["w"], base.codebooks["w"], rtol=1e-6)
+    scaled, _ = compensate(plain, {"w": w}, {"w": _hessian(7.0 * x)})
+    np.testing.assert_array_equal(scaled.tensors["w"].indices, base.tensors["w"].indices)
+
+
+def test_descending_order_permutes_with_the_inputs():
+    w, x = _layer(6, 5, 100, seed=7)
+    x = x * np.arange(1, 6)  # distinct H_cc
+    perm = np.array([3, 0, 4, 1, 2])
+    plain = quantize_weights({"w": w}, scope="layer", method="hkmeans", k=4)
+    base, _ = compensate(plain, {"w": w}, {"w": _hessian(x)}, refit=False)
+    other = quantize_weights({"w": w[:, perm]}, scope="layer", method="hkmeans", k=4)
+    np.testing.assert_array_equal(other.codebooks["w"], plain.codebooks["w"])
+    moved, _ = compensate(other, {"w": w[:, perm]}, {"w": _hessian(x[:, perm])}, refit=False)
+    np.testing.assert_array_equal(moved.tensors["w"].indices, base.tensors["w"].indices[:, perm])
+
+
+def test_pruned_weights_keep_the_zero_codeword_and_refit_is_a_minimum():
+    w, x = _layer(8, 10, 120, seed=8)
+    mask = np.abs(w) < 0.4
+    w = np.where(mask, 0.0, w)
+    plain = quantize_weights({"w": w}, scope="layer", method="hkmeans", k=5, pruned={"w": mask})
+    done, _ = compensate(plain, {"w": w}, {"w": _hessian(x)}, pruned={"w": mask})
+    q = done.dequantize("w").astype(np.float64)
+    assert np.all(q[mask] == 0.0)
+    book = done.codebooks["w"].astype(np.float64)
+    base = _objective(w, q, x)
+    for j in range(book.size):  # no codeword value can move to lower the objective
+        if book[j] == 0.0:
+            continue
+        for step in (-1e-3, 1e-3):
+            moved = book.copy()
+            moved[j] += step
+            assert _objective(w, moved[done.tensors["w"].indices], x) >= base - 1e-9
+
+
+def test_views_and_bad_options():
+    w = np.arange(12.0).reshape(3, 4)
+    lh = LayerHessian(True, 1, (np.eye(3)[None],), 1)
+    assert matrix_view(w, lh).shape == (1, 4, 3)
+    plain = quantize_weights({"w": w}, scope="layer", method="uniform", k=2)
+    with pytest.raises(ConfigError, match="give lam or match_bits, not both"):
+        compensate(plain, {"w": w}, {"w": lh}, lam=1.0, match_bits=True)
+    with pytest.raises(ConfigError, match="unknown order 'random'"):
+        compensate(plain, {"w": w}, {"w": lh}, order="random")
+
+
+def _tiny_model(w1, w2):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2"], ["y"], transB=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, w2.shape[0]])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_compress_compensate_lowers_the_layer_error_and_says_so():
+    from onnxhq.data import Dataset
+    from onnxhq.options import OptionError
+    from onnxhq.pipeline import compress
+
+    rng = np.random.default_rng(9)
+    w1 = rng.standard_normal((12, 16)).astype(np.float32)
+    w2 = rng.standard_normal((5, 16)).astype(np.float32)
+    x = (rng.standard_normal((400, 12)) @ (np.eye(12) + rng.standard_normal((12, 12)))).astype(
+        np.float32
+    )
+    model, data = _tiny_model(w1, w2), Dataset({"x": x}, None)
+    runs = {c: compress(model, data, method="kmeans", k=4, compensate=c) for c in (False, True)}
+    assert runs[True].report.settings["compensate"] is True
+    assert runs[False].report.settings["compensate"] is False
+    err = {
+        c: float(np.sum(np.square(x @ (w1 - r.quantized.dequantize("w1")))))
+        for c, r in runs.items()
+    }
+    assert err[True] < err[False]
+    with pytest.raises(OptionError, match="compensate gathers each layer's input statistics"):
+        compress(model, None, method="kmeans", k=4, compensate=True)
