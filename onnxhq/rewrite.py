@@ -10,10 +10,15 @@ where ``codebook`` is a float initializer (k,) of W's dtype. Each op is a model-
 standard operators (Cast, Gather, ...), so any ONNX runtime runs it; onnxruntime inlines it and
 constant-folds it when the session starts. Consumers of ``W`` are untouched.
 
-**Packing.** With k <= 16 and at least `PACK_MIN_SIZE` elements, two indices share a byte: byte j
-holds index 2j in its low nibble and index 2j + 1 in its high nibble (0 pads an odd count). The
-flattened logical shape is an int64 initializer ``shape``. Only the in-graph storage is packed; the
-sidecar keeps one symbol per weight (`pack4`/`unpack4` convert).
+**Packing.** With k <= 16 and at least `PACK_MIN_SIZE` elements, two indices share a byte: of n
+indices, byte j holds index j in its low nibble and index m + j in its high nibble, m = ceil(n/2)
+(0 pads an odd count). The logical shape is an int64 initializer ``shape``. Only the in-graph
+storage is packed; the sidecar keeps one symbol per weight (`pack4`/`unpack4` convert). (onnxhq
+0.3.0 interleaved the pairs, 2j and 2j + 1; its decoded files carry their own function bodies.)
+
+**Session memory.** onnxruntime folds these functions into float initializers when the session
+starts and keeps every tensor the folding makes until the pass ends, so each body is the shortest
+chain of the narrowest types: the indices are cast to int32 (not int64) for Gather.
 
 **Opsets.** A function's body imports the default-domain opset the *model* imports: the ONNX
 checker accepts another version only where every body operator has the same schema at both, which
@@ -62,16 +67,21 @@ def index_dtype(alphabet_size: int) -> np.dtype:
 
 
 def pack4(indices: np.ndarray) -> np.ndarray:
-    """Indices in [0, 16), flattened, two per byte (low nibble first): uint8 array (ceil(n/2),)."""
+    """Indices in [0, 16), flattened, two per byte: uint8 array (m,), m = ceil(n/2).
+
+    Byte j holds index j in its low nibble and index m + j in its high nibble (0 pads an odd
+    count): the two halves unpack with one ``Mod`` and one ``BitShift`` and join with one
+    ``Concat``, without interleaving.
+    """
     flat = np.asarray(indices).reshape(-1)
     if flat.size and (flat.min() < 0 or flat.max() > 15):
         raise ModelError(
             f"4-bit packing needs indices in [0, 16), got values from {flat.min()} to {flat.max()}"
         )
-    flat = flat.astype(np.uint8)
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    return flat[0::2] | (flat[1::2] << 4)
+    m = (flat.size + 1) // 2
+    padded = np.zeros(2 * m, np.uint8)
+    padded[: flat.size] = flat
+    return padded[:m] | (padded[m:] << 4)
 
 
 def unpack4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -83,9 +93,7 @@ def unpack4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
             f"{packed.size} packed bytes cannot hold a tensor of shape {tuple(shape)} "
             f"({n} indices need {(n + 1) // 2})"
         )
-    flat = np.empty(2 * packed.size, np.uint8)
-    flat[0::2] = packed & 15
-    flat[1::2] = packed >> 4
+    flat = np.concatenate([packed & 15, packed >> 4])
     return flat[:n].reshape(tuple(int(d) for d in shape))
 
 
@@ -121,37 +129,54 @@ def dequantize_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
     """``onnxhq.Dequantize(codebook (k,), indices uint S) -> codebook[indices] of shape S``;
     opset >= 6."""
     nodes = [
-        helper.make_node("Cast", ["indices"], ["idx64"], to=TensorProto.INT64),
-        helper.make_node("Gather", ["codebook", "idx64"], ["weight"], axis=0),
+        helper.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["codebook", "idx"], ["weight"], axis=0),
     ]
     return _function(naming.DEQUANTIZE_OP, ["codebook", "indices"], nodes, opset)
 
 
 def dequantize_packed4_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
-    """``onnxhq.DequantizePacked4(codebook (k,), packed uint8 (ceil(n/2),), shape int64 (r,))``;
+    """``onnxhq.DequantizePacked4(codebook (k,), packed uint8 (m,), shape int64 (r,))``;
     opset >= 10.
 
-    Returns ``codebook[unpack4(packed, shape)]``. No bit operators (BitShift, BitwiseAnd): a
-    constant table maps each byte value to its two nibbles, so one Gather turns the codebook into
-    the (256, 2) values of every byte and a second Gather reads the weights' pairs from it. The
-    codebook is tiled to 16k entries first, so every nibble is a valid index even when k < 16.
-    Slice drops the odd padding; its inputs form (opset 10) is why packing needs opset 10 (Compress,
+    Returns ``codebook[unpack4(packed, shape)]``. onnxruntime keeps every tensor its constant
+    folding makes until the pass ends, so the body is a short chain of byte-sized steps: the
+    nibbles split with ``Mod 16`` and ``BitShift 4`` (opset 11) and join with one Concat; only
+    the final Cast (int32) and Gather make tensors of the weight's size. At opset 10 (no
+    BitShift) a constant table maps each byte value to its two codebook values instead. Slice
+    drops the odd padding; its inputs form (opset 10) is why packing needs opset 10 (Compress,
     valid at 9, is not constant-folded by recent onnxruntime releases).
     """
-    byte = np.arange(256, dtype=np.int32)
     nodes = [
-        _const("nibbles", np.stack([byte & 15, byte >> 4], axis=1)),
-        _const("sixteen", np.array([16], np.int64)),
-        _const("flat", np.array([-1], np.int64)),
         _const("zero", np.array([0], np.int64)),
-        helper.make_node("Tile", ["codebook", "sixteen"], ["book16"]),
-        helper.make_node("Gather", ["book16", "nibbles"], ["table"], axis=0),
-        helper.make_node("Cast", ["packed"], ["bytes"], to=TensorProto.INT32),
-        helper.make_node("Gather", ["table", "bytes"], ["pairs"], axis=0),
-        helper.make_node("Reshape", ["pairs", "flat"], ["padded"]),
         helper.make_node("ReduceProd", ["shape"], ["n"], keepdims=1),
-        helper.make_node("Slice", ["padded", "zero", "n"], ["values"]),
-        helper.make_node("Reshape", ["values", "shape"], ["weight"]),
+    ]
+    if opset < 11:
+        byte = np.arange(256, dtype=np.int32)
+        nodes += [
+            _const("nibbles", np.stack([byte & 15, byte >> 4], axis=1)),
+            _const("sixteen", np.array([16], np.int64)),
+            _const("flat", np.array([-1], np.int64)),
+            helper.make_node("Tile", ["codebook", "sixteen"], ["book16"]),
+            helper.make_node("Gather", ["book16", "nibbles"], ["table"], axis=0),
+            helper.make_node("Cast", ["packed"], ["bytes"], to=TensorProto.INT32),
+            helper.make_node("Gather", ["table", "bytes"], ["pairs"], axis=0),
+            helper.make_node("Transpose", ["pairs"], ["halves"], perm=[1, 0]),
+            helper.make_node("Reshape", ["halves", "flat"], ["padded"]),
+            helper.make_node("Slice", ["padded", "zero", "n"], ["values"]),
+            helper.make_node("Reshape", ["values", "shape"], ["weight"]),
+        ]
+        return _function(PACKED_OP, ["codebook", "packed", "shape"], nodes, opset)
+    nodes += [
+        _const("four", np.array([4], np.uint8)),
+        _const("sixteen", np.array([16], np.uint8)),
+        helper.make_node("Mod", ["packed", "sixteen"], ["low"]),
+        helper.make_node("BitShift", ["packed", "four"], ["high"], direction="RIGHT"),
+        helper.make_node("Concat", ["low", "high"], ["padded"], axis=0),
+        helper.make_node("Slice", ["padded", "zero", "n"], ["flat_idx"]),
+        helper.make_node("Reshape", ["flat_idx", "shape"], ["idx8"]),
+        helper.make_node("Cast", ["idx8"], ["idx"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["codebook", "idx"], ["weight"], axis=0),
     ]
     return _function(PACKED_OP, ["codebook", "packed", "shape"], nodes, opset)
 
@@ -175,7 +200,7 @@ def dequantize_grouped_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionPro
         helper.make_node("Constant", [], ["axis0"], value_ints=[0]),
         helper.make_node("Constant", [], ["axis1"], value_ints=[1]),
         group_size,
-        helper.make_node("Cast", ["indices"], ["idx64"], to=TensorProto.INT64),
+        helper.make_node("Cast", ["indices"], ["idx"], to=TensorProto.INT32),
         helper.make_node("Shape", ["indices"], ["shape"]),
         helper.make_node("Shape", ["indices"], ["rows"], start=0, end=1),
         helper.make_node("Squeeze", ["rows"], ["n_rows"]),
@@ -187,8 +212,9 @@ def dequantize_grouped_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionPro
         helper.make_node("Div", ["numel", "n_rows"], ["per_row"]),
         helper.make_node("Unsqueeze", ["per_row", "axis0"], ["per_row1"]),
         helper.make_node("Concat", ["rows", "per_row1"], ["shape2d"], axis=0),
-        helper.make_node("Reshape", ["idx64", "shape2d"], ["idx2d"]),
-        helper.make_node("Add", ["idx2d", "offset_col"], ["flat_idx"]),
+        helper.make_node("Reshape", ["idx", "shape2d"], ["idx2d"]),
+        helper.make_node("Cast", ["offset_col"], ["offset32"], to=TensorProto.INT32),
+        helper.make_node("Add", ["idx2d", "offset32"], ["flat_idx"]),
         helper.make_node("Gather", ["codebook", "flat_idx"], ["values"], axis=0),
         helper.make_node("Reshape", ["values", "shape"], ["weight"]),
     ]

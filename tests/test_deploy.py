@@ -92,3 +92,16 @@ def test_a_newer_graph_format_is_refused(kmeans_result):
     set_metadata(graph, {"onnxhq.version": "99"})
     with pytest.raises(onnxhq.ModelError, match="format 99"):
         load_from_bytes(graph.SerializeToString(), kmeans_result.artifacts.sidecar_bytes)
+
+
+def test_decode_targets_refuse_codebooks_off_a_grid_and_float_weights(kmeans_result, tmp_path):
+    from onnxhq.decode import decode_file
+
+    paths = kmeans_result.save(tmp_path)
+    with pytest.raises(onnxhq.ModelError, match="is not a uniform grid through 0"):
+        decode_file(paths[0], tmp_path / "int8.onnx", target="int8")
+    with pytest.raises(onnxhq.ConfigError, match="--dequantize writes float weights"):
+        onnxhq.load(paths[0], dequantize=True, target="int4")
+    with pytest.raises(onnxhq.ConfigError, match="'int3' is not one of gather, int8, int4"):
+        onnxhq.load(paths[0], target="int3")
+    assert not (tmp_path / "int8.onnx").exists()

@@ -142,8 +142,8 @@ def ops(model):
 
 
 def test_pack4_golden_bytes():
-    # Low nibble first; the odd element's partner nibble is 0.
-    assert pack4(np.array([1, 2, 3])).tolist() == [0x21, 0x03]
+    # Byte j: index j (low nibble) and index m + j (high), m = ceil(n / 2); 0 pads an odd n.
+    assert pack4(np.array([1, 2, 3])).tolist() == [0x31, 0x02]  # [1, 2] low, [3, pad] high
     assert pack4(np.array([[15, 0], [0, 15]])).tolist() == [0x0F, 0xF0]
     assert pack4(np.array([7])).dtype == np.uint8
 
@@ -472,3 +472,23 @@ def test_a_damaged_dequantize_node_is_a_model_error():
     del next(n for n in graph.graph.node if n.domain == naming.DOMAIN).input[1:]
     with pytest.raises(ModelError, match="needs a codebook and an index input"):
         load_from_bytes(graph.SerializeToString(), artifacts.sidecar_bytes)
+
+
+@pytest.mark.parametrize("opset", [10, 11, 17])
+def test_bodies_keep_folded_intermediates_small(opset):
+    # onnxruntime keeps every tensor its constant folding makes until the pass ends: the indices
+    # are cast to int32 (half of int64), and from opset 11 the packed body unpacks in uint8 and
+    # reads the codebook once.
+    from onnxhq.rewrite import (
+        dequantize_function,
+        dequantize_grouped_function,
+        dequantize_packed4_function,
+    )
+
+    bodies = [dequantize_function(opset), dequantize_packed4_function(opset)]
+    bodies += [dequantize_grouped_function(opset)] if opset >= 15 else []
+    for body in bodies:
+        casts = {a.i for n in body.node if n.op_type == "Cast" for a in n.attribute}
+        assert onnx.TensorProto.INT64 not in casts, body.name
+    gathers = [n for n in dequantize_packed4_function(opset).node if n.op_type == "Gather"]
+    assert len(gathers) == (2 if opset < 11 else 1)

@@ -1,0 +1,352 @@
+"""Real models, every form side by side: onnxhq's artifacts and decoded models against the float
+model and onnxruntime's own quantizers.
+
+    python -m tools.bench_real [--models rec det cls] [--hessian none] [--json out.json]
+    python -m tools.bench_real --smoke          # the bundled LeNet-5 on its sample, seconds
+
+For each model (the three PaddleOCR models of ``$ONNXHQ_SHARED/models/real``; inputs rendered
+from text by `tools.render_text`, deterministic) and each form, one row:
+
+- ``ratio``: the original file's bytes over the compressed artifacts' (graph + sidecar, every byte)
+  for onnxhq; over the runnable file for onnxruntime's quantizers, which have no other artifact.
+- fidelity against the original model's own outputs (`onnxhq.fidelity.measure`): the recognizer's
+  share of identical greedy-CTC strings, the detector's map IoU at 0.5 and max abs error, the
+  classifier's agreement.
+- the runnable file (``decode`` output) and its onnxruntime session: file bytes, session start
+  and peak memory while starting (ru_maxrss growth in a fresh subprocess, median of 3), and
+  latency (median, one input, one thread), the float model's measured in the same process.
+
+Forms: onnxhq's defaults (``--hessian``, default ``none``: the gradient Hessians need minutes per
+model on a shared 2-core machine), ``--scope layer``, 6 bits per layer, and one symmetric grid
+per output channel (max |row| / 127 and / 7 per step, as onnxruntime's per-channel quantizers)
+decoded to ``--target int8`` and ``int4``; onnxruntime's ``quantize_dynamic`` (uint8 weights,
+per tensor: its CPU build runs ConvInteger for uint8 weights only) and its 4-bit ``MatMulNBits``
+where the installed build has the quantizer. The transformer encoder of issue 13 needs torch to
+export and is not included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+REAL = ("rec", "det", "cls")
+FILES = {
+    "rec": "ch_PP-OCRv4_rec_infer.onnx",
+    "det": "ch_PP-OCRv4_det_infer.onnx",
+    "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+}
+KINDS = {"rec": "classes", "det": "bernoulli", "cls": "classes", "lenet5": "classes"}
+KEYS = {"rec": ("sequence",), "det": ("iou", "max_abs_error"), "cls": ("agreement",)}
+KEYS["lenet5"] = KEYS["cls"]
+ONNXHQ_FORMS = {  # label -> compress keywords (beside the Hessian)
+    "onnxhq default": {},
+    "onnxhq --scope layer": {"scope": "layer"},
+    "onnxhq 6 bits, layer": {"scope": "layer", "target_bits": 6.0},
+}
+GRID_FORMS = {"onnxhq rows +-127 -> int8": (127, "int8"), "onnxhq rows +-7 -> int4": (7, "int4")}
+
+
+def inputs(name: str, smoke: bool) -> tuple[dict, dict]:
+    """(evaluation inputs, calibration inputs) of model ``name``, keyed by its input name."""
+    from tools.render_text import line_batch, page_batch
+
+    if name == "lenet5":
+        from tools.datasets import mnist
+
+        return mnist("test", smoke=True, limit=200).inputs, mnist(
+            "train", smoke=True, limit=64
+        ).inputs
+    if name == "rec":
+        return {"x": line_batch(48, width=320, seed=0)[0]}, {
+            "x": line_batch(16, width=320, seed=1)[0]
+        }
+    if name == "cls":
+        ev = line_batch(128, width=192, seed=2, flip_every=2)[0]
+        return {"x": ev}, {"x": line_batch(32, width=192, seed=3, flip_every=2)[0]}
+    return {"x": page_batch(6, height=320, width=480, seed=4)}, {
+        "x": page_batch(4, height=320, width=480, seed=5)
+    }
+
+
+def run(model, feeds: dict) -> np.ndarray:
+    from onnxhq.runtime import make_session, run_batched
+
+    session = make_session(model)
+    return run_batched(session, feeds, session.get_outputs()[0].name, batch_size=16)
+
+
+def peak_kb() -> int:
+    """This process's peak resident memory in kB: ``VmHWM`` of /proc/self/status (ru_maxrss
+    would carry over a large parent's peak through fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def probe(path: str, shape: str) -> None:
+    """Child process: start a session on ``path``, print start seconds and peak MB growth."""
+    import onnxruntime as ort
+
+    before = peak_kb()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    t = time.perf_counter()
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    start = time.perf_counter() - t
+    peak = peak_kb()
+    x = np.zeros([int(d) for d in shape.split(",")], np.float32)
+    session.run(None, {session.get_inputs()[0].name: x})
+    run_peak = peak_kb()
+    print(json.dumps([start, (peak - before) / 1024, (run_peak - before) / 1024]))
+
+
+def session_costs(path: Path, shape: tuple[int, ...], repeats: int) -> dict:
+    """Median session start (s), peak MB while starting and after one run, over fresh processes."""
+    arg = ",".join(str(d) for d in shape)
+    cmd = [sys.executable, "-m", "tools.bench_real", "--probe", str(path), arg]
+    runs = [json.loads(subprocess.check_output(cmd, text=True)) for _ in range(repeats)]
+    med = [statistics.median(r[i] for r in runs) for i in range(3)]
+    return {"start_s": med[0], "start_mb": med[1], "run_mb": med[2]}
+
+
+def latencies(paths: dict[str, Path], x: np.ndarray, rounds: int) -> dict[str, float]:
+    """Median seconds per run of one input for each model, sessions in this process, the models
+    taking turns so that load on the machine falls on all alike."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    sessions = {
+        k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+        for k, p in paths.items()
+    }
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(rounds + 1):
+        for k, s in sessions.items():
+            feed = {s.get_inputs()[0].name: x}
+            t = time.perf_counter()
+            s.run(None, feed)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
+
+
+def grid_model(proto, names, levels: int, stem: str, original_bytes: int):
+    """Each weight row (output channel) on its own symmetric grid ``max|row| / levels * j``,
+    ``|j| <= levels`` (per-channel, as onnxruntime's quantizers can do), Huffman-coded: the
+    artifacts and the decoded gather model. Grid cell values are not yet a compress option, so
+    this builds the codes itself; channel-group codebooks need opset 15, so older models are
+    converted first."""
+    from onnx import version_converter
+
+    from onnxhq.decode import load_from_bytes
+    from onnxhq.encode import index_streams_of, split_artifacts
+    from onnxhq.model import default_opset, read_initializers
+    from onnxhq.rewrite import rewrite
+
+    if default_opset(proto) < 15:
+        proto = version_converter.convert_version(proto, 17)
+    books, tensors = {}, {}
+    grid = np.arange(-levels, levels + 1, dtype=np.float32)
+    for name, w in read_initializers(proto, names).items():
+        rows = w.reshape(w.shape[0] if w.ndim > 1 else 1, -1)
+        top = np.abs(rows).max(axis=1, keepdims=True)
+        step = (np.where(top > 0, top, 1.0) / levels).astype(np.float32)
+        j = np.clip(np.round(rows / step), -levels, levels).astype(np.int64) + levels
+        books[name] = step * grid  # (rows, 2 levels + 1)
+        group = 1 if w.ndim > 1 else None
+        tensors[name] = SimpleNamespace(codebook=name, indices=j.reshape(w.shape), group_size=group)
+        if group is None:
+            books[name] = books[name].reshape(-1)
+    art = split_artifacts(
+        rewrite(proto, books, tensors),
+        stem,
+        streams=index_streams_of(tensors, books),
+        original_bytes=original_bytes,
+    )
+    return art, load_from_bytes(art.graph_bytes, art.sidecar_bytes)
+
+
+def ort_forms(proto, work: Path) -> dict[str, tuple[Path | None, str]]:
+    """onnxruntime's quantizers on the float model (its Constant-node weights made initializers,
+    which they need): label -> (file, note)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnxhq.model import save_model
+
+    path = work / "float_initializers.onnx"
+    save_model(proto, path)
+    out: dict[str, tuple[Path | None, str]] = {}
+    target = work / "ort_int8.onnx"
+    try:
+        quantize_dynamic(str(path), str(target), weight_type=QuantType.QUInt8)
+        out["ort quantize_dynamic int8"] = (target, "")
+    except Exception as exc:  # report, do not stop the bench
+        out["ort quantize_dynamic int8"] = (None, f"failed: {str(exc)[:80]}")
+    quantizer = _nbits_quantizer()
+    if isinstance(quantizer, str):
+        out["ort MatMulNBits 4-bit"] = (None, quantizer)
+        return out
+    import onnx
+
+    matmuls = sum(n.op_type == "MatMul" for n in proto.graph.node)
+    nbits = quantizer(onnx.load(str(path)), block_size=32, is_symmetric=True)
+    nbits.process()
+    target = work / "ort_nbits.onnx"
+    nbits.model.save_model_to_file(str(target))
+    out["ort MatMulNBits 4-bit"] = (target, f"MatMul weights only ({matmuls} MatMul nodes)")
+    return out
+
+
+def _nbits_quantizer():
+    """onnxruntime's 4-bit MatMul quantizer class (its name changed in 1.20), or why it is
+    missing."""
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        return MatMulNBitsQuantizer
+    except ImportError:
+        pass
+    try:
+        from onnxruntime.quantization.matmul_4bits_quantizer import MatMul4BitsQuantizer
+
+        return MatMul4BitsQuantizer
+    except ImportError as exc:
+        return f"not in this onnxruntime build ({str(exc)[:60]})"
+
+
+def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
+    import onnxhq
+    from onnxhq.errors import OnnxhqError
+    from onnxhq.fidelity import measure
+    from onnxhq.model import load_model, save_model
+    from onnxhq.native import lower
+    from onnxhq.runtime import make_session
+
+    proto = load_model(path)
+    feeds, calib = inputs(name, args.smoke)
+    x1 = {k: v[:1] for k, v in feeds.items()}
+    shape = next(iter(x1.values())).shape
+    original = run(proto, feeds)
+    original_bytes = path.stat().st_size
+    forms: dict[str, dict] = {"float": {"file": path, "ratio": 1.0, "note": "original file"}}
+    names = None
+    for label, kw in ONNXHQ_FORMS.items():
+        t = time.perf_counter()
+        result = onnxhq.compress(path, calib, hessian=args.hessian, **kw)
+        names = list(result.quantized.tensors)
+        a = result.artifacts
+        file = work / f"{label.replace(' ', '_').replace(',', '')}.onnx"
+        save_model(result.model(), file)
+        k = sorted({len(b.reshape(-1)) for b in result.quantized.codebooks.values()})
+        forms[label] = {
+            "file": file,
+            "ratio": original_bytes / (len(a.graph_bytes) + len(a.sidecar_bytes)),
+            "note": f"k {k[0]}..{k[-1]}, {time.perf_counter() - t:.0f} s",
+        }
+    for label, (k, target) in GRID_FORMS.items():
+        art, gather = grid_model(proto, names, k, name, original_bytes)
+        file = work / f"grid_{target}.onnx"
+        save_model(lower(gather, target), file)
+        ratio = original_bytes / (len(art.graph_bytes) + len(art.sidecar_bytes))
+        forms[label] = {"file": file, "ratio": ratio, "note": f"--target {target}"}
+    if not args.smoke:
+        for label, (file, note) in ort_forms(proto, work).items():
+            ratio = original_bytes / file.stat().st_size if file else None
+            forms[label] = {"file": file, "ratio": ratio, "note": note}
+    for f in forms.values():
+        if f["file"] is not None:
+            try:
+                make_session(str(f["file"]))
+            except OnnxhqError as exc:
+                f["file"], f["note"] = None, f"does not run: {str(exc)[:90]}"
+    runnable = {k: f["file"] for k, f in forms.items() if f["file"] is not None}
+    lat = latencies(runnable, next(iter(x1.values())), args.rounds)
+    rows = []
+    for label, f in forms.items():
+        row = {"model": name, "form": label, "ratio": f["ratio"], "note": f["note"]}
+        if f["file"] is not None:
+            got = original if label == "float" else run(str(f["file"]), feeds)
+            metrics = measure(KINDS[name], original, got)
+            row.update({m: metrics.get(m) for m in KEYS[name]})
+            row["file_bytes"] = Path(f["file"]).stat().st_size
+            row.update(session_costs(Path(f["file"]), shape, args.repeats))
+            row["latency_ms"] = 1000 * lat[label]
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["model", "form", "ratio", "fidelity", "runnable file", "start s", "start MB"]
+    cols += ["run MB", "latency ms", "note"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    base: dict[str, dict] = {}
+    for r in rows:
+        if r["form"] == "float":
+            base[r["model"]] = r
+        fid = ", ".join(f"{k} {r[k]:.4g}" for k in KEYS[r["model"]] if r.get(k) is not None)
+        cells = [r["model"], r["form"], f"{r['ratio']:.2f}x" if r["ratio"] else "-", fid or "-"]
+        if "file_bytes" in r:
+            b = base[r["model"]]
+            cells += [
+                f"{r['file_bytes']:,}",
+                f"{r['start_s']:.3f} ({r['start_s'] / b['start_s']:.2f}x)",
+                f"{r['start_mb']:.1f} ({r['start_mb'] - b['start_mb']:+.1f})",
+                f"{r['run_mb']:.1f} ({r['run_mb'] - b['run_mb']:+.1f})",
+                f"{r['latency_ms']:.2f} ({r['latency_ms'] / b['latency_ms']:.2f}x)",
+            ]
+        else:
+            cells += ["-"] * 5
+        lines.append("| " + " | ".join(cells + [r["note"]]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", choices=REAL, default=list(REAL))
+    ap.add_argument("--hessian", default="none", help="compress --hessian for the onnxhq forms")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per session measure")
+    ap.add_argument("--rounds", type=int, default=20, help="latency runs per model")
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--smoke", action="store_true", help="the bundled LeNet-5 only, in seconds")
+    ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.probe:
+        probe(*args.probe)
+        return 0
+    from tools.datasets import LENET5, shared_file
+
+    if args.smoke:
+        args.repeats, args.rounds = 1, 3
+        todo = {"lenet5": LENET5}
+    else:
+        todo = {m: shared_file("models", "real", FILES[m]) for m in args.models}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in todo.items():
+            work = Path(tmp) / name
+            work.mkdir()
+            rows += bench_model(name, Path(path), args, work)
+    print(table(rows))
+    if args.json:
+        clean = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]
+        Path(args.json).write_text(json.dumps(clean, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
