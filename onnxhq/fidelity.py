@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .options.target import LOWER_IS_BETTER, METRIC_ALIASES, Target  # noqa: F401 (re-exported)
 
 #: output kind -> the metrics `measure` may return for it (``sequence`` only for rank 3,
 #: ``accuracy`` only with labels).
@@ -34,10 +35,9 @@ METRICS: dict[str, tuple[str, ...]] = {
     "bernoulli": ("iou", "max_abs_error"),
     "real": ("cosine", "cosine_min", "sqnr_db"),
 }
-#: Metrics where smaller is better; a target on them is an upper bound.
-LOWER_IS_BETTER = frozenset({"kl", "max_abs_error"})
-#: Other spellings accepted in targets.
-ALIASES = {"sqnr": "sqnr_db", "top1": "agreement"}
+#: Metrics where smaller is better (`LOWER_IS_BETTER`, from the options): a target on them is an
+#: upper bound. Other spellings accepted in targets:
+ALIASES = METRIC_ALIASES
 #: Probabilities are clipped below at this before taking logs (a zero costs at most ~27.6 nats).
 PROB_FLOOR = 1e-12
 
@@ -88,24 +88,10 @@ def measure(
 
 
 def parse_target(target: str) -> tuple[str, float]:
-    """``"METRIC=VALUE"`` -> (metric name, value); aliases (``sqnr``) resolved."""
-    name, sep, value = target.partition("=")
-    name = ALIASES.get(name.strip(), name.strip())
-    known = sorted({m for names in METRICS.values() for m in names} | set(ALIASES))
-    if not sep or name not in {m for names in METRICS.values() for m in names}:
-        raise ConfigError(
-            f"fidelity target {target!r} is not METRIC=VALUE with METRIC one of "
-            f"{', '.join(known)}; e.g. agreement=0.99"
-        )
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(
-            f"fidelity target {target!r}: {value.strip()!r} is not a number"
-        ) from None
-    if not np.isfinite(number):
-        raise ConfigError(f"fidelity target {target!r}: the value must be finite")
-    return name, number
+    """``"METRIC=VALUE"`` -> (metric name, value); aliases (``sqnr``) resolved
+    (`onnxhq.options.Target.parse`, whose `OptionError` is a `ConfigError`)."""
+    parsed = Target.parse(target)
+    return parsed.metric, parsed.value
 
 
 def meets(metrics: Mapping[str, float], target: str) -> bool:
@@ -113,15 +99,14 @@ def meets(metrics: Mapping[str, float], target: str) -> bool:
 
     ``kl`` and ``max_abs_error`` pass at or below the value, the others at or above it.
     """
-    name, value = parse_target(target)
-    if name not in metrics:
+    parsed = Target.parse(target)
+    if parsed.metric not in metrics:
         have = ", ".join(sorted(metrics)) or "none"
         raise ConfigError(
-            f"fidelity target {target!r} names {name!r}, which this output kind does "
+            f"fidelity target {target!r} names {parsed.metric!r}, which this output kind does "
             f"not measure (measured: {have}); choose one of those"
         )
-    got = float(metrics[name])
-    return got <= value if name in LOWER_IS_BETTER else got >= value
+    return parsed.reached(float(metrics[parsed.metric]))
 
 
 def ctc_greedy(scores: np.ndarray, *, blank: int = 0) -> list[tuple[int, ...]]:

@@ -16,18 +16,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import naming
-from ._io import atomic_write_bytes
+from ._io import write_files
+from .compensate import LayerHessian, compensate
 from .data import Dataset, load_data
 from .decode import load_from_bytes
 from .encode import Artifacts, index_streams_of, split_artifacts
-from .evaluate import accuracy
+from .evaluate import Reference, fidelity, reference_outputs
 from .finetune import finetune_codebooks
 from .importances import estimate_importances, weight_names
-from .model import count_float_params, load_model, model_file_bytes, read_initializers
-from .options import CompressOptions, require_data, resolve_options
-from .quantize import QuantizedWeights, quantize_weights
-from .report import Report, layer_rows
-from .rewrite import rewrite
+from .layer_inputs import gather_layer_hessians
+from .model import (
+    count_float_params,
+    default_opset,
+    load_model,
+    model_file_bytes,
+    read_initializers,
+)
+from .options import CompressOptions, OptionError, require_data, require_eval, resolve_options
+from .outputs import parse_output_spec
+from .quantize import QuantizedWeights, measure_errors, quantize_weights
+from .report import Report, error_rows, layer_rows
+from .rewrite import MIN_OPSET, rewrite
 from .training.graph import codebook_names
 
 if TYPE_CHECKING:
@@ -54,12 +63,13 @@ class Result:
         return load_from_bytes(self.artifacts.graph_bytes, self.artifacts.sidecar_bytes)
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
-        """Write graph and sidecar into ``directory`` (atomically); returns their absolute paths."""
+        """Write graph and sidecar into ``directory`` as one (`_io.write_files`: a reader sees
+        the old pair or the new one); returns their absolute paths."""
         directory = Path(directory)
         a = self.artifacts
-        paths = [(directory / a.graph_name).resolve(), (directory / a.sidecar_name).resolve()]
-        atomic_write_bytes(paths[1], a.sidecar_bytes)
-        atomic_write_bytes(paths[0], a.graph_bytes)
+        files = a.files()  # graph, sidecar and, past 2 GB, the graph's external data
+        paths = [(directory / name).resolve() for name, _ in files]
+        write_files(directory, files)
         self.report = self.report.with_files({str(p): p.stat().st_size for p in paths})
         return paths
 
@@ -81,7 +91,8 @@ def compress(
     data : inputs (and optional labels) for the Hessian estimate; needed by the weighted methods
         when the Hessian is estimated from data.
     options : a `CompressOptions`, or None to build one from ``keywords`` (not both).
-    eval_data : labelled data; when given, both models' top-1 accuracies are measured.
+    eval_data : inputs (labels optional); when given, the compressed model's outputs are compared
+        with the original's (``report.fidelity``) and, with labels, both accuracies measured.
     progress : called with ``(stage, done, total)``.
     **keywords : those of `CompressOptions.from_keywords`, the flat form of the options:
         ``method`` (``kmeans``, ``hkmeans``, ``uniform``, ``ecsq``; default uniform);
@@ -92,7 +103,11 @@ def compress(
         ``hessian_samples``, ``hessian_batch_size``, ``adam_state`` (with ``hessian="adam"``);
         ``include_biases``; ``extra_ops``; ``finetune_epochs``, ``train_data``, ``finetune_lr``
         (fine-tune the codebook values, indices fixed); ``output`` (the class-score output);
-        ``name`` (the artifacts' stem); ``seed``.
+        ``name`` (the artifacts' stem); ``seed``; ``guard`` (``requantize``, ``warn``, ``off``:
+        a tensor a shared codebook wrecks gets a codebook of its own, is flagged, or is not
+        checked); ``max_drop`` (accuracy points) or ``min_fidelity`` (``"cosine=0.995"``): instead
+        of a rate, search rate and scope for the smallest artifacts meeting the target on
+        ``eval_data`` (`onnxhq.search`), the search in ``report.search``.
 
     Every option is checked before the model is read: a misconfigured call raises `OptionError`
     at once. ``report.settings`` is ``options.to_dict()``, so
@@ -100,22 +115,59 @@ def compress(
     """
     options = resolve_options(options, keywords, caller="compress")
     require_data(options, data)
+    require_eval(options, eval_data)
     proto = load_model(model)
+    check_scope_opset(options, proto)
+    test = reference = None
+    if eval_data is not None:  # read (and the target checked against it) before the slow part
+        test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto)
+        _tell(progress, "evaluate", 0, 1)
+        reference = reference_outputs(proto, test, output=options.output)
+        if options.target is not None:
+            from .search import check_target
+
+            check_target(options.target, reference, test)
     importances = estimate_importances(proto, data, options, progress)
-    result = compress_with(model, proto, options, importances, progress=progress)
-    if eval_data is not None:
-        _tell(progress, "evaluate", 0, 2)
-        test = (
-            eval_data
-            if isinstance(eval_data, Dataset)
-            else load_data(eval_data, proto, need_labels=True)
-        )
-        before = accuracy(proto, test, output=options.output)
-        _tell(progress, "evaluate", 1, 2)
-        after = accuracy(result.model(), test, output=options.output)
-        _tell(progress, "evaluate", 2, 2)
-        result.report = result.report.with_accuracy(before, after)
+    layers = None
+    if options.compensate:
+        assert data is not None  # require_data
+        layers = gather_layer_hessians(proto, data, options, progress)
+    if options.target is not None:
+        from .search import search_target
+
+        assert test is not None and reference is not None
+        return search_target(model, proto, options, importances, test, reference, progress)
+    result = compress_with(
+        model, proto, options, importances, layer_hessians=layers, progress=progress
+    )
+    if test is not None and reference is not None:
+        result.report = measured(result, reference, test, options.output)
+        _tell(progress, "evaluate", 1, 1)
     return result
+
+
+def measured(result: Result, reference: Reference, test: Dataset, output: str | None) -> Report:
+    """``result``'s report with its fidelity to the original on ``test``, and the accuracies of
+    the class-score output (``output``, or the first output the labels fit) where labels exist."""
+    fid = fidelity(reference, result.model(), test)
+    name = parse_output_spec(output).name
+    if name not in fid:
+        name = next((n for n, m in fid.items() if "accuracy" in m), None)
+    report = result.report.with_fidelity(fid)
+    if name is not None and "accuracy" in fid[name]:
+        report = report.with_accuracy(reference.accuracy(name), fid[name]["accuracy"])
+    return report
+
+
+def check_scope_opset(options: CompressOptions, proto: onnx.ModelProto) -> None:
+    """Refuse, before any quantization, a scope the model's opset cannot decode."""
+    need = MIN_OPSET[naming.GROUPED_OP]
+    if options.scope.kind == "channel-group" and default_opset(proto) < need:
+        raise OptionError(
+            f"scope 'channel-group' decodes with ops of opset {need}, and the model imports opset "
+            f"{default_opset(proto)}: convert it (onnx.version_converter) or use scope 'layer'",
+            "scope",
+        )
 
 
 def compress_with(
@@ -124,12 +176,18 @@ def compress_with(
     options: CompressOptions,
     importances: Mapping[str, np.ndarray] | None,
     *,
+    layer_hessians: Mapping[str, LayerHessian] | None = None,
     progress: StageProgress | None = None,
 ) -> Result:
     """`compress` once the model is loaded (``proto``) and its importances are known.
 
     ``model`` is what the user passed (it names the artifacts and gives the original size).
+    ``layer_hessians`` (`onnxhq.layer_inputs.gather_layer_hessians`) is needed by
+    ``options.compensate``.
     """
+    if options.compensate and layer_hessians is None:
+        raise OptionError("compensate needs each layer's input statistics: pass layer_hessians "
+                          "(onnxhq.layer_inputs.gather_layer_hessians)", "compensate")  # fmt: skip
     names = weight_names(proto, options)
     tune = options.finetune
     train = None
@@ -158,7 +216,14 @@ def compress_with(
         bits=rate.bits,
         lam=rate.lam,
         target_bits=rate.target_bits,
+        guard=options.guard,
     )
+    if options.compensate:
+        assert layer_hessians is not None
+        quantized = compensate(
+            quantized, flat, layer_hessians, importances, pruned=pruned or None, lam=rate.lam,
+            match_bits=rate.target_bits is not None,
+        )[0]  # fmt: skip
     _tell(progress, "quantize", 1, 1)
     rewritten = rewrite(proto, quantized.codebooks, quantized.tensors)
     if tune is not None:
@@ -182,6 +247,7 @@ def compress_with(
                 for key, book in quantized.codebooks.items()
             },
         )
+        quantized = replace(quantized, errors=measure_errors(flat, quantized))  # tuned values
     streams = index_streams_of(quantized.tensors, quantized.codebooks)
     artifacts = split_artifacts(rewritten, stem, streams=streams, original_bytes=original_bytes)
     report = _report(
@@ -222,6 +288,8 @@ def _report(
 ) -> Report:
     indices = {n: codes.indices for n, codes in quantized.tensors.items()}
     rows = layer_rows(indices, artifacts.layouts)  # the sizes encoding measured
+    # the errors quantizing (and fine-tuning) left, and what the guard did
+    errors = error_rows(quantized.errors, flagged=quantized.flagged, guarded=quantized.guarded)
     # What the graph stores: codebooks in the weights' dtype (float16 models keep float16 ones).
     codebook_bytes = sum(
         a.nbytes for a in read_initializers(rewritten, codebook_names(rewritten)).values()
@@ -229,15 +297,17 @@ def _report(
     files = {
         artifacts.graph_name: len(artifacts.graph_bytes),
         artifacts.sidecar_name: len(artifacts.sidecar_bytes),
+        **{name: size for name, _, size in artifacts.graph_data},
     }
     return Report(
         model=stem,
         original_bytes=original_bytes,
         files=files,
         layers=rows,
+        errors=errors,
         codebook_bytes=codebook_bytes,
         unquantized_params=count_float_params(proto, exclude=set(quantized.tensors)),
-        graph_bytes=len(artifacts.graph_bytes),
+        graph_bytes=artifacts.graph_size,
         sidecar_bytes=len(artifacts.sidecar_bytes),
         settings=settings,
     )

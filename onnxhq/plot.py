@@ -1,4 +1,5 @@
-"""The rate-accuracy plot of a sweep: accuracy against coded bits per weight, as a PNG.
+"""The rate-accuracy plot of a sweep: accuracy (without labels: the headline fidelity to the
+original) against coded bits per weight, as a PNG.
 
 matplotlib is optional (the ``plot`` extra) and loads only here, on first use.
 """
@@ -32,15 +33,21 @@ def sweep_figure_png(sweep: Sweep, *, dpi: int = 120) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    points = sorted(
-        (p for p in sweep.points if p.report.accuracy_compressed is not None),
-        key=lambda p: p.report.bits_per_weight,
-    )
+    ordered = sorted(sweep.points, key=lambda p: p.report.bits_per_weight)
+    points = [p for p in ordered if p.report.accuracy_compressed is not None]
+    ylabel, title = "top-1 accuracy (%)", "accuracy"
+    ys = [100 * (p.report.accuracy_compressed or 0.0) for p in points]  # all measured
+    first = ordered[0].report.fidelity if ordered and not points else {}
+    if first:  # no labels: the headline fidelity of the first output (agreement, iou, cosine)
+        output = next(iter(first))
+        metric = next(iter(first[output]))
+        points = [p for p in ordered if metric in p.report.fidelity.get(output, {})]
+        ys = [p.report.fidelity[output][metric] for p in points]
+        ylabel, title = f"{metric} of {output} to the original", "fidelity"
     fig = Figure(figsize=(6.4, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     xs = [p.report.bits_per_weight for p in points]
-    ys = [100 * (p.report.accuracy_compressed or 0.0) for p in points]  # all measured
     ax.plot(xs, ys, marker="o", color="tab:blue", label=f"{sweep.method}, {sweep.hessian} Hessian")
     for p, x, y in zip(points, xs, ys):
         ax.annotate(
@@ -60,8 +67,8 @@ def sweep_figure_png(sweep: Sweep, *, dpi: int = 120) -> bytes:
         )
     ax.margins(x=0.12, y=0.12)  # room for the labels of the end points
     ax.set_xlabel("coded bits per weight (Huffman payload + code tables)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{sweep.model}: accuracy against rate")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{sweep.model}: {title} against rate")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

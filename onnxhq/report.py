@@ -18,10 +18,16 @@ from .errors import SidecarError
 
 if TYPE_CHECKING:
     from .coding.layout import StreamLayout
+    from .quantize.guard import TensorError
 
 #: Values of ``Report.original_source``: the file `compress` read, or the float model decoded
 #: from the artifacts.
 ORIGINAL_SOURCES = ("input", "decoded")
+
+
+#: Values of ``ErrorRow.guard``: untouched, flagged and left (``--guard warn``), or given a
+#: codebook of its own (``--guard requantize``); and their marks in the text table.
+GUARD_MARKS = {"": " ", "flagged": "!", "requantized": "+"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,32 @@ class LayerRow:
     coded_bytes: int
     bits_per_weight: float
     entropy_bits: float
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """One quantized tensor's error against the original (known to `compress` only, not to the
+    saved files): ``||w - q|| / ||w||``, the SQNR in dB (inf when exact), and what the guard did
+    (a key of `GUARD_MARKS`)."""
+
+    name: str
+    rel_error: float
+    sqnr_db: float
+    guard: str = ""
+
+
+@dataclass(frozen=True)
+class SearchPoint:
+    """One compression tried by a target search: scope, rate, size, and the target's metric."""
+
+    scope: str
+    group_size: int | None
+    rate: str
+    bits_per_weight: float
+    compressed_bytes: int
+    compression_ratio: float
+    metric: float
+    met: bool
 
 
 @dataclass(frozen=True)
@@ -71,6 +103,10 @@ class Report:
     accuracy_compressed: float | None = None
     codebooks: tuple[CodebookRow, ...] = ()
     original_source: str = "input"
+    errors: tuple[ErrorRow, ...] = ()
+    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
+    target: str | None = None
+    search: tuple[SearchPoint, ...] = ()
 
     @property
     def compressed_bytes(self) -> int:
@@ -105,8 +141,19 @@ class Report:
     def with_accuracy(self, original: float | None, compressed: float | None) -> Report:
         return replace(self, accuracy_original=original, accuracy_compressed=compressed)
 
+    def with_fidelity(self, fidelity: Mapping[str, Mapping[str, float]]) -> Report:
+        """The report with ``fidelity``: output name -> {metric: value} against the original."""
+        return replace(self, fidelity={o: dict(m) for o, m in fidelity.items()})
+
+    def with_search(self, target: str, points: Iterable[SearchPoint]) -> Report:
+        """The report with the target search that chose it (``target`` as ``METRIC=VALUE``)."""
+        return replace(self, target=target, search=tuple(points))
+
     def to_dict(self) -> dict:
-        """The JSON report. Key names are stable: scripts are written against them."""
+        """The JSON report. Key names are stable: scripts are written against them.
+
+        Infinite values (the SQNR of an exact tensor or output) are written as null.
+        """
         out = {
             "model": self.model,
             "original_bytes": self.original_bytes,
@@ -125,6 +172,15 @@ class Report:
             "settings": dict(self.settings),
             "layers": [asdict(r) for r in self.layers],
         }
+        if self.errors:
+            out["errors"] = [_finite_values(asdict(e)) for e in self.errors]
+        if self.fidelity:
+            out["fidelity"] = {o: _finite_values(m) for o, m in self.fidelity.items()}
+        if self.target is not None:
+            out["search"] = {
+                "target": self.target,
+                "points": [asdict(p) for p in self.search],
+            }
         if self.codebooks:
             out["codebooks"] = [asdict(c) for c in self.codebooks]
         if self.accuracy_original is not None or self.accuracy_compressed is not None:
@@ -136,7 +192,9 @@ class Report:
 
     def to_text(self) -> str:
         """A table per layer, the codebooks (when known) and the totals, for a terminal."""
-        lines = _layer_table(self.layers)
+        lines = _layer_table(self.layers, {e.name: e for e in self.errors})
+        if any(e.guard for e in self.errors):
+            lines.append("+ given a codebook of its own by the guard; ! flagged (--guard warn)")
         if self.codebooks:
             lines += [""] + _codebook_lines(self.codebooks)
         original = "original model" if self.original_source == "input" else "float model (decoded)"
@@ -162,19 +220,34 @@ class Report:
                     f"  ({100 * (self.accuracy_compressed - self.accuracy_original):+.2f} points)"
                 )
             lines.append(f"accuracy compressed   {self.accuracy_compressed:>10.2%}{drop}")
+        if self.fidelity or self.target is not None:
+            from .text import fidelity_lines, search_lines
+
+            lines += fidelity_lines(self.fidelity)
+            lines += [] if self.target is None else search_lines(self.target, self.search)
         return "\n".join(lines)
 
 
-def _layer_table(layers: tuple[LayerRow, ...]) -> list[str]:
+def _finite_values(d: Mapping) -> dict:
+    """``d`` with infinite floats as None (JSON has no infinity)."""
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in d.items()}
+
+
+def _layer_table(layers: tuple[LayerRow, ...], errors: Mapping[str, ErrorRow]) -> list[str]:
     width = max([len("total quantized")] + [len(r.name) for r in layers])
+    extra = f"  {'rel.err':>8}  {'SQNR dB':>7}" if errors else ""
     lines = [
         f"{'layer':<{width}}  {'params':>9}  {'clusters':>8}  {'bits/w':>6}  "
-        f"{'entropy':>7}  {'bytes':>9}"
+        f"{'entropy':>7}  {'bytes':>9}{extra}"
     ]
     for r in layers:
+        more, e = "", errors.get(r.name)
+        if e is not None:
+            mark = GUARD_MARKS.get(e.guard, "?")
+            more = f"  {e.rel_error:>8.3g}  {e.sqnr_db:>7.1f} {mark}".rstrip()
         lines.append(
             f"{r.name:<{width}}  {r.params:>9,}  {r.clusters:>8}  {r.bits_per_weight:>6.3f}  "
-            f"{r.entropy_bits:>7.3f}  {r.coded_bytes:>9,}"
+            f"{r.entropy_bits:>7.3f}  {r.coded_bytes:>9,}{more}"
         )
     q = sum(r.params for r in layers)
     coded = sum(r.coded_bytes for r in layers)
@@ -243,6 +316,21 @@ def layer_rows(
             )
         )
     return tuple(rows)
+
+
+def error_rows(
+    errors: Mapping[str, TensorError],
+    *,
+    flagged: Iterable[str] = (),
+    guarded: Iterable[str] = (),
+) -> tuple[ErrorRow, ...]:
+    """One `ErrorRow` per tensor of ``errors`` (name -> `TensorError`), in its order; the tensors
+    the guard ``flagged`` and left, or ``guarded`` (gave a codebook of their own), marked."""
+    marks = {**dict.fromkeys(flagged, "flagged"), **dict.fromkeys(guarded, "requantized")}
+    return tuple(
+        ErrorRow(name, float(e.rel_error), float(e.sqnr_db), marks.get(name, ""))
+        for name, e in errors.items()
+    )
 
 
 def codebook_rows(

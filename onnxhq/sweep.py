@@ -1,4 +1,4 @@
-"""Rate-accuracy sweeps: one Hessian estimate, many compressions, size against accuracy.
+"""Rate-fidelity sweeps: one Hessian estimate, many compressions, size against fidelity.
 
 `sweep` checks every point's options first, estimates the importances once and compresses the
 model at every rate with them, so its points differ only in the rate. Each point's report keeps
@@ -65,6 +65,7 @@ class Sweep:
                     "compressed_bytes": p.report.compressed_bytes,
                     "compression_ratio": p.report.compression_ratio,
                     "accuracy": p.report.accuracy_compressed,
+                    "fidelity": p.report.to_dict().get("fidelity", {}),
                     "report": p.report.to_dict(),
                 }
                 for p in self.points
@@ -99,7 +100,8 @@ def sweep(
     model : path of the model (its file size is the original size).
     data : inputs for the Hessian estimate; may be None for ``method="kmeans"``,
         ``hessian="none"`` or precomputed diagonals.
-    eval_data : labelled data; the float model and every point are evaluated on it.
+    eval_data : inputs (labels optional); every point's outputs are compared with the float
+        model's (``report.fidelity``), and with labels both accuracies are measured.
     rates : the `Rate` of each point, all of one kind; or instead exactly one non-empty list of
         ``k``, ``bits``, ``lam`` or ``target_bits``.
     options : the `CompressOptions` shared by the points (their rate is replaced), or None to
@@ -122,39 +124,39 @@ def sweep(
         {**keywords, **points_rates[0].to_dict()} if options is None else keywords,
         caller="sweep",
     )
+    if base.target is not None:
+        raise OptionError(
+            f"a sweep compresses at the rates given; {base.target.label()} is for compress",
+            base.target.field,
+        )
     settings = [base.with_rate(r) for r in points_rates]  # every point checked before any work
     require_data(base, data)
     from .data import Dataset, load_data  # the heavy modules, once the options are known good
-    from .evaluate import accuracy
+    from .evaluate import reference_outputs
     from .importances import estimate_importances
     from .model import load_model
-    from .pipeline import compress_with
+    from .pipeline import check_scope_opset, compress_with, measured
 
     proto = load_model(model)
-    test = (
-        eval_data
-        if isinstance(eval_data, Dataset)
-        else load_data(eval_data, proto, need_labels=True)
-    )
+    check_scope_opset(base, proto)
+    test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto)
     dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
+    reference = reference_outputs(proto, test, output=base.output)
     importances = estimate_importances(proto, dataset, base, progress)
-    before = accuracy(proto, test, output=base.output)
+    before = None
     points = []
     for i, point in enumerate(settings):
         assert point.rate is not None
         prefixed = _prefixed(progress, point.rate.label())
         result = compress_with(model, proto, point, importances, progress=prefixed)
-        after = accuracy(result.model(), test, output=base.output)
-        points.append(
-            SweepPoint(
-                point.rate.name, point.rate.value, result.report.with_accuracy(before, after)
-            )
-        )
+        report = measured(result, reference, test, base.output)
+        before = report.accuracy_original
+        points.append(SweepPoint(point.rate.name, point.rate.value, report))
         log.info(
-            "sweep %s: %.3f bits/weight, accuracy %.4f",
+            "sweep %s: %.3f bits/weight, fidelity %s",
             points[-1].label,
-            points[-1].report.bits_per_weight,
-            after,
+            report.bits_per_weight,
+            report.fidelity,
         )
         if progress is not None:
             progress("sweep", i + 1, len(settings))

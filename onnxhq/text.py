@@ -5,12 +5,13 @@ Each function returns text without a trailing newline; the CLI prints it. Light 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from .report import SearchPoint
     from .sweep import Sweep
 
 
@@ -71,12 +72,18 @@ def prune_table(masks: Mapping[str, np.ndarray]) -> str:
 
 
 def sweep_table(sweep: Sweep) -> str:
-    """``onnxhq sweep``: one line per point: setting, bits per weight, bytes, ratio, accuracy."""
+    """``onnxhq sweep``: one line per point: setting, bits per weight, bytes, ratio, accuracy,
+    and the headline fidelity (the first metric of the first output: agreement, iou, cosine)."""
     acc = "" if sweep.accuracy_original is None else f", accuracy {sweep.accuracy_original:.2%}"
+    first = sweep.points[0].report.fidelity if sweep.points else {}
+    output = next(iter(first), None)
+    metric = next(iter(first[output]), None) if output is not None else None
+    shown = "" if metric is None else f"; fidelity: {metric} of {output}"
     lines = [
         f"{sweep.model}: method {sweep.method}, {sweep.hessian} Hessian; original "
-        f"{sweep.original_bytes:,} bytes{acc}",
-        f"{'setting':<14} {'bits/w':>7} {'bytes':>10} {'ratio':>7} {'accuracy':>9} {'change':>8}",
+        f"{sweep.original_bytes:,} bytes{acc}{shown}",
+        f"{'setting':<14} {'bits/w':>7} {'bytes':>10} {'ratio':>7} {'accuracy':>9} {'change':>8} "
+        f"{metric or '':>10}",
     ]
     for p in sweep.points:
         r = p.report
@@ -84,8 +91,44 @@ def sweep_table(sweep: Sweep) -> str:
         change = ""
         if r.accuracy_compressed is not None and sweep.accuracy_original is not None:
             change = f"{100 * (r.accuracy_compressed - sweep.accuracy_original):+.2f}"
+        value = r.fidelity.get(output or "", {}).get(metric or "")
+        fid = "" if value is None else _number(value)
         lines.append(
             f"{p.label:<14} {r.bits_per_weight:>7.3f} {r.compressed_bytes:>10,} "
-            f"{r.compression_ratio:>6.2f}x {accuracy:>9} {change:>8}"
+            f"{r.compression_ratio:>6.2f}x {accuracy:>9} {change:>8} {fid:>10}".rstrip()
         )
     return "\n".join(lines)
+
+
+def fidelity_lines(fidelity: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """The report's fidelity to the original: one line per output, its metrics."""
+    lines = ["", "fidelity to the original (eval inputs):"] if fidelity else []
+    for output, metrics in fidelity.items():
+        shown = ", ".join(f"{m} {_number(v)}" for m, v in metrics.items())
+        lines.append(f"  {output}: {shown}")
+    return lines
+
+
+def search_lines(target: str, points: Sequence[SearchPoint]) -> list[str]:
+    """The report's target search: one line per compression tried, the chosen one marked."""
+    met = [p for p in points if p.met]
+    chosen = min(met, key=lambda p: p.compressed_bytes) if met else None
+    lines = [
+        "",
+        f"search for {target}: {len(points)} tried (* chosen: the smallest meeting it)",
+        f"  {'scope':<17} {'rate':<16} {'bits/w':>7} {'bytes':>10} {'ratio':>7} "
+        f"{'metric':>10}  met",
+    ]
+    for p in points:
+        scope = p.scope if p.group_size is None else f"{p.scope}/{p.group_size}"
+        mark = "*" if p is chosen else " "
+        lines.append(
+            f"{mark} {scope:<17} {p.rate:<16} {p.bits_per_weight:>7.3f} "
+            f"{p.compressed_bytes:>10,} {p.compression_ratio:>6.2f}x {_number(p.metric):>10}  "
+            f"{'yes' if p.met else 'no'}"
+        )
+    return lines
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if value == value and abs(value) != float("inf") else str(value)

@@ -5,29 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import onnx
 import pytest
-from conftest import small_convnet
+from training_support import needs_training
 
 import onnxhq
 from onnxhq import hessian as hessian_mod
-from onnxhq.data import Dataset
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "convnet.onnx"
-    onnx.save(small_convnet(), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data() -> Dataset:
-    rng = np.random.default_rng(3)
-    return Dataset(
-        {"input": rng.normal(size=(64, 1, 6, 6)).astype(np.float32)}, rng.integers(0, 4, 64)
-    )
 
 
 def test_every_public_name_resolves_and_is_documented():
@@ -59,8 +42,10 @@ def test_import_is_light_and_report_and_sweep_stay_functions():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_compress_save_report_load_and_run(model_path, data, tmp_path):
-    result = onnxhq.compress(model_path, data, k=4, hessian_samples=32, eval_data=data)
+def test_compress_save_report_load_and_run(convnet_file, convnet_data, tmp_path):
+    result = onnxhq.compress(
+        convnet_file, convnet_data, k=4, hessian_samples=32, eval_data=convnet_data
+    )
     assert isinstance(result, onnxhq.Result) and result.report.accuracy_compressed is not None
     paths = result.save(tmp_path)
     assert [p.name for p in paths] == ["convnet.onnx", "convnet.onnxhq"]
@@ -74,33 +59,38 @@ def test_compress_save_report_load_and_run(model_path, data, tmp_path):
         i for i in model.graph.input if i.name != "input"
     ]
     session = onnxhq.InferenceSession(paths[0])
-    (logits,) = session.run(None, {"input": data.inputs["input"][:5]})
+    (logits,) = session.run(None, {"input": convnet_data.inputs["input"][:5]})
     assert logits.shape == (5, 4)
 
 
-def test_a_precomputed_hessian_equals_estimating_it_inside_compress(model_path, data):
-    diag = onnxhq.estimate_hessian(model_path, data, samples=32, seed=5)
+def test_a_precomputed_hessian_equals_estimating_it_inside_compress(convnet_file, convnet_data):
+    diag = onnxhq.estimate_hessian(convnet_file, convnet_data, samples=32, seed=5)
     assert set(diag) == {"conv.weight", "fc.weight"}
-    given = onnxhq.compress(model_path, data, k=4, hessian=diag, seed=5)
-    inside = onnxhq.compress(model_path, data, k=4, hessian="fisher", hessian_samples=32, seed=5)
+    given = onnxhq.compress(convnet_file, convnet_data, k=4, hessian=diag, seed=5)
+    inside = onnxhq.compress(
+        convnet_file, convnet_data, k=4, hessian="fisher", hessian_samples=32, seed=5
+    )
     assert given.artifacts.sidecar_bytes == inside.artifacts.sidecar_bytes
     assert given.report.layers == inside.report.layers
 
 
-def test_estimate_hessian_refuses_none_and_unknown_methods(model_path, data):
+def test_estimate_hessian_refuses_none_and_unknown_methods(convnet_file, convnet_data):
     with pytest.raises(onnxhq.ConfigError, match="unweighted"):
-        onnxhq.estimate_hessian(model_path, data, method="none")
+        onnxhq.estimate_hessian(convnet_file, convnet_data, method="none")
     with pytest.raises(onnxhq.ConfigError, match="fischer"):
-        onnxhq.estimate_hessian(model_path, data, method="fischer")
+        onnxhq.estimate_hessian(convnet_file, convnet_data, method="fischer")
 
 
-def test_sweep_estimates_once_and_orders_points_as_given(model_path, data, monkeypatch):
+@needs_training
+def test_sweep_estimates_once_and_orders_points_as_given(convnet_file, convnet_data, monkeypatch):
     calls = []
     real = hessian_mod.estimate
     monkeypatch.setattr(
         hessian_mod, "estimate", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw)
     )
-    result = onnxhq.sweep(model_path, data, eval_data=data, k=[8, 2, 4], hessian_samples=32)
+    result = onnxhq.sweep(
+        convnet_file, convnet_data, eval_data=convnet_data, k=[8, 2, 4], hessian_samples=32
+    )
     assert calls == ["fisher"]
     assert [p.value for p in result.points] == [8, 2, 4]
     bits = {p.value: p.report.bits_per_weight for p in result.points}
@@ -111,11 +101,13 @@ def test_sweep_estimates_once_and_orders_points_as_given(model_path, data, monke
     assert result.to_dict()["points"][0]["report"]["layers"]
 
 
-def test_sweep_with_plain_kmeans_needs_no_data_and_no_hessian(model_path, data, monkeypatch):
+def test_sweep_with_plain_kmeans_needs_no_data_and_no_hessian(
+    convnet_file, convnet_data, monkeypatch
+):
     monkeypatch.setattr(
         hessian_mod, "estimate", lambda *a, **kw: pytest.fail("no Hessian for plain k-means")
     )
-    result = onnxhq.sweep(model_path, None, eval_data=data, k=[2, 4], method="kmeans")
+    result = onnxhq.sweep(convnet_file, None, eval_data=convnet_data, k=[2, 4], method="kmeans")
     assert len(result.points) == 2
 
 
@@ -127,16 +119,16 @@ def test_sweep_with_plain_kmeans_needs_no_data_and_no_hessian(model_path, data, 
         (dict(k=[4, 4]), "repeat"),
     ],
 )
-def test_sweep_wants_one_list_of_distinct_rates(model_path, data, rates, match):
+def test_sweep_wants_one_list_of_distinct_rates(convnet_file, convnet_data, rates, match):
     with pytest.raises(onnxhq.ConfigError, match=match):
-        onnxhq.sweep(model_path, data, eval_data=data, **rates)
+        onnxhq.sweep(convnet_file, convnet_data, eval_data=convnet_data, **rates)
 
 
-def test_sweep_plot_is_a_png(model_path, data):
+def test_sweep_plot_is_a_png(convnet_file, convnet_data):
     pytest.importorskip("matplotlib")
     from onnxhq.plot import sweep_figure_png
 
-    result = onnxhq.sweep(model_path, None, eval_data=data, k=[2, 4], method="kmeans")
+    result = onnxhq.sweep(convnet_file, None, eval_data=convnet_data, k=[2, 4], method="kmeans")
     assert sweep_figure_png(result)[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
-from conftest import small_convnet
+from training_support import needs_training
 
 import onnxhq
-from onnxhq.data import Dataset, save_data
+from onnxhq.data import save_data
 from onnxhq.options import (
     CompressOptions,
     FineTune,
@@ -22,22 +21,6 @@ from onnxhq.options import (
     Rate,
     Scope,
 )
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "convnet.onnx"
-    onnx.save(small_convnet(), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data() -> Dataset:
-    rng = np.random.default_rng(3)
-    return Dataset(
-        {"input": rng.normal(size=(64, 1, 6, 6)).astype(np.float32)}, rng.integers(0, 4, 64)
-    )
-
 
 MISCONFIGURED = [
     (
@@ -200,28 +183,33 @@ def test_to_dict_from_dict_round_trip_through_json(keywords):
     assert CompressOptions.from_keywords(**settings) == options  # the keyword form, whole
 
 
-def test_in_memory_inputs_serialise_as_supplied_and_must_be_given_again(data):
+def test_in_memory_inputs_serialise_as_supplied_and_must_be_given_again(convnet_data):
     diag = {"conv.weight": np.ones((3, 1, 3, 3), np.float32)}
-    options = CompressOptions.from_keywords(hessian=diag, finetune_epochs=1, train_data=data)
+    options = CompressOptions.from_keywords(
+        hessian=diag, finetune_epochs=1, train_data=convnet_data
+    )
     settings = options.to_dict()
     assert settings["hessian"] == "supplied" and settings["train_data"] == "supplied"
     with pytest.raises(OptionError, match="hessian was supplied in memory"):
         CompressOptions.from_dict(settings)
-    again = CompressOptions.from_keywords(**{**settings, "hessian": diag, "train_data": data})
+    again = CompressOptions.from_keywords(
+        **{**settings, "hessian": diag, "train_data": convnet_data}
+    )
     assert again == options  # in-memory inputs compare by identity
     assert again != CompressOptions.from_keywords(
-        **{**settings, "hessian": dict(diag), "train_data": data}
+        **{**settings, "hessian": dict(diag), "train_data": convnet_data}
     )
     with pytest.raises(OptionError, match="settings key 'colour'"):
         CompressOptions.from_dict({**CompressOptions().to_dict(), "colour": "red"})
 
 
-def test_a_reports_settings_re_run_it(model_path, data, tmp_path):
+@needs_training
+def test_a_reports_settings_re_run_it(convnet_file, convnet_data, tmp_path):
     train = tmp_path / "train.npz"
-    save_data(train, data.inputs, data.labels)
+    save_data(train, convnet_data.inputs, convnet_data.labels)
     first = onnxhq.compress(
-        model_path,
-        data,
+        convnet_file,
+        convnet_data,
         method="hkmeans",
         k=6,
         scope="channel-group",
@@ -243,22 +231,31 @@ def test_a_reports_settings_re_run_it(model_path, data, tmp_path):
         2,
         2e-4,
     }
-    second = onnxhq.compress(model_path, data, options=CompressOptions.from_dict(settings))
+    second = onnxhq.compress(
+        convnet_file, convnet_data, options=CompressOptions.from_dict(settings)
+    )
     assert second.artifacts == first.artifacts
     assert second.report == first.report
 
 
-def test_sweep_points_keep_their_whole_settings(model_path, data):
+def test_sweep_points_keep_their_whole_settings(convnet_file, convnet_data):
     result = onnxhq.sweep(
-        model_path, data, eval_data=data, rates=[Rate(k=4), Rate(k=8)], hessian_samples=16, seed=2
+        convnet_file,
+        convnet_data,
+        eval_data=convnet_data,
+        rates=[Rate(k=4), Rate(k=8)],
+        hessian_samples=16,
+        seed=2,
     )
     for point in result.points:
         options = CompressOptions.from_dict(point.report.settings)
         assert options.rate == Rate(k=point.value) and options.hessian.samples == 16
-        again = onnxhq.compress(model_path, data, options=options)
+        again = onnxhq.compress(convnet_file, convnet_data, options=options)
         assert again.report.layers == point.report.layers
     with pytest.raises(OptionError, match="exactly one rate; got k, lam"):
-        onnxhq.sweep(model_path, data, eval_data=data, rates=[Rate(k=4), Rate(lam=0.1)])
+        onnxhq.sweep(
+            convnet_file, convnet_data, eval_data=convnet_data, rates=[Rate(k=4), Rate(lam=0.1)]
+        )
 
 
 def test_the_vocabularies_are_the_librarys():

@@ -6,35 +6,55 @@ import os
 from pathlib import Path
 
 from .._io import refuse_overwriting_inputs
-from ..options import CompressOptions
+from ..options import GUARDS, CompressOptions
+from .arguments import subcommand
 from .common import add_quantizer_flags, existing, option_keywords, write_json
 
 
 def add_compress(sub) -> None:
-    p = sub.add_parser(
-        "compress",
-        help="quantize and Huffman-code a model's weights",
-        description="Quantize MODEL's weights with one Hessian-weighted codebook, write "
-        "OUTDIR/<name>.onnx (graph) and OUTDIR/<name>.onnxhq (coded indices), "
-        "print a report.",
-    )
+    p = subcommand(sub, "compress", _run_compress)
     add_quantizer_flags(p, sweep=False)
+    add_guard_flag(p)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument(
+        "--min-fidelity",
+        metavar="METRIC=VALUE",
+        help="instead of a rate: the smallest artifacts whose outputs on --eval keep this "
+        "fidelity to the original (agreement, sequence, iou, cosine, sqnr in dB, at least; kl, "
+        "max_abs_error at most), searched over rate and scope",
+    )
+    target.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="POINTS",
+        help="instead of a rate: the smallest artifacts losing at most this many top-1 accuracy "
+        "points on the labelled --eval data",
+    )
     p.add_argument(
         "--finetune-epochs",
         type=float,
         default=0,
         help="fine-tune the codebook values (indices fixed) for this many epochs over --train",
     )
+    p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="assign the codes GPTQ-style: round one input column at a time and move the columns "
+        "not yet rounded to cancel the error on each layer's outputs (input statistics from "
+        "--data), then refit the codebook values; at a target rate the coded size stays the same",
+    )
     p.add_argument("--train", dest="train_data", help="labelled .npz for --finetune-epochs")
     p.add_argument("--finetune-lr", type=float, help="peak Adam learning rate (default 1e-4)")
     p.add_argument("-o", "--outdir", required=True, help="folder for the compressed artifacts")
     p.add_argument("--report-json", help="also write the report as JSON to this file")
-    p.set_defaults(run=_run_compress)
 
 
 def _run_compress(args) -> int:
-    from ..pipeline import compress
+    """quantize and Huffman-code a model's weights
 
+    Quantize MODEL's weights with one Hessian-weighted codebook, write OUTDIR/<name>.onnx (graph)
+    and OUTDIR/<name>.onnxhq (coded indices), print a report.
+    """
     options = CompressOptions.from_keywords(
         **option_keywords(args),
         k=args.k,
@@ -44,6 +64,10 @@ def _run_compress(args) -> int:
         finetune_epochs=args.finetune_epochs,
         train_data=args.train_data,
         finetune_lr=args.finetune_lr,
+        guard=args.guard,
+        max_drop=args.max_drop,
+        min_fidelity=args.min_fidelity,
+        compensate=args.compensate,
     )
     outdir = Path(args.outdir)
     stem = Path(args.model).stem
@@ -55,6 +79,8 @@ def _run_compress(args) -> int:
             args.model, args.data, args.eval_data, args.hessian, args.adam_state, args.train_data
         ),
     )
+    from ..pipeline import compress  # after the checks: a misconfiguration fails in a blink
+
     result = compress(
         args.model, args.data, options=options, eval_data=args.eval_data, progress=args.progress
     )
@@ -66,19 +92,19 @@ def _run_compress(args) -> int:
 
 
 def add_sweep(sub) -> None:
-    p = sub.add_parser(
-        "sweep",
-        help="compress at several rates: a rate-accuracy table and plot",
-        description="Estimate the Hessian once, compress MODEL at every rate given, evaluate "
-        "each; print the table and write OUTDIR/sweep.json and OUTDIR/sweep.png.",
-    )
+    p = subcommand(sub, "sweep", _run_sweep)
     add_quantizer_flags(p, sweep=True)
+    add_guard_flag(p)
     p.add_argument("--no-plot", action="store_true", help="skip sweep.png (no matplotlib needed)")
     p.add_argument("-o", "--outdir", required=True, help="folder for sweep.json and sweep.png")
-    p.set_defaults(run=_run_sweep)
 
 
 def _run_sweep(args) -> int:
+    """compress at several rates: a rate-accuracy table and plot
+
+    Estimate the Hessian once, compress MODEL at every rate given, evaluate each; print the table
+    and write OUTDIR/sweep.json and OUTDIR/sweep.png.
+    """
     from ..sweep import sweep
 
     keywords = option_keywords(args)
@@ -101,6 +127,7 @@ def _run_sweep(args) -> int:
         lam=args.lam or (),
         target_bits=args.target_bits or (),
         progress=args.progress,
+        guard=args.guard,
         **keywords,
     )
     print(result.to_text())
@@ -111,3 +138,13 @@ def _run_sweep(args) -> int:
         save_sweep_plot(result, targets[1])
     print(f"wrote {', '.join(str(t) for t in targets)}")
     return 0
+
+
+def add_guard_flag(p) -> None:
+    p.add_argument(
+        "--guard",
+        default=GUARDS[0],
+        choices=GUARDS,
+        help="a tensor a shared codebook leaves far worse off than one of its own: give it its "
+        "own (requantize, the default), flag it in the report (warn), or do not check (off)",
+    )

@@ -7,17 +7,28 @@ import time
 
 from .._io import refuse_overwriting_inputs
 from ..options import DEFAULT_HESSIAN_SAMPLES, PRUNE_CRITERIA, PRUNE_SCOPES
-from .common import add_common, add_hessian_flags, existing
+from ..options.vocabulary import DECODE_TARGETS
+from .arguments import (
+    add_common,
+    add_compressed,
+    add_data,
+    add_hessian_flags,
+    add_model,
+    add_output,
+    hessian_keywords,
+    subcommand,
+)
+from .common import existing
 
 
 def add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="list a model's quantizable weights, sizes and opset")
-    p.add_argument("model")
+    p = subcommand(sub, "inspect", _run_inspect)
+    add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=_run_inspect)
 
 
 def _run_inspect(args) -> int:
+    """list a model's quantizable weights, sizes and opset"""
     from ..model import default_opset, load_model, quantizable_weights, runtime_inputs
     from ..text import inspect_table
 
@@ -44,22 +55,20 @@ def _run_inspect(args) -> int:
 
 
 def add_hessian(sub) -> None:
-    p = sub.add_parser(
-        "hessian",
-        help="estimate the Hessian diagonal of a model's weights and save it",
-        description="Estimate the importance h_ii of every quantizable weight and write it as "
-        "an .npz keyed by weight name; 'compress --hessian H.npz' and 'sweep' reuse it.",
-    )
-    p.add_argument("model", help="input .onnx model")
-    p.add_argument(
-        "--data", help=".npz of model inputs (labels too for empirical-fisher and hutchinson)"
-    )
+    p = subcommand(sub, "hessian", _run_hessian)
+    add_model(p)
+    add_data(p, ".npz of model inputs (labels too for empirical-fisher and hutchinson)")
     add_hessian_flags(p, estimator_flag="--method")
-    p.add_argument("-o", "--output", required=True, help="the .npz to write")
-    p.set_defaults(run=_run_hessian, flags={"hessian": "--method"})
+    add_output(p, ".npz")
+    p.set_defaults(flags={"hessian": "--method"})
 
 
 def _run_hessian(args) -> int:
+    """estimate the Hessian diagonal of a model's weights and save it
+
+    Estimate the importance h_ii of every quantizable weight and write it as an .npz keyed by
+    weight name; 'compress --hessian H.npz' and 'sweep' reuse it.
+    """
     from ..hessian.files import save_hessian
     from ..importances import estimate_hessian
     from ..text import hessian_table
@@ -67,17 +76,7 @@ def _run_hessian(args) -> int:
     refuse_overwriting_inputs([args.output], existing(args.model, args.data, args.adam_state))
     start = time.perf_counter()
     diag = estimate_hessian(
-        args.model,
-        args.data,
-        method=args.method,
-        samples=args.samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        adam_state=args.adam_state,
-        include_biases=args.include_biases,
-        extra_ops=tuple(args.extra_ops),
-        output=args.output_name,
-        progress=args.progress,
+        args.model, args.data, method=args.method, progress=args.progress, **hessian_keywords(args)
     )
     seconds = time.perf_counter() - start
     size = save_hessian(args.output, diag)
@@ -92,16 +91,9 @@ def _run_hessian(args) -> int:
 
 
 def add_prune(sub) -> None:
-    p = sub.add_parser(
-        "prune",
-        help="zero the least important weights and retrain the rest",
-        description="Prune MODEL's quantizable weights to a sparsity in a few steps, retraining "
-        "after each with the pruned weights held at zero; write the pruned model.",
-    )
-    p.add_argument("model", help="input .onnx model")
-    p.add_argument(
-        "--data", required=True, help="labelled .npz for retraining (and the saliency Hessian)"
-    )
+    p = subcommand(sub, "prune", _run_prune)
+    add_model(p)
+    add_data(p, "labelled .npz for retraining (and the saliency Hessian)", required=True)
     p.add_argument(
         "--sparsity", type=float, required=True, help="fraction of weights to zero, in [0, 1)"
     )
@@ -109,7 +101,9 @@ def add_prune(sub) -> None:
         "--criterion",
         default=PRUNE_CRITERIA[0],
         choices=PRUNE_CRITERIA,
-        help="rank by |w| or by h*w^2 (default magnitude)",
+        help="rank by |w|, by h*w^2, or obs: SparseGPT on each layer's input statistics, the "
+        "surviving weights updated to cancel the pruned ones (no labels needed with "
+        "--retrain-epochs 0) (default magnitude)",
     )
     p.add_argument(
         "--scope",
@@ -140,11 +134,15 @@ def add_prune(sub) -> None:
         "--eval", dest="eval_data", help="labelled .npz: measure accuracy before and after"
     )
     add_common(p)
-    p.add_argument("-o", "--output", required=True, help="the pruned .onnx to write")
-    p.set_defaults(run=_run_prune)
+    add_output(p, "pruned .onnx")
 
 
 def _run_prune(args) -> int:
+    """zero the least important weights and retrain the rest
+
+    Prune MODEL's quantizable weights to a sparsity in a few steps, retraining after each with
+    the pruned weights held at zero; write the pruned model.
+    """
     from ..data import load_data
     from ..evaluate import accuracy
     from ..model import load_model, save_model
@@ -184,43 +182,45 @@ def _run_prune(args) -> int:
 
 
 def add_decode(sub) -> None:
-    p = sub.add_parser(
-        "decode", help="join a compressed graph and its sidecar into a runnable model"
-    )
-    p.add_argument(
-        "compressed", help="the .onnx graph written by 'onnxhq compress' (its sidecar beside it)"
-    )
-    p.add_argument("-o", "--output", required=True, help="the runnable .onnx to write")
-    p.add_argument(
+    p = subcommand(sub, "decode", _run_decode)
+    add_compressed(p)
+    add_output(p, "runnable .onnx")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument(
         "--dequantize", action="store_true", help="plain float weights instead of dequantize nodes"
     )
-    p.set_defaults(run=_run_decode)
+    weights.add_argument(
+        "--target",
+        choices=DECODE_TARGETS,
+        default="gather",
+        help="the weights' form: gather (codebook lookups, any codebook; default), int8 or int4 "
+        "(DequantizeLinear of grid levels, onnxruntime's native low-bit form; codebooks on a "
+        "uniform grid only)",
+    )
 
 
 def _run_decode(args) -> int:
+    """join a compressed graph and its sidecar into a runnable model"""
     from ..decode import decode_file
 
-    refuse_overwriting_inputs([args.output], [args.compressed])
-    size = decode_file(args.compressed, args.output, dequantize=args.dequantize)
+    refuse_overwriting_inputs([args.output], existing(args.compressed))
+    size = decode_file(args.compressed, args.output, dequantize=args.dequantize, target=args.target)
     print(f"wrote {args.output} ({size:,} bytes)")
     return 0
 
 
 def add_report(sub) -> None:
-    p = sub.add_parser(
-        "report",
-        help="size report of compressed artifacts: layers, codebooks, entropy, bits/weight",
-        description="Read a compressed graph and the sidecar beside it (nothing else) and print "
-        "the per-layer table, the codebooks and the totals.",
-    )
-    p.add_argument(
-        "compressed", help="the .onnx graph written by 'onnxhq compress' (its sidecar beside it)"
-    )
+    p = subcommand(sub, "report", _run_report)
+    add_compressed(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=_run_report)
 
 
 def _run_report(args) -> int:
+    """size report of compressed artifacts: layers, codebooks, entropy, bits/weight
+
+    Read a compressed graph and the sidecar beside it (nothing else) and print the per-layer
+    table, the codebooks and the totals.
+    """
     from ..describe import describe_artifacts
 
     report = describe_artifacts(args.compressed)
@@ -229,19 +229,35 @@ def _run_report(args) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="top-1 accuracy of a model on labelled data")
-    p.add_argument("model", help="a runnable .onnx, or a compressed graph (its sidecar beside it)")
-    p.add_argument("--data", required=True, help="labelled .npz (inputs + 'labels')")
+    p = subcommand(sub, "eval", _run_eval)
+    add_model(p, "a runnable .onnx, or a compressed graph (its sidecar beside it)")
+    add_data(p, "labelled .npz (inputs + 'labels'; labels optional with --against)", required=True)
+    p.add_argument(
+        "--against",
+        metavar="ORIGINAL",
+        help="the original .onnx: compare MODEL's outputs with its outputs (fidelity by output "
+        "kind, label-free; accuracy too where labels exist)",
+    )
     add_common(p, seed=False)
-    p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args) -> int:
+    """top-1 accuracy of a model on labelled data, or its fidelity to the original (--against)"""
     from ..data import load_data
     from ..decode import load_runnable
     from ..evaluate import accuracy
 
     model = load_runnable(args.model)
+    if args.against:
+        from ..evaluate import fidelity, reference_outputs
+        from ..model import load_model
+        from ..text import fidelity_lines
+
+        original = load_model(args.against)
+        data = load_data(args.data, original)
+        reference = reference_outputs(original, data, output=args.output_name)
+        print("\n".join(fidelity_lines(fidelity(reference, model, data))[1:]))
+        return 0
     data = load_data(args.data, model, need_labels=True)
     acc = accuracy(model, data, output=args.output_name)
     print(f"accuracy {acc:.4%} ({round(acc * len(data))}/{len(data)}) on {args.data}")

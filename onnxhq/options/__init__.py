@@ -12,13 +12,22 @@ an Adam state mapping, a training `Dataset`) serialise as ``"supplied"``.
 
 - `vocabulary`: the names options take (`METHODS`, `SCOPES`, `HESSIAN_METHODS`...) and defaults;
 - `parts`: `Rate`, `Scope`, `HessianSource`, `FineTune` and `OptionError`;
+- `target`: `Target`, a fidelity to reach instead of a rate;
 - `compress`: `CompressOptions`, its keyword form, and the checks `compress` runs first.
 
 Light: no numpy, onnx or onnxruntime, so the CLI builds its choices from it at once.
 """
 
-from .compress import KEYWORDS, CompressOptions, check_rate, require_data, resolve_options
-from .parts import FineTune, HessianSource, OptionError, Rate, Scope, default_rate
+from .compress import (
+    KEYWORDS,
+    CompressOptions,
+    check_rate,
+    require_data,
+    require_eval,
+    resolve_options,
+)
+from .parts import GUARDS, FineTune, HessianSource, OptionError, Rate, Scope, default_rate
+from .target import Target
 from .vocabulary import (
     BATCHED_HESSIANS,
     DEFAULT_FINETUNE_LR,
@@ -47,6 +56,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "DEFAULT_TARGET_BITS",
     "EXTRA_OPS",
+    "GUARDS",
     "HESSIAN_METHODS",
     "HESSIAN_SOURCES",
     "KEYWORDS",
@@ -64,8 +74,10 @@ __all__ = [
     "OptionError",
     "Rate",
     "Scope",
+    "Target",
     "check_rate",
     "default_rate",
     "require_data",
+    "require_eval",
     "resolve_options",
 ]

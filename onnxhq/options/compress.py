@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .parts import (
+    GUARDS,
     FineTune,
     HessianSource,
     OptionError,
@@ -20,6 +21,7 @@ from .parts import (
     serial,
     show,
 )
+from .target import Target
 from .vocabulary import (
     DEFAULT_FINETUNE_LR,
     DEFAULT_METHOD,
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
 KEYWORDS = (
     "method", *RATES, "scope", "group_size", "hessian", "hessian_samples", "hessian_batch_size",
     "adam_state", "include_biases", "extra_ops", "finetune_epochs", "train_data", "finetune_lr",
-    "output", "name", "seed",
+    "output", "name", "seed", "guard", "max_drop", "min_fidelity", "compensate",
 )  # fmt: skip
 _UNWEIGHTED = "drop it or choose a weighted method (hkmeans, uniform, ecsq)"
 
@@ -61,6 +63,12 @@ class CompressOptions:
     output : the class-score output the loss reads (None: the first of rank 2).
     name : stem of the artifacts' file names (None: the model file's stem or graph name).
     seed : integer >= 0 for every random draw.
+    guard : one of `GUARDS`: what happens to a tensor a shared codebook leaves far worse off
+        than a codebook of its own would (``requantize`` gives it one; `onnxhq.quantize.guard`).
+    target : `Target` or None: search rate and scope for the smallest artifacts that reach it on
+        the eval data instead of compressing at one rate (then ``rate`` must not be given).
+    compensate : reassign the codes with error compensation on each layer's input statistics
+        (GPTQ-style, `onnxhq.compensate`) and refit the codebook values; needs data.
     """
 
     method: str = DEFAULT_METHOD
@@ -73,21 +81,31 @@ class CompressOptions:
     output: str | None = None
     name: str | None = None
     seed: int = 0
+    guard: str = "requantize"
+    target: Target | None = None
+    compensate: bool = False
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
-        rate = default_rate(self.method) if self.rate is None else self.rate
+        check_choice("guard", self.guard, GUARDS)
+        if self.target is not None:
+            _check_target(self.target, self.rate)
+        rate = self.rate
+        if rate is None and self.target is None:
+            rate = default_rate(self.method)
         scope = Scope(self.scope) if isinstance(self.scope, str) else self.scope
         hessian = self.hessian
         if hessian is None:
-            hessian = HessianSource("fisher" if self.method in WEIGHTED_METHODS else "none")
+            weighted = self.method in WEIGHTED_METHODS
+            hessian = HessianSource("fisher" if weighted else "none", fallback=weighted)
         elif isinstance(hessian, str):
             hessian = HessianSource(hessian)
-        kinds = (("rate", rate, Rate), ("scope", scope, Scope), ("hessian", hessian, HessianSource))
-        for label, part, kind in kinds:
+        kinds = (("scope", scope, Scope), ("hessian", hessian, HessianSource))
+        for label, part, kind in (*kinds, *([("rate", rate, Rate)] if rate is not None else [])):
             if not isinstance(part, kind):
                 raise OptionError(f"{label} must be a {kind.__name__}, not {part!r}", label)
-        check_rate(self.method, rate)
+        if rate is not None:
+            check_rate(self.method, rate)
         if self.method not in WEIGHTED_METHODS and hessian.weighs:
             raise OptionError(
                 f"method 'kmeans' is unweighted and ignores hessian={hessian.method!r}; drop the "
@@ -98,6 +116,11 @@ class CompressOptions:
         extra_ops = _check_extra_ops(self.extra_ops)
         if self.finetune is not None and not isinstance(self.finetune, FineTune):
             raise OptionError(f"finetune must be a FineTune, not {self.finetune!r}", "finetune")
+        if not isinstance(self.compensate, bool):
+            raise OptionError(f"{show('compensate', self.compensate)} must be a bool", "compensate")
+        if self.compensate and self.target is not None:
+            raise OptionError(f"compensate does not combine with {self.target.label()} yet: "
+                              "give a rate instead", "compensate", self.target.field)  # fmt: skip
         if not isinstance(self.include_biases, bool):
             raise OptionError(f"{show('include_biases', self.include_biases)} must be a bool",
                               "include_biases")  # fmt: skip
@@ -117,8 +140,8 @@ class CompressOptions:
         return self.method in WEIGHTED_METHODS and self.hessian is not None and self.hessian.weighs
 
     def with_rate(self, rate: Rate) -> CompressOptions:
-        """The same options at another rate (checked against the method)."""
-        return replace(self, rate=rate)
+        """The same options at another rate (checked against the method), without a target."""
+        return replace(self, rate=rate, target=None)
 
     @classmethod
     def from_keywords(
@@ -143,13 +166,18 @@ class CompressOptions:
         output: str | None = None,
         name: str | None = None,
         seed: int = 0,
+        guard: str = "requantize",
+        max_drop: float | None = None,
+        min_fidelity: str | None = None,
+        compensate: bool = False,
     ) -> CompressOptions:
         """Options from `compress`'s keywords, the flat form `to_dict` writes.
 
         ``hessian`` is an estimator name, an .npz path (a str ending in ``.npz`` or naming a
         file, or an os.PathLike), a mapping of diagonals, or a `HessianSource`; the sampling
         keywords and ``adam_state`` go with a name. Fine-tuning is on when ``finetune_epochs``
-        is nonzero; ``train_data`` and ``finetune_lr`` without it are errors.
+        is nonzero; ``train_data`` and ``finetune_lr`` without it are errors. ``max_drop``
+        (accuracy points) or ``min_fidelity`` (``"METRIC=VALUE"``) is a `Target`, instead of a rate.
         """
         method = DEFAULT_METHOD if method is None else method
         check_choice("method", method, METHODS)
@@ -173,18 +201,20 @@ class CompressOptions:
             finetune = FineTune(finetune_epochs, train_data, lr)  # type: ignore[arg-type]
         return cls(method=method, rate=Rate.of(k, bits, lam, target_bits), scope=scope,
                    hessian=source, include_biases=include_biases, extra_ops=tuple(extra_ops),
-                   finetune=finetune, output=output, name=name, seed=seed)  # fmt: skip
+                   finetune=finetune, output=output, name=name, seed=seed, guard=guard,
+                   target=Target.of(max_drop, min_fidelity),
+                   compensate=compensate)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """The keyword form, JSON-safe: `from_dict` (or ``compress(**d)``) rebuilds the options.
 
         In-memory inputs appear as ``"supplied"``, paths as text.
         """
-        assert self.rate is not None and self.hessian is not None
-        h, tune = self.hessian, self.finetune
+        assert self.hessian is not None
+        h, tune, target = self.hessian, self.finetune, self.target
         return {
             "method": self.method,
-            **self.rate.to_dict(),
+            **(self.rate.to_dict() if self.rate is not None else dict.fromkeys(RATES)),
             "scope": self.scope.kind,
             "group_size": self.scope.group_size,
             "hessian": serial(h.arrays) if h.method == SUPPLIED else h.method,
@@ -199,6 +229,14 @@ class CompressOptions:
             "output": self.output,
             "name": self.name,
             "seed": self.seed,
+            "guard": self.guard,
+            "max_drop": target.value if target is not None and target.field == "max_drop" else None,
+            "min_fidelity": (
+                f"{target.metric}={target.value!r}"
+                if target is not None and target.field == "min_fidelity"
+                else None
+            ),
+            "compensate": self.compensate,
         }
 
     @classmethod
@@ -240,6 +278,13 @@ def resolve_options(
 
 def require_data(options: CompressOptions, data: object) -> None:
     """Refuse, before any work, a Hessian estimate with no data to estimate it from."""
+    if options.compensate and data is None:
+        raise OptionError(
+            "compensate gathers each layer's input statistics from data: pass data (model "
+            "inputs), or drop compensate",
+            "compensate",
+            "data",
+        )
     if (
         options.weighted
         and options.hessian is not None
@@ -252,6 +297,18 @@ def require_data(options: CompressOptions, data: object) -> None:
             "data",
             "hessian",
             "method",
+        )
+
+
+def require_eval(options: CompressOptions, eval_data: object) -> None:
+    """Refuse, before any work, a target with no eval data to measure it on."""
+    if options.target is not None and eval_data is None:
+        field = options.target.field
+        raise OptionError(
+            f"{options.target.label()} is measured on eval data: pass eval_data (model inputs; "
+            "labels too for max_drop) or give a rate instead",
+            field,
+            "eval_data",
         )
 
 
@@ -269,6 +326,19 @@ def check_rate(method: str, rate: Rate) -> None:
             f"not {rate.label()} (hkmeans and uniform take a fixed k)",
             "method", "lam", "target_bits", "k", "bits",
         )  # fmt: skip
+
+
+def _check_target(target: object, rate: Rate | None) -> None:
+    """A `Target` replaces the rate: refuse both, before any work."""
+    if not isinstance(target, Target):
+        raise OptionError(f"target must be a Target, not {target!r}", "target")
+    if rate is not None:
+        given = rate.label().replace("lambda", "lam")
+        raise OptionError(
+            f"{target.label()} searches the rate itself; drop {given} or the target",
+            target.field,
+            rate.name,
+        )
 
 
 def _check_extra_ops(extra_ops: object) -> tuple[str, ...]:
@@ -300,7 +370,7 @@ def _hessian_source(method, hessian, samples, batch_size, adam_state) -> Hessian
             raise OptionError("adam_state goes with hessian='adam'", "adam_state", "hessian")
         if method not in WEIGHTED_METHODS:
             return None
-        hessian = "fisher"
+        return HessianSource("fisher", samples, batch_size, fallback=True)
     if isinstance(hessian, str) and hessian in HESSIAN_SOURCES:
         return HessianSource(hessian, samples, batch_size, adam_state)
     if isinstance(hessian, str) and not (hessian.endswith(".npz") or os.path.isfile(hessian)):

@@ -34,12 +34,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..numeric import entropy_bits
+from ..options.parts import GUARDS  # noqa: F401  (re-exported: one list for options and here)
 from ._fits import Task
 from .codes import QuantizedWeights, TensorCodes
 
 log = logging.getLogger(__name__)
 
-GUARDS = ("requantize", "warn", "off")
 #: How much worse than its budget (screen) and than its own codebook (flag) a tensor may be, dB.
 FAR_WORSE_DB = 6.0
 #: Below this SQNR (dB) a tensor is a suspect, if also far below its budget.

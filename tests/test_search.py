@@ -1,0 +1,284 @@
+"""A target instead of a rate: the search, its report, and the checks it makes before work.
+
+Also what `compress` reports per tensor (errors and the guard's marks) and the CLI's spelling of
+the new options. Models are built in the tests; the Hessian is off (``hessian="none"``) so that
+each run takes well under a second.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import small_convnet
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxhq
+from onnxhq import pipeline, search
+from onnxhq.cli import FLAGS, main
+from onnxhq.data import Dataset
+from onnxhq.errors import DataError
+from onnxhq.model import read_initializers
+from onnxhq.options import KEYWORDS, CompressOptions, OptionError, Target
+from onnxhq.quantize import tensor_error
+from onnxhq.report import ErrorRow, SearchPoint
+
+FAST = {"hessian": "none"}
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    rng = np.random.default_rng(3)
+    return Dataset(
+        {"input": rng.normal(size=(200, 1, 6, 6)).astype(np.float32)}, rng.integers(0, 4, 200)
+    )
+
+
+def test_the_search_returns_the_smallest_artifacts_that_meet_the_target(data):
+    result = onnxhq.compress(
+        small_convnet(), data, eval_data=data, min_fidelity="agreement=0.97", **FAST
+    )
+    report = result.report
+    met = [p for p in report.search if p.met]
+    assert report.target == "agreement=0.97" and met
+    assert report.compressed_bytes == min(p.compressed_bytes for p in met)
+    assert report.fidelity["logits"]["agreement"] >= 0.97
+    ladder = [f"target_bits={b:g}" for b in search.LADDER["target_bits"]]
+    for scope in {p.scope for p in report.search}:  # bisection: the rate below a scope's
+        tried = {p.rate: p for p in report.search if p.scope == scope}  # lowest met one fails
+        lowest = min((ladder.index(r) for r, p in tried.items() if p.met), default=None)
+        if lowest:
+            assert not tried[ladder[lowest - 1]].met
+    # the settings are the chosen point's: compressing at them gives the same artifacts
+    again = onnxhq.compress(
+        small_convnet(), data, options=CompressOptions.from_dict(report.settings)
+    )
+    assert again.artifacts.sidecar_bytes == result.artifacts.sidecar_bytes
+    assert report.settings["min_fidelity"] is None and report.settings["target_bits"] is not None
+
+
+def test_a_scope_given_restricts_the_search_to_it(data):
+    report = onnxhq.compress(
+        small_convnet(), data, eval_data=data, min_fidelity="agreement=0.9", scope="layer", **FAST
+    ).report
+    assert {p.scope for p in report.search} == {"layer"} and report.settings["scope"] == "layer"
+
+
+def test_the_search_is_in_the_json_and_the_text(data):
+    report = onnxhq.compress(small_convnet(), data, eval_data=data, max_drop=5.0, **FAST).report
+    out = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert out["search"]["target"] == "max_drop=5"
+    assert [SearchPoint(**p) for p in out["search"]["points"]] == list(report.search)
+    drop = 100 * (out["accuracy"]["original"] - out["accuracy"]["compressed"])
+    assert drop <= 5.0 and set(out["fidelity"]["logits"]) == {"agreement", "kl", "accuracy"}
+    text = report.to_text()
+    assert f"search for max_drop=5: {len(report.search)} tried" in text
+    assert "fidelity to the original (eval inputs):" in text and "  logits: agreement " in text
+
+
+def test_an_unreachable_target_names_the_best_reached(data, monkeypatch):
+    monkeypatch.setitem(search.LADDER, "target_bits", (1.0, 1.5))  # no room for exact weights
+    with pytest.raises(DataError) as caught:
+        onnxhq.compress(small_convnet(), data, eval_data=data, min_fidelity="kl=0", **FAST)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("no compression tried reaches kl <= 0: the best kl reached was ")
+    assert "; relax the target or give a rate" in message
+
+
+def test_targets_are_checked_before_the_model_is_read():
+    start = time.perf_counter()
+    with pytest.raises(OptionError, match=r"is measured on eval data: pass eval_data"):
+        onnxhq.compress("no/such/model.onnx", min_fidelity="cosine=0.99", **FAST)
+    with pytest.raises(OptionError, match=r"searches the rate itself; drop bits=4 or the target"):
+        onnxhq.compress("no/such/model.onnx", eval_data="x.npz", bits=4, min_fidelity="iou=0.9")
+    with pytest.raises(OptionError, match="give max_drop or min_fidelity, not both"):
+        onnxhq.compress("no/such/model.onnx", max_drop=1, min_fidelity="iou=0.9")
+    with pytest.raises(OptionError, match=r"min_fidelity='cos=1' is not METRIC=VALUE"):
+        CompressOptions.from_keywords(min_fidelity="cos=1")
+    with pytest.raises(OptionError, match=r"max_drop=-1 must be accuracy points in \[0, 100\]"):
+        CompressOptions.from_keywords(max_drop=-1)
+    with pytest.raises(OptionError, match=r"agreement=99 is out of range: agreement is a share"):
+        CompressOptions.from_keywords(min_fidelity="agreement=99")
+    with pytest.raises(OptionError, match="unknown guard='never'; choose one of requantize, warn"):
+        CompressOptions(guard="never")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_target_keywords_round_trip_and_parse():
+    options = CompressOptions.from_keywords(min_fidelity="sqnr=30", guard="warn")
+    assert options.target == Target("sqnr_db", 30.0) and options.rate is None
+    assert CompressOptions.from_dict(options.to_dict()) == options
+    assert Target("kl", 0.1).reached(0.05) and not Target("cosine", 0.99).reached(0.98)
+
+
+def test_the_cli_names_flags_and_refuses_before_reading(tmp_path, capsys):
+    start = time.perf_counter()
+    code = main(
+        [
+            "-q",
+            "compress",
+            "missing.onnx",
+            "--hessian",
+            "none",
+            "--min-fidelity",
+            "cosine=0.99",
+            "-o",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and time.perf_counter() - start < 1.0
+    assert err.startswith(
+        "onnxhq: error: --min-fidelity 'cosine=0.99' is measured on eval data: "
+        "pass --eval (model inputs"
+    )
+    code = main(
+        [
+            "-q",
+            "compress",
+            "missing.onnx",
+            "--eval",
+            "x.npz",
+            "--bits",
+            "3",
+            "--max-drop",
+            "1",
+            "-o",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2
+    assert "--max-drop 1.0 searches the rate itself; drop --bits 3 or" in capsys.readouterr().err
+    with redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        main(["compress", "missing.onnx", "--guard", "never", "-o", str(tmp_path)])
+
+
+def test_every_option_keyword_has_a_flag():
+    assert set(KEYWORDS) - {"name"} <= set(FLAGS)
+
+
+def test_a_metric_no_output_measures_is_refused_before_quantizing(data, monkeypatch):
+    monkeypatch.setattr(pipeline, "estimate_importances", _never)
+    with pytest.raises(
+        OptionError,
+        match=r"no output of the model measures 'iou' \(outputs "
+        r"logits \(classes\) measure agreement, kl\)",
+    ):
+        onnxhq.compress(small_convnet(), data, eval_data=data, min_fidelity="iou=0.9", **FAST)
+    unlabelled = Dataset(data.inputs)
+    with pytest.raises(
+        OptionError, match=r"max_drop=1.0 needs labels that fit a class-score output"
+    ):
+        onnxhq.compress(small_convnet(), data, eval_data=unlabelled, max_drop=1, **FAST)
+
+
+def test_channel_groups_below_opset_15_fail_before_any_quantization(data, monkeypatch):
+    model = small_convnet()
+    model.opset_import[0].version = 13
+    monkeypatch.setattr(pipeline, "estimate_importances", _never)
+    with pytest.raises(
+        OptionError,
+        match=r"scope 'channel-group' decodes with ops of opset 15, "
+        r"and the model imports opset 13",
+    ):
+        onnxhq.compress(model, scope="channel-group", group_size=1, **FAST)
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the work started before the options were checked")
+
+
+def wrecked_model() -> onnx.ModelProto:
+    """x (N, 64) -> MatMul big (64, 64) -> MatMul small (64, 5): small's range is a thousandth of
+    big's, so one network codebook leaves it in one or two cells."""
+    rng = np.random.default_rng(6)
+    big = rng.normal(size=(64, 64)).astype(np.float32)
+    small = (1e-3 * rng.normal(size=(64, 5))).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "big"], ["h"]),
+            helper.make_node("MatMul", ["h", "small"], ["y"]),
+        ],
+        "wrecked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(big, "big"), numpy_helper.from_array(small, "small")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(
+    "guard,mark,text",
+    [("requantize", "requantized", "+"), ("warn", "flagged", "!"), ("off", "", "")],
+)
+def test_the_report_shows_each_tensors_error_and_what_the_guard_did(guard, mark, text):
+    report = onnxhq.compress(wrecked_model(), target_bits=4, guard=guard, **FAST).report
+    small = next(e for e in report.errors if e.name == "small")
+    assert small.guard == mark
+    assert (small.rel_error < 0.1) if guard == "requantize" else (small.rel_error > 0.5)
+    assert small.sqnr_db == pytest.approx(-20 * math.log10(small.rel_error))
+    out = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert [ErrorRow(**e) for e in out["errors"]] == list(report.errors)
+    line = next(x for x in report.to_text().splitlines() if x.startswith("small "))
+    assert line.endswith(f"{small.sqnr_db:.1f} {text}".rstrip())
+
+
+def test_exact_tensors_write_null_sqnr_in_json():
+    report = onnxhq.compress(wrecked_model(), k=4096, scope="layer", **FAST).report  # all kept
+    assert all(e.rel_error == 0 and e.sqnr_db == math.inf for e in report.errors)
+    assert all(e["sqnr_db"] is None for e in report.to_dict()["errors"])
+
+
+def test_errors_are_measured_again_after_fine_tuning(data):
+    result = onnxhq.compress(
+        small_convnet(), data, k=4, finetune_epochs=1, train_data=data, finetune_lr=1e-2, **FAST
+    )
+    plain = onnxhq.compress(small_convnet(), data, k=4, **FAST).report
+    names = [e.name for e in result.report.errors]
+    original = read_initializers(small_convnet(), names)
+    for e, before in zip(result.report.errors, plain.errors):
+        want = tensor_error(original[e.name], result.quantized.dequantize(e.name))
+        assert (e.rel_error, e.sqnr_db) == (want.rel_error, want.sqnr_db)
+        assert e.rel_error != before.rel_error  # the tuned codebook moved the values
+
+
+def test_a_sweep_without_labels_reports_fidelity(data):
+    unlabelled = Dataset(data.inputs)
+    result = onnxhq.sweep(small_convnet(), data, eval_data=unlabelled, target_bits=[2, 4], **FAST)
+    assert all(p.report.accuracy_compressed is None for p in result.points)
+    agreement = [p.report.fidelity["logits"]["agreement"] for p in result.points]
+    assert agreement[0] <= agreement[1] and "agreement" in result.to_text()
+    assert result.to_dict()["points"][1]["fidelity"]["logits"]["agreement"] == agreement[1]
+
+
+# --- a real model (slow; skipped without ../shared) -----------------------------------------------
+
+SHARED = Path(os.environ.get("ONNXHQ_SHARED", Path(__file__).parents[2] / "shared"))
+
+
+@pytest.mark.slow
+def test_the_search_on_the_ocr_orientation_classifier_meets_its_target():
+    path = SHARED / "models" / "real" / "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing: the real models live in ../shared (set ONNXHQ_SHARED)")
+    x = np.random.default_rng(0).uniform(-1, 1, (64, 3, 48, 192)).astype(np.float32)
+    data = Dataset({"x": x})
+    result = onnxhq.compress(
+        path, data, eval_data=data, min_fidelity="agreement=0.95", hessian="activations"
+    )
+    report = result.report
+    (metrics,) = report.fidelity.values()
+    assert metrics["agreement"] >= 0.95
+    assert report.compressed_bytes == min(p.compressed_bytes for p in report.search if p.met)
+    assert {p.scope for p in report.search} == {"network", "layer"}  # opset 11: no channel groups
