@@ -29,6 +29,7 @@ from .outputs import OutputSpec, resolve_output
 from .training.engine import GradientEngine
 from .training.graph import INSTEAD
 from .training.output_engine import OutputEngine
+from .training.worker import TrainingUnavailable, training_available
 
 if TYPE_CHECKING:
     import onnx
@@ -176,13 +177,6 @@ def estimate_hessian(
     return diag
 
 
-def gradients_available() -> bool:
-    """Whether an onnxruntime-training build is at hand for gradient graphs (the worker's check)."""
-    from .training.worker import training_available
-
-    return training_available()
-
-
 def _fisher_engine(
     proto: onnx.ModelProto,
     names: list[str],
@@ -193,14 +187,12 @@ def _fisher_engine(
 ) -> OutputEngine | None:
     """The Fisher's engine; None (after one warning) when ``fallback`` and no gradient graph."""
     spec = resolve_output(proto, output)  # a wrong output name is an error, never a fallback
-    if fallback and not gradients_available():
+    if fallback and not training_available():
         log.warning(
             "the 'fisher' Hessian needs onnxruntime-training, which is not installed ('onnxhq "
             "setup-training' installs it); using the 'activations' Hessian (forward passes only)"
         )
         return None
-    from .training.worker import TrainingUnavailable
-
     try:
         return OutputEngine(proto, names, output=spec, input_shapes=hessian_mod.input_shapes(data))
     except (ModelError, TrainingUnavailable) as exc:

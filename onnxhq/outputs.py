@@ -203,26 +203,9 @@ def projection_output(
 
     ``output`` if given (it must be a float output), else the first float graph output.
     """
-    outputs = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    named = parse_output_spec(output).name
-    if named is not None:
-        if named not in outputs:
-            raise ModelError(
-                f"the model has no output {named!r}; its outputs are {', '.join(outputs)}"
-            )
-        if outputs[named] not in FLOAT_OUTPUT_TYPES:
-            kind = TensorProto.DataType.Name(outputs[named])
-            raise ModelError(
-                f"output {named!r} has element type {kind}; the Gauss-Newton Hessian needs a "
-                "float output"
-            )
-        return named, outputs[named]
-    for name, elem in outputs.items():
-        if elem in FLOAT_OUTPUT_TYPES:
-            return name, elem
-    raise ModelError(
-        f"no float output among {', '.join(outputs)}; the Gauss-Newton Hessian needs one"
-    )
+    name = _float_output(model, parse_output_spec(output).name)
+    value = next(o for o in model.graph.output if o.name == name)
+    return name, value.type.tensor_type.elem_type
 
 
 def _graph_of(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:

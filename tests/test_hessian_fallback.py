@@ -13,7 +13,7 @@ import onnx
 import onnx.parser
 import pytest
 from onnx import numpy_helper
-from training_support import needs_training
+from training_support import needs_training, without_training
 
 from onnxhq import importances
 from onnxhq.data import Dataset
@@ -75,8 +75,9 @@ def test_the_default_falls_back_to_activations_with_one_warning(caplog):
         np.testing.assert_array_equal(diag[name], direct[name])
 
 
+@without_training
 def test_the_default_falls_back_when_onnxruntime_training_is_missing(caplog, monkeypatch):
-    monkeypatch.setattr(importances, "gradients_available", lambda: False)
+    monkeypatch.setattr(importances, "training_available", lambda: False)
     model, data = two_layers("Tanh")
     with caplog.at_level(logging.WARNING):
         diag = estimate_importances(model, data, CompressOptions())
@@ -106,6 +107,7 @@ def test_a_long_builder_message_keeps_its_cause():
     assert cause in message and "--hessian activations" in message
 
 
+@without_training
 def test_the_activations_hessian_needs_no_labels_and_no_gradients():
     model, data = two_layers("Atan")
     diag = estimate_hessian(model, data, method="activations", samples=16, batch_size=8)

@@ -20,7 +20,7 @@ from onnxhq.data import Dataset
 from onnxhq.errors import DataError
 from onnxhq.hessian.output_fisher import output_fisher, residual
 from onnxhq.importances import estimate_hessian
-from onnxhq.training.engine import GradientEngine
+from onnxhq.training.engine import GradientEngine, ProjectionEngine
 from onnxhq.training.output_engine import OutputEngine
 
 HEADS = {
@@ -73,6 +73,17 @@ def test_rank_2_class_scores_draw_the_labels_of_the_cross_entropy_fisher():
     old = hessian.fisher(GradientEngine(model, params=["w"]), data, samples=64, seed=2)
     assert new is not None
     np.testing.assert_allclose(new["w"], old["w"], rtol=1e-4)
+
+
+def test_the_real_kind_draws_exactly_the_gauss_newton_estimate():
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.8, (3, 2)).astype(np.float32)
+    model = linear(HEADS["real"], w)
+    data = Dataset({"x": rng.normal(size=(16, 5, 3)).astype(np.float32)})
+    draws = {"samples": 24, "batch_size": 4, "seed": 1}
+    fisher = output_fisher(OutputEngine(model, ["w"], output="y:real"), data, **draws)
+    gauss_newton = hessian.gauss_newton(ProjectionEngine(model, params=["w"]), data, **draws)
+    np.testing.assert_allclose(fisher["w"], gauss_newton["w"], rtol=1e-5)
 
 
 def test_residuals_have_the_kind_s_moments():

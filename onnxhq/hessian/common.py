@@ -73,20 +73,6 @@ class Draws:
         return {p: t / samples for p, t in total.items()}
 
 
-def accumulate(
-    data: Dataset,
-    step: Step,
-    *,
-    samples: int,
-    batch_size: int,
-    seed: int,
-    progress: Progress | None,
-    method: str,
-) -> Diag:
-    """``Draws(samples, batch_size, seed).mean(...)``: the keyword form of `Draws.mean`."""
-    return Draws(samples, batch_size, seed).mean(data, step, progress=progress, method=method)
-
-
 def finalize(diag: Mapping[str, np.ndarray], *, floor_ratio: float = 1e-8) -> Diag:
     """Check finiteness and floor tiny entries at ``floor_ratio`` times the largest one.
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..data import Dataset
 from ..errors import DataError
-from .common import DEFAULT_BATCH, Diag, Progress, accumulate, check_finite, check_sizes, finalize
+from .common import DEFAULT_BATCH, Diag, Draws, Progress, check_finite, finalize
 
 if TYPE_CHECKING:
     from ..outputs import ModelOutput
@@ -48,29 +48,19 @@ def output_fisher(
 
     Returns float32 arrays keyed by parameter, shaped like the parameters, finite and floored.
     """
-    check_sizes(samples=samples, batch_size=batch_size)
+    draws = Draws(samples, batch_size, seed)
     out = engine.output
     check_scores(out, engine.forward(data.head(min(len(data), 64)).inputs))
+    axis = out.axis if out.axis is not None else -1
 
     def step(batch: Dataset, rng: np.random.Generator) -> Diag:
         t = engine.forward(batch.inputs)
-        axis = out.axis if out.axis is not None else -1
         r = residual(out.kind, t, rng, axis=axis, flat=out.flat)
         grads = engine.projected_gradients(batch.inputs, r.astype(t.dtype))
         check_finite(grads, "projected gradient")
         return {p: np.square(g, dtype=np.float64) for p, g in grads.items()}
 
-    return finalize(
-        accumulate(
-            data,
-            step,
-            samples=samples,
-            batch_size=batch_size,
-            seed=seed,
-            progress=progress,
-            method="fisher",
-        )
-    )
+    return finalize(draws.mean(data, step, progress=progress, method="fisher"))
 
 
 def residual(

@@ -15,19 +15,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ModelError
 from ..model import read_initializers
 from ..outputs import ModelOutput, OutputSpec, resolve_output
 from ..runtime import make_session
 from .engine import gradient_session
-from .graph import (
-    PROJECTION,
-    InputShapes,
-    build_forward_model,
-    build_projection_model,
-    grad_name,
-    gradient_build_error,
-)
+from .graph import PROJECTION, InputShapes, build_forward_model, build_projection_model, grad_name
 
 if TYPE_CHECKING:
     import onnx
@@ -65,12 +57,7 @@ class OutputEngine:
         tensor = self.output.tensor
         view = build_projection_model(model, self.params, tensor=tensor, input_shapes=input_shapes)
         self._grad_outputs = [grad_name(p) for p in self.params]
-        try:
-            self._grad_session = gradient_session(view, self.params, threads=threads)
-        except ModelError as exc:
-            if "--hessian activations" in str(exc):  # already says what to do
-                raise
-            raise gradient_build_error(str(exc), view) from None
+        self._grad_session = gradient_session(view, self.params, threads=threads)
         self._forward_session = make_session(
             build_forward_model(model, [], tensor), threads=threads
         )
