@@ -71,6 +71,7 @@ def write_files(folder: str | os.PathLike, files: Sequence[tuple[str, Content]])
                 sizes.append(size)
             if len(files) == 1:
                 os.replace(temps[0], folder / names[0])
+                _fsync_folder(folder)
             else:
                 journal = folder / f".{names[0]}{JOURNAL_SUFFIX}"
                 plan = [[t.name, n] for t, n in zip(temps, names)]
@@ -78,8 +79,7 @@ def write_files(folder: str | os.PathLike, files: Sequence[tuple[str, Content]])
                 os.replace(tmp, journal)
                 _fsync_folder(folder)
                 committed = True
-                _finish(folder, journal, plan)
-            _fsync_folder(folder)
+                _finish(folder, journal, plan)  # renames, fsyncs the folder
         except BaseException:
             if not committed:  # a committed write is finished by whoever locks the folder next
                 for tmp in temps:

@@ -230,7 +230,7 @@ def _read_npy(f: IO[bytes], stored: int, key: str, max_rows: int | None, where: 
     )
     shape, fortran, dtype = read_header(f)
     if dtype.hasobject:
-        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        raise DataError(f"{where} holds pickled objects; onnxhq reads plain numeric arrays only")
     count = math.prod(shape)  # exact Python ints: a declared shape of terabytes stays a number
     nbytes = count * dtype.itemsize
     body = stored - f.tell()
@@ -275,10 +275,6 @@ def _size(nbytes: int) -> str:
 
 
 def _npz_error(what: str, path: Path, exc: Exception) -> DataError:
-    if isinstance(exc, ValueError) and "pickle" in str(exc):
-        return DataError(
-            f"{what} {path} holds pickled objects; onnxhq reads plain numeric arrays only"
-        )
     detail = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
     return DataError(f"{what} {path} is not a readable .npz archive ({detail})")
 

@@ -44,7 +44,7 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
     with reading(graph_path.parent):  # the pair as one write left it (`_io.write_files`)
         graph = load_model(graph_path)
         graph_files = [graph_path, *external_files(graph_path)]  # a graph past 2 GB has two
-        graph_bytes = sum(f.stat().st_size for f in graph_files)
+        graph_sizes = {str(f.resolve()): f.stat().st_size for f in graph_files}
         side_path = sidecar_path(graph_path, graph)
         try:
             sidecar = side_path.read_bytes()
@@ -77,13 +77,13 @@ def describe_artifacts(path: str | os.PathLike) -> Report:
         model=graph_path.stem,
         original_bytes=original,
         files={
-            **{str(f.resolve()): f.stat().st_size for f in graph_files},
+            **graph_sizes,
             str(side_path.resolve()): len(sidecar),
         },
         layers=layer_rows(indices, layouts),
         codebook_bytes=sum(int(b.nbytes) for b in books.values()),
         unquantized_params=count_float_params(graph, exclude=set(books)),
-        graph_bytes=graph_bytes,
+        graph_bytes=sum(graph_sizes.values()),
         sidecar_bytes=len(sidecar),
         codebooks=codebooks,
         original_source=source,

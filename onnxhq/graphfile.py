@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import ModelError
+from .naming import METADATA_SIDECAR
 
 log = logging.getLogger(__name__)
 _T = onnx.TensorProto
@@ -84,21 +85,55 @@ def has_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model))
 
 
-def external_files(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> list[Path]:
+#: What each model file parsed in this process names beside it (external data locations, the
+#: sidecar), by the file's identity: listing a model's files (`external_files`, `model_files`)
+#: parses no file `parse_model_file` already read (the input, once loaded, is not read again).
+_NAMED: dict[tuple, tuple[tuple[str, ...], str | None]] = {}
+
+
+def parse_model_file(path: Path) -> onnx.ModelProto:
+    """`parse_model` of the file at ``path`` (its external data not loaded), remembering the
+    files it names."""
+    key = _identity(path)
+    model = parse_model(read_model_file(path), str(path))
+    _NAMED[key] = _names(model)
+    return model
+
+
+def _named(path: Path) -> tuple[tuple[str, ...], str | None]:
+    """(external data locations, sidecar name) the model file at ``path`` names."""
+    key = _identity(path)
+    if key not in _NAMED:
+        _NAMED[key] = _names(parse_model(read_model_file(path), str(path)))
+    return _NAMED[key]
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _names(model: onnx.ModelProto) -> tuple[tuple[str, ...], str | None]:
+    locations = (
+        e.value
+        for t in all_tensors(model)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    )
+    sidecar = {p.key: p.value for p in model.metadata_props}.get(METADATA_SIDECAR)
+    return tuple(dict.fromkeys(locations)), sidecar
+
+
+def external_files(path: str | os.PathLike) -> list[Path]:
     """The external data files the model at ``path`` names that exist inside its folder."""
     path = Path(path)
-    if model is None:
-        model = parse_model(read_model_file(path), str(path))
     folder = path.parent.resolve()
     found: dict[Path, None] = {}
-    for t in all_tensors(model):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        for e in t.external_data:
-            if e.key == "location":
-                file = (folder / e.value).resolve()
-                if file.is_relative_to(folder) and file.is_file():
-                    found[file] = None
+    for location in _named(path)[0]:
+        file = (folder / location).resolve()
+        if file.is_relative_to(folder) and file.is_file():
+            found[file] = None
     return list(found)
 
 
@@ -107,11 +142,10 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     and, for a compressed graph, its sidecar. Outputs must not overwrite any of them."""
     path = Path(path)
     try:
-        model = parse_model(read_model_file(path), str(path))
+        sidecar = _named(path)[1]
     except (ModelError, OSError):
         return [path]
-    files = [path, *external_files(path, model)]
-    sidecar = {p.key: p.value for p in model.metadata_props}.get("onnxhq.sidecar")
+    files = [path, *external_files(path)]
     if sidecar and Path(sidecar).name == sidecar:
         files.append(path.parent / sidecar)
     return files

@@ -31,9 +31,9 @@ from .graphfile import (
     has_external_data,
     one_line,
     parse_model,
+    parse_model_file,
     part_size,
     proto_size,
-    read_model_file,
 )
 from .graphfile import default_opset as default_opset
 from .graphfile import model_files as model_files
@@ -114,7 +114,7 @@ def load_model(
         where = str(path)
         if not path.is_file():
             raise ModelError(f"model file {path} does not exist; pass the path of an .onnx file")
-        model = parse_model(read_model_file(path), where)
+        model = parse_model_file(path)
         if has_external_data(model):
             check_tensors(model, where, external=True)
             try:

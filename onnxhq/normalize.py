@@ -9,11 +9,12 @@ Each returns how much it changed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from .graphfile import all_graphs
 
 log = logging.getLogger(__name__)
 
@@ -143,20 +144,10 @@ def _evaluate(node: onnx.NodeProto, known: dict, opsets) -> onnx.TensorProto | N
 
 def _drop_unread_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
     """Remove the ``candidates`` nothing reads any more, and the graph inputs of those names."""
-    read = {name for node in _all_nodes(model.graph) for name in node.input} | {
-        o.name for o in model.graph.output
-    }
+    read = {name for g in all_graphs(model.graph) for node in g.node for name in node.input}
+    read |= {o.name for o in model.graph.output}
     unread = candidates - read
     for field in (model.graph.initializer, model.graph.input):
         kept = [item for item in field if item.name not in unread]
         del field[:]
         field.extend(kept)
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    """Nodes of ``graph`` and of every subgraph (If/Loop/Scan bodies)."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield from _all_nodes(sub)

@@ -37,10 +37,13 @@ def files(tmp_path, monkeypatch) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` -> sha256 of its bytes (sparse files: of their size)."""
+    """Every file under ``root`` -> sha256 of its bytes (sparse files: of their size); every
+    folder -> "folder" (an output folder left empty is an output left)."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_dir():
+            out[str(p.relative_to(root))] = "folder"
+        elif p.is_file():
             big = p.stat().st_size > 2**30
             data = str(p.stat().st_size).encode() if big else p.read_bytes()
             out[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()
@@ -112,6 +115,13 @@ REFUSED = [
         1,
         "duplicate_outputs.onnx: value 'logits' is defined twice (graph 'hostile'); ONNX values "
         "are assigned once, re-export the model",
+    ),
+    (
+        "an output listed twice",
+        "compress output_twice.onnx --hessian none -o out",
+        1,
+        "output_twice.onnx: output 'logits' is listed twice in graph 'hostile'; each graph "
+        "output must be named once",
     ),
     (
         "NaN weight",

@@ -9,6 +9,7 @@ from conftest import small_convnet
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from onnxhq import graphfile
 from onnxhq.errors import ModelError
 from onnxhq.model import (
     BASELINE_IR,
@@ -195,11 +196,9 @@ def _runtime_one_below_onnx(monkeypatch) -> tuple[int, int]:
     """Make onnxhq see a runtime that stops below an opset and IR version the installed onnx
     knows (its converter cannot start from an opset it does not know, and the newest onnxruntime
     may run every opset the installed onnx defines); returns that limit."""
-    import onnxhq.graphfile
-
     max_opset, max_ir = runtime_limits()
     limits = (min(max_opset, onnx.defs.onnx_opset_version() - 1), min(max_ir, onnx.IR_VERSION - 1))
-    monkeypatch.setattr(onnxhq.graphfile, "runtime_limits", lambda: limits)
+    monkeypatch.setattr(graphfile, "runtime_limits", lambda: limits)
     return limits
 
 
@@ -248,9 +247,8 @@ def test_subgraph_initializers_are_counted(convnet):
     )
     node = helper.make_node("If", ["cond"], ["branch"], then_branch=body, else_branch=body)
     model.graph.node.append(node)
-    before = count_float_params(model)
-    assert count_float_params(model) == before  # no side effect
-    assert before == count_float_params(small_convnet()) + 2 * 35  # both branches
+    extra = 2 * 35  # the body's 5x7 initializer, in both branches
+    assert count_float_params(model) == count_float_params(small_convnet()) + extra
 
 
 def test_replace_initializers_checks_shapes_and_copies(convnet):
@@ -336,15 +334,21 @@ def test_set_metadata_replaces_or_appends_and_get_metadata_reads_it_back(convnet
     assert get_metadata(convnet) == {}
 
 
-def test_model_file_bytes_count_the_external_data_files(tmp_path, convnet):
+def test_model_file_bytes_count_the_external_data_files(tmp_path, convnet, monkeypatch):
     single, split = tmp_path / "one.onnx", tmp_path / "ext.onnx"
     save_model(convnet, single)
     assert model_file_bytes(single) == single.stat().st_size
     onnx.save_model(
         convnet, str(split), save_as_external_data=True, location="ext.data", size_threshold=0
     )
+    load_model(split)
+    parses, real = [], graphfile.parse_model
+    monkeypatch.setattr(graphfile, "parse_model", lambda *a: parses.append(a) or real(*a))
     sizes = split.stat().st_size + (tmp_path / "ext.data").stat().st_size
     assert model_file_bytes(split) == sizes > split.stat().st_size
+    assert parses == []  # what a loaded file names is known: it is not parsed again
+    save_model(small_convnet(), split)  # a new file under the same name is read anew
+    assert model_file_bytes(split) == split.stat().st_size and len(parses) == 1
 
 
 def test_a_compressed_graph_past_the_limit_keeps_its_tensors_beside_it(tmp_path, monkeypatch):
@@ -431,10 +435,8 @@ def test_a_model_past_2_gb_loads_and_saves_with_external_data(tmp_path):
 
 
 def test_a_large_model_is_converted_without_its_tensor_bytes(monkeypatch):
-    import onnxhq.graphfile
-
-    monkeypatch.setattr(onnxhq.graphfile, "LEAN_ABOVE", 0)
-    monkeypatch.setattr(onnxhq.graphfile, "_LEAN_TENSOR", 64)
+    monkeypatch.setattr(graphfile, "LEAN_ABOVE", 0)
+    monkeypatch.setattr(graphfile, "_LEAN_TENSOR", 64)
     max_opset, _ = _runtime_one_below_onnx(monkeypatch)
     model = small_convnet()
     model.opset_import[0].version = max_opset + 1

@@ -187,6 +187,12 @@ def duplicate_outputs(folder: Path) -> Path:
     return folder / "duplicate_outputs.onnx"
 
 
+def output_twice(folder: Path) -> Path:
+    """The graph output ``logits`` listed twice."""
+    onnx.save_model(_classifier(outputs=("logits", "logits")), folder / "output_twice.onnx")
+    return folder / "output_twice.onnx"
+
+
 def nan_weight(folder: Path) -> Path:
     """W holds one NaN."""
     model = _classifier()
@@ -257,6 +263,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
         negative_dims,
         huge_dims,
         duplicate_outputs,
+        output_twice,
         nan_weight,
         over_2gb,
         terabyte_npz,
