@@ -127,22 +127,60 @@ def compress(
             from .search import check_target
 
             check_target(options.target, reference, test)
-    importances = estimate_importances(proto, data, options, progress)
-    layers = None
-    if options.compensate:
-        assert data is not None  # require_data
-        layers = gather_layer_hessians(proto, data, options, progress)
+    statistics = estimate_statistics(proto, data, options, progress)
     if options.target is not None:
         from .search import search_target
 
         assert test is not None and reference is not None
-        return search_target(model, proto, options, importances, test, reference, progress)
+        return search_target(model, proto, options, statistics, test, reference, progress)
+    importances, layers = statistics
     result = compress_with(
         model, proto, options, importances, layer_hessians=layers, progress=progress
     )
     if test is not None and reference is not None:
         result.report = measured(result, reference, test, options.output)
         _tell(progress, "evaluate", 1, 1)
+    return result
+
+
+def estimate_statistics(
+    proto: onnx.ModelProto,
+    data: str | os.PathLike | Dataset | None,
+    options: CompressOptions,
+    progress: StageProgress | None = None,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, LayerHessian] | None]:
+    """What every compression of ``proto`` with ``options`` reads from ``data``, estimated once
+    (a sweep or a search then compresses at many rates with it): the importances, and with
+    ``options.compensate`` each layer's input statistics (the data file read once for both)."""
+    if options.compensate and data is not None and not isinstance(data, Dataset):
+        data = load_data(data, proto)
+    importances = estimate_importances(proto, data, options, progress)
+    if not options.compensate:
+        return importances, None
+    assert data is not None  # require_data
+    return importances, gather_layer_hessians(proto, data, options, progress)
+
+
+def compress_point(
+    model: str | os.PathLike | bytes | onnx.ModelProto,
+    proto: onnx.ModelProto,
+    options: CompressOptions,
+    statistics: tuple[Mapping[str, np.ndarray] | None, Mapping[str, LayerHessian] | None],
+    reference: Reference,
+    test: Dataset,
+    *,
+    label: str,
+    progress: StageProgress | None = None,
+) -> Result:
+    """One point of a sweep or a target search: `compress_with` at ``options`` with the
+    `estimate_statistics` shared by the points, its stages prefixed by ``label``
+    (``"k=8 quantize"``), its report `measured` against ``reference`` on ``test``."""
+    importances, layers = statistics
+    stage = None if progress is None else _prefixed(progress, label)
+    result = compress_with(
+        model, proto, options, importances, layer_hessians=layers, progress=stage
+    )
+    result.report = measured(result, reference, test, options.output)
     return result
 
 
@@ -259,6 +297,10 @@ def compress_with(
 def _tell(progress: StageProgress | None, stage: str, done: int, total: int) -> None:
     if progress is not None:
         progress(stage, done, total)
+
+
+def _prefixed(progress: StageProgress, prefix: str) -> StageProgress:
+    return lambda stage, done, total: progress(f"{prefix} {stage}", done, total)
 
 
 def _stem(model, proto: onnx.ModelProto) -> str:

@@ -37,10 +37,9 @@ def sweep_figure_png(sweep: Sweep, *, dpi: int = 120) -> bytes:
     points = [p for p in ordered if p.report.accuracy_compressed is not None]
     ylabel, title = "top-1 accuracy (%)", "accuracy"
     ys = [100 * (p.report.accuracy_compressed or 0.0) for p in points]  # all measured
-    first = ordered[0].report.fidelity if ordered and not points else {}
-    if first:  # no labels: the headline fidelity of the first output (agreement, iou, cosine)
-        output = next(iter(first))
-        metric = next(iter(first[output]))
+    headline = None if points else sweep.headline()
+    if headline is not None:  # no labels: the fidelity of the first output (agreement, iou...)
+        output, metric = headline
         points = [p for p in ordered if metric in p.report.fidelity.get(output, {})]
         ys = [p.report.fidelity[output][metric] for p in points]
         ylabel, title = f"{metric} of {output} to the original", "fidelity"

@@ -1,8 +1,8 @@
 """A target instead of a rate: the smallest artifacts that keep a fidelity on the eval data.
 
-`search_target` takes the importances estimated once and, for each codebook scope (network,
-layer, channel groups of `GROUP_SIZE` where the opset allows; only the scope given when it is
-not the default network), bisects an ordered ladder of rates
+`search_target` takes the importances (and layer statistics) estimated once and, for each
+codebook scope (network, layer, channel groups of `GROUP_SIZE` where the opset allows; only the
+scope given when it is not the default network), bisects an ordered ladder of rates
 (`LADDER`: target bits per weight for uniform and ECSQ, bits per index for the k-means methods)
 for the lowest that meets the target, assuming more bits never lose fidelity; a later scope
 tries no rate above the best met so far (at equal rates the scopes differ by their codebooks).
@@ -35,6 +35,7 @@ from .rewrite import MIN_OPSET
 if TYPE_CHECKING:
     import onnx
 
+    from .compensate import LayerHessian
     from .evaluate import Reference
     from .pipeline import Result
 
@@ -77,17 +78,18 @@ def search_target(
     model: str | os.PathLike | bytes | onnx.ModelProto,
     proto: onnx.ModelProto,
     options: CompressOptions,
-    importances: Mapping[str, np.ndarray] | None,
+    statistics: tuple[Mapping[str, np.ndarray] | None, Mapping[str, LayerHessian] | None],
     data: Dataset,
     reference: Reference,
     progress: StageProgress | None = None,
 ) -> Result:
     """The smallest compression of ``proto`` meeting ``options.target`` on ``data`` (see the
-    module doc), its report holding the fidelity, the accuracies and every point tried.
+    module doc) with the `onnxhq.pipeline.estimate_statistics` shared by the points, its report
+    holding the fidelity, the accuracies and every point tried.
 
     Raises `DataError` naming the best value reached when no point meets the target.
     """
-    from .pipeline import compress_with, measured
+    from .pipeline import compress_point
 
     target = options.target
     assert target is not None
@@ -105,9 +107,9 @@ def search_target(
             point = replace(options, scope=scope, target=None, rate=Rate.named(name, ladder[mid]))
             assert point.rate is not None
             label = f"{_scope_label(scope)} {point.rate.label()}"
-            stage = None if progress is None else _prefixed(progress, label)
-            result = compress_with(model, proto, point, importances, progress=stage)
-            result.report = measured(result, reference, data, options.output)
+            result = compress_point(
+                model, proto, point, statistics, reference, data, label=label, progress=progress
+            )
             value = _metric(target, result.report)
             r = result.report
             ok = target.reached(value)
@@ -197,7 +199,3 @@ def _unreachable(target: Target, points: list[SearchPoint]) -> str:
         f"{top.metric:.4g} ({where} scope, {top.rate}, {top.compression_ratio:.2f}x) in "
         f"{len(points)} tries; relax the target or give a rate"
     )
-
-
-def _prefixed(progress: StageProgress, prefix: str) -> StageProgress:
-    return lambda stage, done, total: progress(f"{prefix} {stage}", done, total)

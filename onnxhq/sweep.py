@@ -1,8 +1,9 @@
 """Rate-fidelity sweeps: one Hessian estimate, many compressions, size against fidelity.
 
-`sweep` checks every point's options first, estimates the importances once and compresses the
-model at every rate with them, so its points differ only in the rate. Each point's report keeps
-its full settings (`CompressOptions.to_dict`), so any point can be compressed again alone.
+`sweep` checks every point's options first, estimates the importances (with compensate, the
+layer statistics too: `pipeline.estimate_statistics`) once and compresses the model at every
+rate with them, so its points differ only in the rate. Each point's report keeps its full
+settings (`CompressOptions.to_dict`), so any point can be compressed again alone.
 This module is light (no numpy or onnx at import): the pipeline loads on first use.
 """
 
@@ -57,20 +58,14 @@ class Sweep:
             "hessian": self.hessian,
             "original_bytes": self.original_bytes,
             "accuracy_original": self.accuracy_original,
-            "points": [
-                {
-                    "rate": p.rate,
-                    "value": p.value,
-                    "bits_per_weight": p.report.bits_per_weight,
-                    "compressed_bytes": p.report.compressed_bytes,
-                    "compression_ratio": p.report.compression_ratio,
-                    "accuracy": p.report.accuracy_compressed,
-                    "fidelity": p.report.to_dict().get("fidelity", {}),
-                    "report": p.report.to_dict(),
-                }
-                for p in self.points
-            ],
+            "points": [_point_dict(p) for p in self.points],
         }
+
+    def headline(self) -> tuple[str, str] | None:
+        """(output, metric) of the fidelity a table or plot shows: the first metric (agreement,
+        iou, cosine) of the first output compared; None when no output was."""
+        first = self.points[0].report.fidelity if self.points else {}
+        return next(((o, m) for o, metrics in first.items() for m in metrics), None)
 
     def to_text(self) -> str:
         """The rate-accuracy table, for a terminal."""
@@ -133,24 +128,22 @@ def sweep(
     require_data(base, data)
     from .data import Dataset, load_data  # the heavy modules, once the options are known good
     from .evaluate import reference_outputs
-    from .importances import estimate_importances
     from .model import load_model
-    from .pipeline import check_scope_opset, compress_with, measured
+    from .pipeline import check_scope_opset, compress_point, estimate_statistics
 
     proto = load_model(model)
     check_scope_opset(base, proto)
     test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto)
     dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
     reference = reference_outputs(proto, test, output=base.output)
-    importances = estimate_importances(proto, dataset, base, progress)
-    before = None
+    statistics = estimate_statistics(proto, dataset, base, progress)
     points = []
     for i, point in enumerate(settings):
         assert point.rate is not None
-        prefixed = _prefixed(progress, point.rate.label())
-        result = compress_with(model, proto, point, importances, progress=prefixed)
-        report = measured(result, reference, test, base.output)
-        before = report.accuracy_original
+        label = point.rate.label()
+        report = compress_point(
+            model, proto, point, statistics, reference, test, label=label, progress=progress
+        ).report
         points.append(SweepPoint(point.rate.name, point.rate.value, report))
         log.info(
             "sweep %s: %.3f bits/weight, fidelity %s",
@@ -167,9 +160,23 @@ def sweep(
         method=base.method,
         hessian=base.to_dict()["hessian"],
         original_bytes=first.original_bytes,
-        accuracy_original=before,
+        accuracy_original=first.accuracy_original,  # every point measured the same original
         points=tuple(points),
     )
+
+
+def _point_dict(p: SweepPoint) -> dict:
+    report = p.report.to_dict()
+    return {
+        "rate": p.rate,
+        "value": p.value,
+        "bits_per_weight": p.report.bits_per_weight,
+        "compressed_bytes": p.report.compressed_bytes,
+        "compression_ratio": p.report.compression_ratio,
+        "accuracy": p.report.accuracy_compressed,
+        "fidelity": report.get("fidelity", {}),
+        "report": report,
+    }
 
 
 def _rates(rates: Sequence[Rate], **lists: Sequence[float]) -> list[Rate]:
@@ -197,9 +204,3 @@ def _rates(rates: Sequence[Rate], **lists: Sequence[float]) -> list[Rate]:
             f"the {kinds[0]} values {values} repeat a setting; give each once", kinds[0]
         )
     return list(rates)
-
-
-def _prefixed(progress: StageProgress | None, prefix: str) -> StageProgress | None:
-    if progress is None:
-        return None
-    return lambda stage, done, total: progress(f"{prefix} {stage}", done, total)

@@ -75,9 +75,7 @@ def sweep_table(sweep: Sweep) -> str:
     """``onnxhq sweep``: one line per point: setting, bits per weight, bytes, ratio, accuracy,
     and the headline fidelity (the first metric of the first output: agreement, iou, cosine)."""
     acc = "" if sweep.accuracy_original is None else f", accuracy {sweep.accuracy_original:.2%}"
-    first = sweep.points[0].report.fidelity if sweep.points else {}
-    output = next(iter(first), None)
-    metric = next(iter(first[output]), None) if output is not None else None
+    output, metric = sweep.headline() or (None, None)
     shown = "" if metric is None else f"; fidelity: {metric} of {output}"
     lines = [
         f"{sweep.model}: method {sweep.method}, {sweep.hessian} Hessian; original "

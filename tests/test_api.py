@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 from training_support import needs_training
@@ -99,6 +100,30 @@ def test_sweep_estimates_once_and_orders_points_as_given(convnet_file, convnet_d
     table = result.to_text()
     assert "k=2" in table and "bits/w" in table
     assert result.to_dict()["points"][0]["report"]["layers"]
+
+
+def test_compensate_reads_the_data_once_and_a_sweep_gathers_the_layers_once(
+    convnet_file, convnet_data, tmp_path, monkeypatch
+):
+    from onnxhq import data as data_mod
+    from onnxhq import layer_inputs
+
+    path = tmp_path / "data.npz"
+    np.savez(path, input=convnet_data.inputs["input"], labels=convnet_data.labels)
+    reads, gathers = [], []
+    read, gather = data_mod._dataset, layer_inputs.layer_hessians
+    monkeypatch.setattr(data_mod, "_dataset", lambda *a: reads.append(a[0]) or read(*a))
+    monkeypatch.setattr(
+        layer_inputs, "layer_hessians", lambda *a, **kw: gathers.append(1) or gather(*a, **kw)
+    )
+    weighted = dict(hessian="activations", hessian_samples=16, compensate=True)
+    onnxhq.compress(convnet_file, path, **weighted)  # the Hessian and the layers read the file
+    assert (reads, len(gathers)) == ([str(path)], 1)
+    result = onnxhq.sweep(
+        convnet_file, path, eval_data=convnet_data, target_bits=[2, 4], **weighted
+    )
+    assert (reads, len(gathers)) == ([str(path)] * 2, 2)
+    assert [p.report.settings["compensate"] for p in result.points] == [True, True]
 
 
 def test_sweep_with_plain_kmeans_needs_no_data_and_no_hessian(

@@ -53,14 +53,22 @@ def pair(head, shape_in, shape_out, w_shape, noise):
     return one_layer(w, head, shape_in, shape_out), one_layer(v, head, shape_in, shape_out), w, v
 
 
-def test_sequence_probabilities_per_position_agreement_kl_and_decoded_strings():
-    x = RNG.normal(size=(40, 6, 5)).astype(np.float32)
-    original, other, w, v = pair("Softmax", ["N", 6, 5], ["N", 6, 4], (5, 4), 0.4)
-    data = Dataset({"x": x})
+def compared(head, x_shape, w_shape, noise, labels=None):
+    """A `pair` on inputs ``x`` of ``x_shape``: the original's `reference_outputs`, the other's
+    `fidelity` to it, and both models' pre-activations ``x @ w`` and ``x @ v`` in float64."""
+    x = RNG.normal(size=x_shape).astype(np.float32)
+    shape_in, shape_out = ["N", *x_shape[1:]], ["N", *x_shape[1:-1], w_shape[1]]
+    original, other, w, v = pair(head, shape_in, shape_out, w_shape, noise)
+    data = Dataset({"x": x}, labels)
     ref = reference_outputs(original, data)
+    x64 = x.astype(np.float64)
+    return ref, fidelity(ref, other, data)["y"], x64 @ w, x64 @ v
+
+
+def test_sequence_probabilities_per_position_agreement_kl_and_decoded_strings():
+    ref, got, za, zb = compared("Softmax", (40, 6, 5), (5, 4), 0.4)
     assert ref.kinds == {"y": OutputKind("classes", -1)}
-    got = fidelity(ref, other, data)["y"]
-    p, q = softmax(x.astype(np.float64) @ w), softmax(x.astype(np.float64) @ v)
+    p, q = softmax(za), softmax(zb)
     assert set(got) == {"agreement", "kl", "sequence"}
     assert got["agreement"] == np.mean(p.argmax(-1) == q.argmax(-1))
     assert got["kl"] == pytest.approx(np.mean((p * np.log(p / q)).sum(-1)), rel=1e-4)
@@ -69,13 +77,9 @@ def test_sequence_probabilities_per_position_agreement_kl_and_decoded_strings():
 
 
 def test_bernoulli_map_iou_at_one_half_and_max_abs_error():
-    x = RNG.normal(size=(30, 3, 8)).astype(np.float32)
-    original, other, w, v = pair("Sigmoid", ["N", 3, 8], ["N", 3, 8], (8, 8), 0.3)
-    data = Dataset({"x": x})
-    ref = reference_outputs(original, data)
+    ref, got, za, zb = compared("Sigmoid", (30, 3, 8), (8, 8), 0.3)
     assert ref.kinds["y"].kind == "bernoulli"
-    got = fidelity(ref, other, data)["y"]
-    p, q = sigmoid(x.astype(np.float64) @ w), sigmoid(x.astype(np.float64) @ v)
+    p, q = sigmoid(za), sigmoid(zb)
     on_p, on_q = (p > 0.5).reshape(30, -1), (q > 0.5).reshape(30, -1)
     iou = (on_p & on_q).sum(1) / (on_p | on_q).sum(1)
     assert set(got) == {"iou", "max_abs_error"}
@@ -84,13 +88,9 @@ def test_bernoulli_map_iou_at_one_half_and_max_abs_error():
 
 
 def test_real_outputs_cosine_mean_min_and_sqnr():
-    x = RNG.normal(size=(25, 2, 6)).astype(np.float32)
-    original, other, w, v = pair("Tanh", ["N", 2, 6], ["N", 2, 3], (6, 3), 0.1)
-    data = Dataset({"x": x})
-    ref = reference_outputs(original, data)
+    ref, got, za, zb = compared("Tanh", (25, 2, 6), (6, 3), 0.1)
     assert ref.kinds["y"].kind == "real"
-    got = fidelity(ref, other, data)["y"]
-    a, b = np.tanh(x.astype(np.float64) @ w), np.tanh(x.astype(np.float64) @ v)
+    a, b = np.tanh(za), np.tanh(zb)
     fa, fb = a.reshape(25, -1), b.reshape(25, -1)
     cos = (fa * fb).sum(1) / np.linalg.norm(fa, axis=1) / np.linalg.norm(fb, axis=1)
     sqnr = 10 * math.log10((a**2).sum() / ((a - b) ** 2).sum())
@@ -101,14 +101,9 @@ def test_real_outputs_cosine_mean_min_and_sqnr():
 
 
 def test_rank2_logits_are_classes_with_accuracy_where_labels_fit():
-    x = RNG.normal(size=(50, 7)).astype(np.float32)
     labels = RNG.integers(0, 3, 50)
-    original, other, w, v = pair(None, ["N", 7], ["N", 3], (7, 3), 0.5)
-    data = Dataset({"x": x}, labels)
-    ref = reference_outputs(original, data)
+    ref, got, za, zb = compared(None, (50, 7), (7, 3), 0.5, labels)
     assert ref.kinds["y"] == OutputKind("classes", -1)
-    got = fidelity(ref, other, data)["y"]
-    za, zb = x.astype(np.float64) @ w, x.astype(np.float64) @ v
     assert got["accuracy"] == np.mean(zb.argmax(1) == labels)
     assert ref.accuracy("y") == np.mean(za.argmax(1) == labels)
     assert got["agreement"] == np.mean(za.argmax(1) == zb.argmax(1))

@@ -11,8 +11,9 @@ import io
 import json
 import math
 import os
+import re
 import time
-from contextlib import redirect_stderr
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -162,8 +163,13 @@ def test_the_cli_names_flags_and_refuses_before_reading(tmp_path, capsys):
         main(["compress", "missing.onnx", "--guard", "never", "-o", str(tmp_path)])
 
 
-def test_every_option_keyword_has_a_flag():
+def test_every_option_keyword_has_a_flag_that_compress_takes():
     assert set(KEYWORDS) - {"name"} <= set(FLAGS)
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        main(["compress", "-h"])
+    taken = set(re.findall(r"--[a-z][a-z-]*", out.getvalue()))
+    assert set(FLAGS.values()) <= taken
 
 
 def test_a_metric_no_output_measures_is_refused_before_quantizing(data, monkeypatch):

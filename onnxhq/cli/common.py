@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .._io import atomic_write_bytes
-from ..options import DEFAULT_METHOD, METHODS, SCOPES
+from ..options import DEFAULT_METHOD, GUARDS, METHODS, SCOPES
 from .arguments import add_data, add_hessian_flags, add_model, hessian_keywords
 
 
@@ -30,7 +30,7 @@ def write_json(path, obj) -> None:
 
 
 def add_quantizer_flags(p, *, sweep: bool) -> None:
-    """Flags shared by compress and sweep: data, method, rate(s), scope, Hessian."""
+    """Flags shared by compress and sweep: data, method, rate(s), scope, Hessian, guard."""
     add_model(p)
     add_data(p, ".npz of model inputs (for the Hessian estimate)")
     p.add_argument(
@@ -63,6 +63,13 @@ def add_quantizer_flags(p, *, sweep: bool) -> None:
         "--group-size", type=int, help="output channels per codebook with --scope channel-group"
     )
     add_hessian_flags(p, estimator_flag="--hessian")
+    p.add_argument(
+        "--guard",
+        default=GUARDS[0],
+        choices=GUARDS,
+        help="a tensor a shared codebook leaves far worse off than one of its own: give it its "
+        "own (requantize, the default), flag it in the report (warn), or do not check (off)",
+    )
 
 
 def option_keywords(args) -> dict:
@@ -72,5 +79,6 @@ def option_keywords(args) -> dict:
         scope=args.scope,
         group_size=args.group_size,
         hessian=args.hessian,
+        guard=args.guard,
         **hessian_keywords(args, prefix="hessian_"),
     )

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .._io import refuse_overwriting_inputs
-from ..options import GUARDS, CompressOptions
+from ..options import CompressOptions
 from .arguments import subcommand
 from .common import add_quantizer_flags, existing, option_keywords, write_json
 
@@ -14,7 +14,6 @@ from .common import add_quantizer_flags, existing, option_keywords, write_json
 def add_compress(sub) -> None:
     p = subcommand(sub, "compress", _run_compress)
     add_quantizer_flags(p, sweep=False)
-    add_guard_flag(p)
     target = p.add_mutually_exclusive_group()
     target.add_argument(
         "--min-fidelity",
@@ -64,7 +63,6 @@ def _run_compress(args) -> int:
         finetune_epochs=args.finetune_epochs,
         train_data=args.train_data,
         finetune_lr=args.finetune_lr,
-        guard=args.guard,
         max_drop=args.max_drop,
         min_fidelity=args.min_fidelity,
         compensate=args.compensate,
@@ -94,7 +92,6 @@ def _run_compress(args) -> int:
 def add_sweep(sub) -> None:
     p = subcommand(sub, "sweep", _run_sweep)
     add_quantizer_flags(p, sweep=True)
-    add_guard_flag(p)
     p.add_argument("--no-plot", action="store_true", help="skip sweep.png (no matplotlib needed)")
     p.add_argument("-o", "--outdir", required=True, help="folder for sweep.json and sweep.png")
 
@@ -127,7 +124,6 @@ def _run_sweep(args) -> int:
         lam=args.lam or (),
         target_bits=args.target_bits or (),
         progress=args.progress,
-        guard=args.guard,
         **keywords,
     )
     print(result.to_text())
@@ -138,13 +134,3 @@ def _run_sweep(args) -> int:
         save_sweep_plot(result, targets[1])
     print(f"wrote {', '.join(str(t) for t in targets)}")
     return 0
-
-
-def add_guard_flag(p) -> None:
-    p.add_argument(
-        "--guard",
-        default=GUARDS[0],
-        choices=GUARDS,
-        help="a tensor a shared codebook leaves far worse off than one of its own: give it its "
-        "own (requantize, the default), flag it in the report (warn), or do not check (off)",
-    )

@@ -7,26 +7,27 @@ environment (default ``$XDG_CACHE_HOME/onnxhq/training``), never the user's; see
 
 from __future__ import annotations
 
+from .arguments import subcommand
+
 
 def add_setup_training(sub) -> None:
-    p = sub.add_parser(
-        "setup-training",
-        help="create the separate environment with onnxruntime-training that gradients need",
-        description="Create a virtual environment with onnxruntime-training (and onnx, numpy) "
-        "for the gradient worker: --hessian fisher, empirical-fisher, hutchinson, gauss-newton, "
-        "pruning and fine-tuning use it. Your own onnxruntime is left as it is. Needs the "
-        "network once; does nothing when the environment already works.",
-    )
+    p = subcommand(sub, "setup-training", _run_setup_training)
     p.add_argument(
         "--python",
         help="the interpreter to create it with (one onnxruntime-training has wheels for: "
         "CPython 3.8-3.12; default this one)",
     )
     p.add_argument("--env", help="the folder to create (default: the cache folder onnxhq looks in)")
-    p.set_defaults(run=_run_setup_training)
 
 
 def _run_setup_training(args) -> int:
+    """create the separate environment with onnxruntime-training that gradients need
+
+    Create a virtual environment with onnxruntime-training (and onnx, numpy) for the gradient
+    worker: --hessian fisher, empirical-fisher, hutchinson, gauss-newton, pruning and fine-tuning
+    use it. Your own onnxruntime is left as it is. Needs the network once; does nothing when the
+    environment already works.
+    """
     from pathlib import Path
 
     from ..training import worker
