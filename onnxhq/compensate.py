@@ -46,8 +46,8 @@ from .layerwise import (
     inverse_cholesky,
     matrix_view,
 )
-from .numeric import entropy_bits
-from .quantize.codes import QuantizedWeights
+from .quantize.codes import QuantizedWeights, coded_bits
+from .quantize.ecsq import code_lengths
 from .quantize.guard import measure_errors
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def compensate(
     if unknown:
         raise DataError(f"a Hessian is given for {unknown[0]!r}, which is not quantized")
     plan = _Plan(quantized, weights, hessians, importances, pruned, damp, order)
-    plain_bits = plan.bits(quantized)
+    plain_bits = coded_bits(quantized)
     if match_bits:
         lam, codes = _match(plan, plain_bits, block)
     else:
@@ -129,7 +129,7 @@ def compensate(
     before = plan.objectives(quantized)
     log.info("compensation: layer objective %.4g -> %.4g (lam %.3g, %.4g -> %.4g coded bits)",
              sum(before.values()), sum(objective.values()), lam, plain_bits,
-             plan.bits(qw))  # fmt: skip
+             coded_bits(qw))  # fmt: skip
     diagonal = tuple(sorted(set(quantized.tensors) - set(hessians)))
     return qw, Compensation(before, objective, lam, diagonal)
 
@@ -140,7 +140,7 @@ def _match(plan: _Plan, target: float, block: int) -> tuple[float, dict[str, np.
 
     def bits(lam: float) -> tuple[float, dict[str, np.ndarray]]:
         codes = plan.assign(lam, block)
-        return plan.bits(plan.with_codes(codes)), codes
+        return coded_bits(plan.with_codes(codes)), codes
 
     size, best = bits(0.0)
     if size <= target:
@@ -194,17 +194,6 @@ class _Plan:
             _diag_objective(self, n, qw) for n in self.names if n not in hessians
         )
         self.unit = max(d0 / total, 1e-300)
-
-    def bits(self, qw: QuantizedWeights) -> float:
-        """Coded size of the indices at their empirical entropy, per codebook key."""
-        total = 0.0
-        for key in qw.codebooks:
-            idx = [qw.tensors[n].indices.ravel() for n in self.names
-                   if qw.tensors[n].codebook == key]  # fmt: skip
-            if idx:
-                counts = np.bincount(np.concatenate(idx))
-                total += counts.sum() * entropy_bits(counts)
-        return total
 
     def with_codes(self, codes: Mapping[str, np.ndarray]) -> QuantizedWeights:
         tensors = {n: replace(t, indices=codes.get(n, t.indices)) for n, t in
@@ -376,5 +365,5 @@ def _code_lengths(qw: QuantizedWeights, key: str, fixed: Mapping[str, np.ndarray
         rows = _book_rows(t)[~fixed[n]]
         live[rows, t.indices[~fixed[n]]] = True
     with np.errstate(divide="ignore"):
-        ell = -np.log2(counts / max(counts.sum(), 1.0))
+        ell = code_lengths(counts, max(int(counts.sum()), 1))
     return np.where(live, ell[None, :], np.inf)

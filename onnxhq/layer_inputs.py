@@ -114,7 +114,7 @@ def layer_hessians(
     wanted = _readable(graph_model, params)
     graph_model, values = _weights_as_inputs(model, wanted)
     uses = _uses(graph_model, wanted, values)
-    views: dict[str, tuple[bool, int, tuple[int, ...]] | None] = {}
+    views: dict[str, tuple[bool, int] | None] = {}
     for use in uses:
         view = _view(use)
         if view is None or views.get(use.param, view) != view:
@@ -148,17 +148,19 @@ def layer_hessians(
                 parts = [rows[pick] for rows in parts]
             for g, rows in enumerate(parts):
                 blocks = _products(rows, cap)
-                acc = sums.setdefault(i, [np.zeros((_groups(use), *b.shape)) for b in blocks])
+                if i not in sums:  # (setdefault would allocate the zeros on every batch)
+                    sums[i] = [np.zeros((_groups(use), *b.shape)) for b in blocks]
+                acc = sums[i]
                 for a, b in zip(acc, blocks):
                     a[g] += b
-                counts[i] += len(rows) if g == 0 else 0
+            counts[i] += len(parts[0])
         if progress is not None:
             progress(step + 1, runs)
     out: dict[str, LayerHessian] = {}
     for i, use in enumerate(uses):
         view = views[use.param]
         assert view is not None
-        transpose, groups, _ = view
+        transpose, groups = view
         scale = _alpha(use) ** 2 / max(counts[i], 1)
         prev = out.get(use.param)
         mine = [a * scale for a in sums[i]]
@@ -187,18 +189,18 @@ def _readable(model: onnx.ModelProto, params: Sequence[str]) -> list[str]:
     return [p for p, v in ok.items() if v]
 
 
-def _view(use: _Use) -> tuple[bool, int, tuple[int, ...]] | None:
-    """(transpose, groups, shape) of the weight's matrix view, or None if unsupported."""
-    op, shape = use.node.op_type, use.shape
+def _view(use: _Use) -> tuple[bool, int] | None:
+    """(transpose, groups) of the weight's matrix view, or None if unsupported."""
+    op = use.node.op_type
     if op == "Conv":
-        return False, _groups(use), shape
-    if len(shape) != 2:
+        return False, _groups(use)
+    if len(use.shape) != 2:
         return None
     if op == "MatMul":
-        return use.slot == 1, 1, shape
+        return use.slot == 1, 1
     trans = use.attr("transB" if use.slot == 1 else "transA", 0)
     rows_are_k = (use.slot == 1) != bool(trans)  # B (K, N), or A^T stored as (K, M)
-    return rows_are_k, 1, shape
+    return rows_are_k, 1
 
 
 def _groups(use: _Use) -> int:
@@ -245,7 +247,7 @@ def _im2col(use: _Use, x: np.ndarray) -> list[np.ndarray]:
         patches.append(padded[where])
     cols = np.stack(patches, axis=-1)  # (N, C, *out, K)
     cols = np.moveaxis(cols, 1, -2)  # (N, *out, C, K)
-    groups = int(use.attr("group", 1))
+    groups = _groups(use)
     per = x.shape[1] // groups
     flat = cols.reshape(-1, x.shape[1], cols.shape[-1])
     return [flat[:, g * per : (g + 1) * per].reshape(len(flat), -1) for g in range(groups)]

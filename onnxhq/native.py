@@ -37,7 +37,7 @@ from . import naming
 from .errors import ConfigError, ModelError
 from .model import default_opset, initializer_map
 from .options.vocabulary import DECODE_TARGETS
-from .rewrite import node_codes
+from .rewrite import drop_onnxhq_domain, node_codes
 
 log = logging.getLogger(__name__)
 
@@ -282,11 +282,5 @@ def _drop_unused(model: onnx.ModelProto, new_inits: list[onnx.TensorProto]) -> N
     keep = [t for t in model.graph.initializer if t.name in used and t.name not in replaced]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep + new_inits)
-    if any(n.domain == naming.DOMAIN for n in model.graph.node):
-        return
-    functions = [f for f in model.functions if f.domain != naming.DOMAIN]
-    del model.functions[:]
-    model.functions.extend(functions)
-    opsets = [o for o in model.opset_import if o.domain != naming.DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(opsets)
+    if not any(n.domain == naming.DOMAIN for n in model.graph.node):
+        drop_onnxhq_domain(model)

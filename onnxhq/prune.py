@@ -111,9 +111,9 @@ def obs_prune(
     """
     scope, targets = _check_targets(weights, sparsity, scope)
     if scope == "global":
-        counts = _prune_global({n: np.abs(np.asarray(w, np.float64)) for n, w in weights.items()},
+        shares = _prune_global({n: np.abs(np.asarray(w, np.float64)) for n, w in weights.items()},
                                targets)  # fmt: skip
-        targets = {n: 1.0 - float(np.mean(m)) for n, m in counts.items()}
+        targets = {n: 1.0 - float(np.mean(m)) for n, m in shares.items()}
     new, masks = {}, {}
     for name, w in weights.items():
         fraction = targets.get(name, 0.0)

@@ -398,11 +398,20 @@ def detach_functions(model: onnx.ModelProto) -> None:
     model.functions.extend(keep)
 
 
+def drop_onnxhq_domain(model: onnx.ModelProto) -> None:
+    """Remove, in place, the onnxhq function definitions and opset import (for a model that no
+    longer has onnxhq nodes)."""
+    detach_functions(model)
+    opsets = [o for o in model.opset_import if o.domain != naming.DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+
+
 def dequantize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """Plain float weights in place of every dequantize node (for ``decode --dequantize``)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
+    inits = initializer_map(out)
     dq_nodes = [n for n in out.graph.node if n.domain == naming.DOMAIN]
     values = {}
     for node in dq_nodes:
@@ -418,10 +427,5 @@ def dequantize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     )
     del out.graph.node[:]
     out.graph.node.extend(others)
-    functions = [f for f in out.functions if f.domain != naming.DOMAIN]
-    del out.functions[:]
-    out.functions.extend(functions)
-    opsets = [o for o in out.opset_import if o.domain != naming.DOMAIN]
-    del out.opset_import[:]
-    out.opset_import.extend(opsets)
+    drop_onnxhq_domain(out)
     return out

@@ -13,7 +13,7 @@ from text by `tools.render_text`, deterministic) and each form, one row:
   share of identical greedy-CTC strings, the detector's map IoU at 0.5 and max abs error, the
   classifier's agreement.
 - the runnable file (``decode`` output) and its onnxruntime session: file bytes, session start
-  and peak memory while starting (ru_maxrss growth in a fresh subprocess, median of 3), and
+  and peak memory while starting (``VmHWM`` growth in a fresh subprocess, median of 3), and
   latency (median, one input, one thread), the float model's measured in the same process.
 
 Forms: onnxhq's defaults (``--hessian``, default ``none``: the gradient Hessians need minutes per
@@ -57,7 +57,7 @@ ONNXHQ_FORMS = {  # label -> compress keywords (beside the Hessian)
 GRID_FORMS = {"onnxhq rows +-127 -> int8": (127, "int8"), "onnxhq rows +-7 -> int4": (7, "int4")}
 
 
-def inputs(name: str, smoke: bool) -> tuple[dict, dict]:
+def inputs(name: str) -> tuple[dict, dict]:
     """(evaluation inputs, calibration inputs) of model ``name``, keyed by its input name."""
     from tools.render_text import line_batch, page_batch
 
@@ -238,7 +238,7 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
     from onnxhq.runtime import make_session
 
     proto = load_model(path)
-    feeds, calib = inputs(name, args.smoke)
+    feeds, calib = inputs(name)
     x1 = {k: v[:1] for k, v in feeds.items()}
     shape = next(iter(x1.values())).shape
     original = run(proto, feeds)

@@ -27,13 +27,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tools.bench_hessian import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = {"LeNet-5": 64, "ResNet-32": 32, "ResNet-20 (random)": 32}
@@ -115,12 +116,6 @@ def max_rel_diff(a: dict, b: dict) -> float:
         x, y = np.asarray(a[k]), np.asarray(b[k])
         worst = max(worst, float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30)))
     return worst
-
-
-def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python " + (
-        platform.python_version()
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
