@@ -7,21 +7,28 @@ optional integer ``labels`` array of shape (N,). A model with a single input may
 
 from __future__ import annotations
 
-import contextlib
-import math
+import dataclasses
 import os
-import zipfile
-import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import DataError
 from .model import InputSpec, input_specs
+from .npz import NpzMembers, available_memory, open_npz, read_npz
+
+__all__ = [
+    "Dataset",
+    "available_memory",
+    "check_label_range",
+    "load_data",
+    "open_npz",
+    "read_npz",
+    "sample_count",
+    "save_data",
+]
 
 if TYPE_CHECKING:
     from onnx import ModelProto
@@ -30,14 +37,26 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Dataset:
     """Model inputs (name -> array with N samples on axis 0) and optional labels (N,) int64;
-    ``source`` names where they came from in messages (the file's path)."""
+    ``source`` names where they came from in messages (the file's path).
+
+    A dataset read in part (`load_data` with ``rows``) also knows which samples of its source it
+    holds: ``rows``, sorted indices into the source's ``total`` samples. Samplers draw indices
+    of the whole source (`source_size`) and `take` them from what was read.
+    """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     source: str = "the data"
+    rows: np.ndarray | None = None
+    total: int | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
+
+    @property
+    def source_size(self) -> int:
+        """Samples in the source: ``total`` for a dataset read in part, else ``len(self)``."""
+        return len(self) if self.rows is None or self.total is None else self.total
 
     def batches(self, batch_size: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         """Consecutive batches ``(inputs, labels)``; the last one may be smaller."""
@@ -47,11 +66,30 @@ class Dataset:
             yield {k: v[start:stop] for k, v in self.inputs.items()}, labels
 
     def subset(self, indices: np.ndarray) -> Dataset:
+        """The samples at positions ``indices`` of this dataset, as a dataset of their own."""
         labels = None if self.labels is None else self.labels[indices]
         return Dataset({k: v[indices] for k, v in self.inputs.items()}, labels, self.source)
 
     def head(self, n: int | None) -> Dataset:
         return self if n is None or n >= len(self) else self.subset(np.arange(n))
+
+    def positions(self, indices: np.ndarray) -> np.ndarray:
+        """Where the source's samples ``indices`` sit in this dataset (they must have been read)."""
+        indices = np.asarray(indices, np.int64)
+        if self.rows is None:
+            return indices
+        at = np.searchsorted(self.rows, indices)
+        held = (at < len(self.rows)) & (self.rows[np.minimum(at, len(self.rows) - 1)] == indices)
+        if not held.all():
+            raise DataError(
+                f"{self.source}: sample {indices[~held][0]} was not read (only {len(self.rows)} "
+                f"of its {self.source_size} samples were); read it with load_data(rows=...)"
+            )
+        return at
+
+    def take(self, indices: np.ndarray) -> Dataset:
+        """The source's samples ``indices`` (in that order), read or not in part."""
+        return self.subset(self.positions(indices))
 
 
 def load_data(
@@ -60,56 +98,139 @@ def load_data(
     *,
     need_labels: bool = False,
     max_samples: int | None = None,
+    rows: np.ndarray | Sequence[int] | None = None,
 ) -> Dataset:
     """Read and validate a data file (or mapping of arrays) against a model's runtime inputs.
 
     ``model`` is the ONNX model or its `input_specs`. Of an ``.npz`` file only the arrays the
     model reads (and the labels) are decompressed, and with ``max_samples`` only their first
-    ``max_samples`` samples (the rest of each member is never inflated).
+    ``max_samples`` samples (the rest of each member is never inflated). With ``rows`` (indices
+    into the file's N samples, any order, repeats allowed; `sample_count` gives N) only those
+    samples are kept, each member inflated up to its last such row: the dataset holds them in
+    increasing order, and its `Dataset.take` maps indices of the file onto them.
     """
     specs = list(model) if isinstance(model, Sequence) else input_specs(model)
     if not specs:
         raise DataError("the model has no runtime inputs to feed")
     if isinstance(source, Mapping):
         data = _dataset("data", dict(source), specs, need_labels)
-        return data.head(max_samples)
-    with open_npz(source, max_rows=max_samples) as arrays:
-        return _dataset(str(source), arrays, specs, need_labels)
+        if rows is None:
+            return data.head(max_samples)
+        wanted = _wanted("data", rows, len(data))
+        return dataclasses.replace(data.subset(wanted), rows=wanted, total=len(data))
+    if rows is None:
+        with open_npz(source, max_rows=max_samples) as arrays:
+            return _dataset(str(source), arrays, specs, need_labels)
+    with open_npz(source) as arrays:
+        n = _count(str(source), arrays, specs, need_labels)
+        wanted = _wanted(str(source), rows, n)
+        arrays.rows = wanted
+        data = _dataset(str(source), arrays, specs, need_labels)
+    return dataclasses.replace(data, rows=wanted, total=n)
+
+
+def sample_count(
+    source: str | os.PathLike | Mapping[str, np.ndarray],
+    model: ModelProto | Sequence[InputSpec],
+    *,
+    need_labels: bool = False,
+) -> int:
+    """The number of samples N of a data file, from its ``.npy`` headers (nothing inflated).
+
+    Checks what the headers tell: an array for every model input, equal counts on axis 0
+    (labels included), at least one sample.
+    """
+    specs = list(model) if isinstance(model, Sequence) else input_specs(model)
+    if not specs:
+        raise DataError("the model has no runtime inputs to feed")
+    if isinstance(source, Mapping):
+        return len(_dataset("data", dict(source), specs, need_labels))
+    with open_npz(source) as arrays:
+        return _count(str(source), arrays, specs, need_labels)
+
+
+def _wanted(where: str, rows: np.ndarray | Sequence[int], n: int) -> np.ndarray:
+    wanted = np.unique(np.asarray(rows, np.int64))
+    if wanted.size and (wanted[0] < 0 or wanted[-1] >= n):
+        bad = wanted[0] if wanted[0] < 0 else wanted[-1]
+        raise DataError(f"{where} holds {n} samples; sample {bad} does not exist")
+    return wanted
+
+
+def _keys(
+    where: str, names: Collection[str], specs: list[InputSpec], need_labels: bool
+) -> tuple[dict[str, str], str | None]:
+    """The array key of each model input (input name -> key) and the labels' key, if any."""
+    aliases = {"x": specs[0].name} if len(specs) == 1 else {}
+    label_key = "labels" if "labels" in names else ("y" if aliases and "y" in names else None)
+    keys = {}
+    for spec in specs:
+        key = spec.name if spec.name in names else None
+        if key is None:
+            key = next((a for a, t in aliases.items() if t == spec.name and a in names), None)
+        if key is None:
+            hint = " (or 'x')" if aliases else ""
+            raise DataError(
+                f"{where} has no array for model input {spec.name!r}{hint}; "
+                f"it has: {', '.join(sorted(names)) or 'nothing'}"
+            )
+        keys[spec.name] = key
+    return keys, label_key
+
+
+def _count(where: str, arrays: NpzMembers, specs: list[InputSpec], need_labels: bool) -> int:
+    keys, label_key = _keys(where, list(arrays), specs, need_labels)
+    shapes = {name: arrays.shape(key) for name, key in keys.items()}
+    scalar = next((name for name, shape in shapes.items() if not shape), None)
+    if scalar is not None:
+        raise DataError(f"{where}: {keys[scalar]!r} is a scalar; put the samples on axis 0")
+    sizes = {name: shape[0] for name, shape in shapes.items()}
+    _check_counts(where, sizes)
+    n = next(iter(sizes.values()))
+    if label_key is not None:
+        shape = arrays.shape(label_key)
+        if len(shape) != 1 or shape[0] != n:
+            raise DataError(
+                f"{where}: {label_key!r} must be integer class labels of shape ({n},), "
+                f"got shape {tuple(shape)}"
+            )
+    elif need_labels:
+        raise _no_labels(where, n)
+    return n
+
+
+def _check_counts(where: str, sizes: dict[str, int]) -> None:
+    if len(set(sizes.values())) != 1:
+        raise DataError(
+            f"{where}: inputs have different sample counts {sizes}; axis 0 must be the sample axis"
+        )
+    if next(iter(sizes.values())) == 0:
+        raise DataError(f"{where} holds no samples")
+
+
+def _no_labels(where: str, n: int) -> DataError:
+    return DataError(
+        f"{where} has no 'labels' array; accuracy and training need integer labels of shape ({n},)"
+    )
 
 
 def _dataset(
     where: str, arrays: Mapping[str, np.ndarray], specs: list[InputSpec], need_labels: bool
 ) -> Dataset:
-    aliases = {"x": specs[0].name} if len(specs) == 1 else {}
-    label_key = "labels" if "labels" in arrays else ("y" if aliases and "y" in arrays else None)
-    inputs = {}
-    for spec in specs:
-        key = spec.name if spec.name in arrays else None
-        if key is None:
-            key = next((a for a, t in aliases.items() if t == spec.name and a in arrays), None)
-        if key is None:
-            hint = " (or 'x')" if aliases else ""
-            raise DataError(
-                f"{where} has no array for model input {spec.name!r}{hint}; "
-                f"it has: {', '.join(sorted(arrays)) or 'nothing'}"
-            )
-        inputs[spec.name] = _check_input(where, key, np.asarray(arrays[key]), spec)
+    keys, label_key = _keys(where, list(arrays), specs, need_labels)
+    inputs = {
+        name: _check_input(where, key, np.asarray(arrays[key]), spec)
+        for spec in specs
+        for name, key in [(spec.name, keys[spec.name])]
+    }
     sizes = {name: len(a) for name, a in inputs.items()}
-    if len(set(sizes.values())) != 1:
-        raise DataError(
-            f"{where}: inputs have different sample counts {sizes}; axis 0 must be the sample axis"
-        )
+    _check_counts(where, sizes)
     n = next(iter(sizes.values()))
-    if n == 0:
-        raise DataError(f"{where} holds no samples")
     labels = None
     if label_key is not None:
         labels = _check_labels(where, label_key, np.asarray(arrays[label_key]), n)
     elif need_labels:
-        raise DataError(
-            f"{where} has no 'labels' array; accuracy and training need integer labels "
-            f"of shape ({n},)"
-        )
+        raise _no_labels(where, n)
     return Dataset(inputs, labels, where)
 
 
@@ -142,141 +263,6 @@ def check_label_range(data: Dataset, classes: int) -> None:
             f"{where}: label {bad} is not a class of the model, which scores {classes} classes "
             f"(labels 0..{classes - 1}); check the labels match this model"
         )
-
-
-def read_npz(path: str | os.PathLike, what: str = "data file") -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz`` archive (see `open_npz`); ``what`` names the file in errors."""
-    with open_npz(path, what) as arrays:
-        return {k: arrays[k] for k in arrays}
-
-
-@contextmanager
-def open_npz(
-    path: str | os.PathLike, what: str = "data file", *, max_rows: int | None = None
-) -> Iterator[Mapping[str, np.ndarray]]:
-    """The arrays of an ``.npz`` archive as a mapping that reads a member when it is accessed.
-
-    Members are streamed from the zip, never through pickle: the ``.npy`` header is parsed
-    first, and a member whose declared shape disagrees with its stored size, holds objects,
-    or would not fit in the memory available is refused with `DataError` before anything is
-    allocated. With ``max_rows`` only the first ``max_rows`` entries of axis 0 are inflated.
-    Anything that is not a zip is refused before it is parsed. ``what`` names the file in errors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path} does not exist")
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic == b"\x93NUMPY":
-        raise DataError(f"{what} {path} is a single .npy array; use an .npz archive keyed by name")
-    if not magic.startswith(b"PK"):
-        raise DataError(
-            f"{what} {path} is not a readable .npz archive (it does not start like a zip file)"
-        )
-    try:
-        archive = zipfile.ZipFile(path)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise _npz_error(what, path, exc) from None
-    with archive:
-        members = {i.filename[:-4]: i for i in archive.infolist() if i.filename.endswith(".npy")}
-        if not members:
-            raise DataError(f"{what} {path} holds no arrays")
-        yield _NpzMembers(archive, members, what, path, max_rows)
-
-
-class _NpzMembers(Mapping[str, np.ndarray]):
-    """Read-only view of an open ``.npz`` zip; each access streams (and checks) one member."""
-
-    def __init__(
-        self,
-        archive: zipfile.ZipFile,
-        members: dict[str, zipfile.ZipInfo],
-        what: str,
-        path: Path,
-        max_rows: int | None,
-    ):
-        self._archive, self._members, self._what, self._path = archive, members, what, path
-        self._max_rows = max_rows
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        info = self._members[key]
-        try:
-            with self._archive.open(info) as f:
-                return _read_npy(f, info.file_size, key, self._max_rows, self._where)
-        except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
-            raise _npz_error(self._what, self._path, exc) from None
-
-    @property
-    def _where(self) -> str:
-        return f"{self._what} {self._path}"
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._members
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._members)
-
-    def __len__(self) -> int:
-        return len(self._members)
-
-
-def _read_npy(f: IO[bytes], stored: int, key: str, max_rows: int | None, where: str) -> np.ndarray:
-    """The array of the ``.npy`` stream ``f`` (``stored`` bytes), or its first ``max_rows``."""
-    version = np.lib.format.read_magic(f)
-    read_header = (
-        np.lib.format.read_array_header_1_0
-        if version == (1, 0)
-        else np.lib.format.read_array_header_2_0
-    )
-    shape, fortran, dtype = read_header(f)
-    if dtype.hasobject:
-        raise DataError(f"{where} holds pickled objects; onnxhq reads plain numeric arrays only")
-    count = math.prod(shape)  # exact Python ints: a declared shape of terabytes stays a number
-    nbytes = count * dtype.itemsize
-    body = stored - f.tell()
-    if body != nbytes:
-        raise DataError(
-            f"{where}: {key!r} declares shape {tuple(shape)} {dtype} ({_size(nbytes)}) but stores "
-            f"{_size(max(body, 0))}; the file is broken, re-save it with numpy.savez"
-        )
-    rows = shape[0] if shape else 1
-    take = rows if max_rows is None or fortran or not shape else min(rows, max_rows)
-    want = nbytes if take == rows else take * (nbytes // max(rows, 1))
-    if want > available_memory():
-        raise DataError(
-            f"{where}: {key!r} has shape {tuple(shape)} {dtype}: {_size(want)} to read, more than "
-            f"the {_size(available_memory())} of memory available; pass fewer samples"
-        )
-    buffer = bytearray(want)
-    view, done = memoryview(buffer), 0
-    while done < want:
-        got = f.readinto(view[done:])  # type: ignore[attr-defined]
-        if not got:
-            raise EOFError
-        done += got
-    out_shape = (take, *shape[1:]) if take != rows else tuple(shape)
-    return np.frombuffer(buffer, dtype=dtype).reshape(out_shape, order="F" if fortran else "C")
-
-
-def available_memory() -> int:
-    """Bytes of memory available to allocate now (Linux: MemAvailable; else the physical RAM)."""
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} bytes"
-
-
-def _npz_error(what: str, path: Path, exc: Exception) -> DataError:
-    detail = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
-    return DataError(f"{what} {path} is not a readable .npz archive ({detail})")
 
 
 def _check_input(where: str, key: str, array: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import hessian as hessian_mod
-from .data import Dataset, load_data
+from .data import Dataset, load_data, sample_count
 from .errors import ConfigError, DataError, ModelError
 from .model import initializer_map, load_model, quantizable_weights
 from .options import HESSIAN_METHODS, SUPPLIED, CompressOptions, HessianSource, OptionError
@@ -103,6 +103,7 @@ def estimate_hessian(
     ----------
     model : path, bytes or ModelProto of the model.
     data : its inputs (labels too for ``empirical-fisher`` and ``hutchinson``); None for ``adam``.
+        Of a data file only the samples the estimator draws are read (`onnxhq.hessian.Draws`).
     method : an estimator of `onnxhq.hessian.METHODS` other than ``none``.
     params : initializer names; default the tensors `compress` quantizes (`quantized_names`).
     samples, batch_size, seed : the draws (None: 1000 samples, the estimator's batch size);
@@ -150,7 +151,9 @@ def estimate_hessian(
             "the model has no quantizable weights (float initializers of Conv, "
             "ConvTranspose, Gemm, MatMul, Gather), so there is no Hessian to estimate"
         )
-    dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
+    dataset = data if isinstance(data, Dataset) else None
+    if data is not None and not isinstance(data, Dataset):
+        dataset = _drawn(data, proto, source, seed)  # only the samples the estimator draws
     engine: GradientEngine | OutputEngine | None = None
     if method in ("empirical-fisher", "hutchinson") and dataset is not None:
         named = None if output is None else str(output)
@@ -175,6 +178,18 @@ def estimate_hessian(
     )
     assert diag is not None  # only "none" gives None, refused above
     return diag
+
+
+def _drawn(
+    path: str | os.PathLike, proto: onnx.ModelProto, source: HessianSource, seed: int
+) -> Dataset | None:
+    """The samples of the data file ``path`` that the estimator draws, and no others (N from
+    the file's headers, the draws from ``samples`` and ``seed``: `onnxhq.hessian.Draws.rows`)."""
+    if not source.needs_data:
+        return None
+    n = sample_count(path, proto)
+    samples = hessian_mod.DEFAULT_SAMPLES if source.samples is None else source.samples
+    return load_data(path, proto, rows=hessian_mod.Draws(samples, seed=seed).rows(n))
 
 
 def _fisher_engine(

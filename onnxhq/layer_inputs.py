@@ -27,18 +27,16 @@ sample-and-position rows); products are formed in float32 and summed in float64.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .data import Dataset, load_data
 from .errors import ConfigError
-from .hessian.activations import _check_inputs, _conv_pads, _Use, _uses, _weights_as_inputs
+from .hessian.uses import Use, conv_windows, expose, find_uses, runtime_feeds, weights_as_inputs
 from .layerwise import LayerHessian
 from .runtime import make_session
 
@@ -110,10 +108,10 @@ def layer_hessians(
     for label, v in checked:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ConfigError(f"{label}={v!r} must be an integer >= 1")
-    graph_model, _ = _weights_as_inputs(model, params)
+    graph_model, _ = weights_as_inputs(model, params)
     wanted = _readable(graph_model, params)
-    graph_model, values = _weights_as_inputs(model, wanted)
-    uses = _uses(graph_model, wanted, values)
+    graph_model, values = weights_as_inputs(model, wanted)
+    uses = find_uses(graph_model, wanted, values)
     views: dict[str, tuple[bool, int] | None] = {}
     for use in uses:
         view = _view(use)
@@ -124,13 +122,11 @@ def layer_hessians(
         else:
             views.setdefault(use.param, view)
     uses = [u for u in uses if views.get(u.param) is not None]
-    feeds = _check_inputs(graph_model, inputs, wanted)
+    feeds = runtime_feeds(graph_model, inputs, wanted)
     n = len(next(iter(feeds.values())))
     order = np.random.default_rng(seed).permutation(n)[: min(samples, n)]
     exposed = sorted({u.x for u in uses} - set(feeds) - set(values))
-    for name in exposed:
-        if name not in {o.name for o in graph_model.graph.output}:
-            graph_model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    expose(graph_model, exposed)
     session = make_session(graph_model) if exposed else None
     sums: dict[int, list[np.ndarray]] = {}
     counts = dict.fromkeys(range(len(uses)), 0)
@@ -189,7 +185,7 @@ def _readable(model: onnx.ModelProto, params: Sequence[str]) -> list[str]:
     return [p for p, v in ok.items() if v]
 
 
-def _view(use: _Use) -> tuple[bool, int] | None:
+def _view(use: Use) -> tuple[bool, int] | None:
     """(transpose, groups) of the weight's matrix view, or None if unsupported."""
     op = use.node.op_type
     if op == "Conv":
@@ -203,15 +199,15 @@ def _view(use: _Use) -> tuple[bool, int] | None:
     return rows_are_k, 1
 
 
-def _groups(use: _Use) -> int:
+def _groups(use: Use) -> int:
     return int(use.attr("group", 1)) if use.node.op_type == "Conv" else 1
 
 
-def _alpha(use: _Use) -> float:
+def _alpha(use: Use) -> float:
     return float(use.attr("alpha", 1.0)) if use.node.op_type == "Gemm" else 1.0
 
 
-def _rows(use: _Use, x: np.ndarray) -> list[np.ndarray]:
+def _rows(use: Use, x: np.ndarray) -> list[np.ndarray]:
     """Per group, the (positions, d) matrix whose rows the weight's view multiplies."""
     op = use.node.op_type
     if op == "Conv":
@@ -226,25 +222,9 @@ def _rows(use: _Use, x: np.ndarray) -> list[np.ndarray]:
     return [x.reshape(-1, x.shape[-1])]
 
 
-def _im2col(use: _Use, x: np.ndarray) -> list[np.ndarray]:
+def _im2col(use: Use, x: np.ndarray) -> list[np.ndarray]:
     """Per group: (samples * output positions, C/G * prod(kernel)) patches, weight order."""
-    kernel = use.shape[2:]
-    sp = len(kernel)
-    strides = list(use.attr("strides", [1] * sp))
-    dil = list(use.attr("dilations", [1] * sp))
-    begin, end = _conv_pads(use, x.shape[2:], kernel, strides, dil)
-    padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end)])
-    out = [
-        (padded.shape[2 + i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(sp)
-    ]
-    patches = []
-    for offset in itertools.product(*(range(k) for k in kernel)):
-        window = tuple(
-            slice(o * d, o * d + (n - 1) * s + 1, s)
-            for o, d, n, s in zip(offset, dil, out, strides)
-        )
-        where: tuple[slice, ...] = (slice(None), slice(None), *window)
-        patches.append(padded[where])
+    patches = [reads for _, reads in conv_windows(use, x)]
     cols = np.stack(patches, axis=-1)  # (N, C, *out, K)
     cols = np.moveaxis(cols, 1, -2)  # (N, *out, C, K)
     groups = _groups(use)

@@ -38,7 +38,10 @@ from .layerwise import DAMP, LayerHessian, from_view, inverse_cholesky, matrix_v
 from .layerwise import obs_prune_columns as _obs_columns
 from .model import load_model, quantizable_weights, read_initializers, replace_initializers
 from .options import PRUNE_CRITERIA as CRITERIA
-from .options import PRUNE_SCOPES as SCOPES
+from .options import PRUNE_SCOPES as SCOPES  # noqa: F401 (the scopes prune_masks takes)
+from .options import OptionError
+from .options.parts import check_choice
+from .options.pruning import check_prune_options, check_sparsity
 from .training.engine import GradientEngine
 from .training.train import Augment, Rate, cosine_lr, train
 
@@ -167,7 +170,7 @@ def sparsity_schedule(target: float, steps: int) -> list[float]:
     still has redundant weights, and little near the end.
     """
     if steps < 1:
-        raise ConfigError(f"steps={steps} must be at least 1")
+        raise OptionError(f"steps={steps} must be an integer >= 1", "steps")
     return [target * (1.0 - (1.0 - t / steps) ** 3) for t in range(1, steps + 1)]
 
 
@@ -210,14 +213,9 @@ def prune_model(
     (model, masks) : a pruned copy of the model (pruned weights exactly zero) and name -> bool
         keep-mask for each pruned weight.
     """
-    if criterion not in CRITERIA:
-        raise ConfigError(
-            f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}"
-        )
-    if not retrain_epochs >= 0:
-        raise ConfigError(f"retrain_epochs={retrain_epochs} must be nonnegative")
-    if not callable(lr):
-        cosine_lr(lr)  # refuses a bad rate before any work
+    check_prune_options(sparsity=sparsity, criterion=criterion, scope=scope, steps=steps,
+                        retrain_epochs=retrain_epochs, lr=lr, batch_size=batch_size,
+                        hessian_samples=hessian_samples, seed=seed)  # fmt: skip
     if retrain_epochs > 0 and data.labels is None:
         raise DataError(
             "retraining after pruning needs labels: add an integer 'labels' array to the data"
@@ -334,37 +332,22 @@ def _scaled(sparsity: float | Mapping[str, float], fraction: float) -> float | d
 def _check_targets(
     weights: Mapping[str, np.ndarray], sparsity, scope: str | None
 ) -> tuple[str, dict[str, float]]:
-    per_layer = isinstance(sparsity, Mapping)
-    if scope is None:
-        scope = "layer" if per_layer else "global"
-    if scope not in SCOPES:
-        raise ConfigError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
-    if per_layer and scope == "global":
-        raise ConfigError(
-            "per-layer sparsities need scope='layer'; give one number for a global target"
-        )
-    targets = dict(sparsity) if per_layer else {n: sparsity for n in weights}
+    scope = check_sparsity(sparsity, scope)
+    targets = dict(sparsity) if isinstance(sparsity, Mapping) else {n: sparsity for n in weights}
     unknown = [n for n in targets if n not in weights]
     if unknown:
-        raise ConfigError(
-            f"sparsity given for {unknown[0]!r}, which is not among the weights to prune"
+        raise OptionError(
+            f"sparsity given for {unknown[0]!r}, which is not among the weights to prune "
+            f"({', '.join(list(weights)[:4])}{', ...' if len(weights) > 4 else ''})",
+            "sparsity",
         )
-    for name, s in targets.items():
-        if not (isinstance(s, (int, float, np.floating)) and 0.0 <= s < 1.0):
-            raise ConfigError(
-                f"sparsity {s!r} of {name!r} is outside [0, 1); it is the fraction of weights set "
-                "to zero"
-            )
     return scope, {n: float(s) for n, s in targets.items()}
 
 
 def _scores(
     weights: Mapping[str, np.ndarray], criterion: str, importances
 ) -> dict[str, np.ndarray]:
-    if criterion not in CRITERIA:
-        raise ConfigError(
-            f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}"
-        )
+    check_choice("criterion", criterion, CRITERIA)
     if criterion == "magnitude":
         return {n: np.abs(np.asarray(w, np.float64)) for n, w in weights.items()}
     if criterion == "obs":

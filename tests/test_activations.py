@@ -252,3 +252,50 @@ def test_real_models_get_a_finite_positive_diagonal_for_every_weight(name):
     h = activation_hessian(model, {"x": x}, params, samples=8, batch_size=4, calibration_samples=4)
     assert set(h) == set(params)
     assert all(np.isfinite(v).all() and (v > 0).all() for v in h.values())
+
+
+def test_the_samples_used_are_those_the_draws_give_and_a_partial_read_suffices():
+    """Raw moments of 10 of 40 samples: those of `Draws.order`; the same from a dataset holding
+    only those rows."""
+    from onnxhq.data import load_data
+    from onnxhq.hessian import Draws
+    from onnxhq.model import input_specs
+
+    x, w = rand(40, 5, seed=6), rand(5, 3, seed=7)
+    model = model_with("y = MatMul(x, W)", "float[N, 5] x", {"W": w})
+    picked = x[Draws(10, seed=4).order(40)].astype(np.float64)
+    h = activation_hessian(model, {"x": x}, ["W"], scaled=False, samples=10, seed=4)
+    want = np.mean(picked**2, axis=0)
+    np.testing.assert_allclose(h["W"], np.broadcast_to(want[:, None], w.shape), rtol=1e-6)
+    part = load_data({"x": x}, input_specs(model), rows=Draws(10, seed=4).rows(40))
+    assert len(part) == 10
+    for scaled in (False, True):
+        whole = activation_hessian(model, {"x": x}, ["W"], scaled=scaled, samples=10, seed=4)
+        got = activation_hessian(model, part, ["W"], scaled=scaled, samples=10, seed=4)
+        np.testing.assert_array_equal(got["W"], whole["W"])
+
+
+def test_memory_is_a_small_multiple_of_the_weights_not_of_the_activations():
+    """Six 1024 x 1024 layers (24 MiB), 256 samples: the numpy memory at the peak stays under
+    three times the weights (one copy fed to onnxruntime, the result, one layer's temporaries),
+    whatever the number of samples."""
+    import tracemalloc
+
+    d, layers = 1024, 6
+    body = "\n".join(
+        f"m{i} = MatMul({'x' if i == 0 else f'r{i - 1}'}, W{i})\n"
+        + (f"r{i} = Relu(m{i})" if i < layers - 1 else "")
+        for i in range(layers)
+    )
+    weights = {f"W{i}": rand(d, d, seed=i) / np.float32(np.sqrt(d)) for i in range(layers)}
+    model = model_with(body, f"float[N, {d}] x", weights, outputs=f"float[N, {d}] m{layers - 1}")
+    x = rand(256, d, seed=9)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        h = activation_hessian(model, {"x": x}, list(weights), samples=256, batch_size=16)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert all(np.isfinite(v).all() and v.shape == (d, d) for v in h.values())
+    assert peak < 3 * layers * d * d * 4, f"{peak / 2**20:.0f} MiB at the peak"

@@ -40,3 +40,32 @@ def test_a_misconfigured_compress_fails_in_one_line_with_exit_2_at_once(
         assert word in line, (word, line)
     assert elapsed < SECONDS, f"{elapsed:.2f} s: {line}"
     assert not outdir.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sparsity", "1.5"], "--sparsity 1.5 is outside [0, 1); it is the fraction of the "
+         "weights set to zero"),
+        (["--sparsity", "nan"], "--sparsity nan is outside [0, 1); it is the fraction of the "
+         "weights set to zero"),
+        (["--sparsity", "0.5", "--steps", "0"], "--steps 0 must be an integer >= 1"),
+        (["--sparsity", "0.5", "--retrain-epochs", "-1"], "--retrain-epochs -1.0 must be a "
+         "number >= 0 (0: no retraining)"),
+        (["--sparsity", "0.5", "--lr", "0"], "--lr 0.0 must be a positive number (e.g. 3e-4)"),
+        (["--sparsity", "0.5", "--batch-size", "0"], "--batch-size 0 must be an integer >= 1"),
+        (["--sparsity", "0.5", "--samples", "0"], "--samples 0 must be an integer >= 1"),
+        (["--sparsity", "0.5", "--seed", "-1"], "--seed -1 must be an integer >= 0"),
+    ],
+)  # fmt: skip
+def test_a_bad_prune_option_is_a_usage_error_before_anything_is_read(
+    flags, message, bundled_model, tmp_path
+):
+    """Exit 2 and the exact line, although the data file does not even exist."""
+    out = tmp_path / "pruned.onnx"
+    command = [sys.executable, "-m", "onnxhq", "prune", str(bundled_model), "--data",
+               str(tmp_path / "missing.npz"), *flags, "-o", str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [f"onnxhq: error: {message}"]
+    assert proc.stdout == "" and not out.exists()

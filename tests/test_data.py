@@ -152,10 +152,10 @@ def test_only_the_samples_asked_for_are_read(tmp_path, convnet):
 def test_a_member_larger_than_memory_is_refused_before_it_is_inflated(
     tmp_path, convnet, monkeypatch
 ):
-    import onnxhq.data
+    import onnxhq.npz
 
     path = write(tmp_path, input=np.zeros((4096, 1, 6, 6), np.float32))
-    monkeypatch.setattr(onnxhq.data, "available_memory", lambda: 2**19)
+    monkeypatch.setattr(onnxhq.npz, "available_memory", lambda: 2**19)
     with pytest.raises(DataError) as info:
         load_data(path, convnet)
     assert str(info.value) == (
@@ -222,3 +222,74 @@ def test_a_zip_bomb_is_not_inflated_past_the_samples_used(tmp_path):
     assert proc.returncode == 0, proc.stderr
     count, peak = map(int, proc.stdout.split())
     assert count == 1000 and peak < 2**29  # the interpreter, numpy and onnx: well under 512 MB
+
+
+def test_chosen_rows_are_read_in_order_and_taken_by_file_index(tmp_path, convnet):
+    x = np.arange(50 * 36, dtype=np.float32).reshape(50, 1, 6, 6)
+    path = write(tmp_path, input=x, labels=np.arange(50) % 4)
+    data = load_data(path, convnet, rows=[42, 3, 17, 3])
+    assert list(data.rows) == [3, 17, 42] and data.total == data.source_size == 50
+    np.testing.assert_array_equal(data.inputs["input"], x[[3, 17, 42]])
+    assert list(data.labels) == [3, 1, 2]
+    taken = data.take(np.array([42, 3, 42]))
+    np.testing.assert_array_equal(taken.inputs["input"], x[[42, 3, 42]])
+    with pytest.raises(DataError) as info:
+        data.take(np.array([4]))
+    assert str(info.value) == (
+        f"{path}: sample 4 was not read (only 3 of its 50 samples were); read it with "
+        "load_data(rows=...)"
+    )
+    with pytest.raises(DataError, match=r"holds 50 samples; sample 50 does not exist"):
+        load_data(path, convnet, rows=[0, 50])
+    in_memory = load_data({"input": x}, convnet, rows=[42, 3])
+    np.testing.assert_array_equal(in_memory.take(np.array([3, 42])).inputs["input"], x[[3, 42]])
+
+
+def test_chosen_rows_inflate_nothing_past_the_last_one(tmp_path, convnet):
+    """Damage row 300: the rows before it read (the member is left before its CRC check); a
+    read that reaches the member's end fails."""
+    x = np.arange(400 * 36, dtype=np.float32).reshape(400, 1, 6, 6)
+    path = tmp_path / "d.npz"
+    stored_npz(path, input=x)
+    raw = bytearray(path.read_bytes())
+    tail = raw.index(x[300].tobytes())
+    raw[tail : tail + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    np.testing.assert_array_equal(
+        load_data(path, convnet, rows=[299, 7]).inputs["input"], x[[7, 299]]
+    )
+    with pytest.raises(DataError, match="not a readable"):  # the CRC check at the member's end
+        load_data(path, convnet, rows=[7, 399])
+
+
+def test_chosen_rows_fit_in_memory_where_the_whole_member_does_not(tmp_path, convnet, monkeypatch):
+    import onnxhq.npz
+
+    x = np.random.default_rng(0).normal(size=(4096, 1, 6, 6)).astype(np.float32)  # 576 KiB
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, input=x)
+    monkeypatch.setattr(onnxhq.npz, "available_memory", lambda: 2**16)  # 64 KiB
+    monkeypatch.setattr(onnxhq.npz, "_CHUNK", 2**12)  # inflate 4 KiB at a time
+    rows = np.random.default_rng(1).choice(4096, 100, replace=False)  # 14 KiB
+    np.testing.assert_array_equal(
+        load_data(path, convnet, rows=rows).inputs["input"], x[np.sort(rows)]
+    )
+    with pytest.raises(DataError, match=r"576\.0 KiB to read, more than the 64\.0 KiB"):
+        load_data(path, convnet)
+
+
+def test_sample_count_reads_the_headers_and_checks_them(tmp_path, convnet):
+    from onnxhq.data import sample_count
+
+    x = np.zeros((30, 1, 6, 6), np.float32)
+    assert sample_count(write(tmp_path, input=x, labels=np.zeros(30, int)), convnet) == 30
+    with pytest.raises(DataError) as info:
+        sample_count(write(tmp_path, input=x, labels=np.zeros(29, int)), convnet)
+    assert str(info.value) == (
+        f"{tmp_path / 'd.npz'}: 'labels' must be integer class labels of shape (30,), "
+        "got shape (29,)"
+    )
+    with pytest.raises(DataError, match="has no 'labels' array"):
+        sample_count(write(tmp_path, input=x), convnet, need_labels=True)
+    with pytest.raises(DataError, match="'input' is a scalar; put the samples on axis 0"):
+        sample_count(write(tmp_path, input=np.float32(1)), convnet)

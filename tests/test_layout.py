@@ -34,6 +34,7 @@ PROTOBUF_MODULES = frozenset(
         "training/worker_main.py",  # the gradient worker converts graphs above opset 21 down
         "differentiable.py",  # graph of the differentiable quantizer
         "hessian/activations.py",  # activations captured as extra graph outputs
+        "hessian/uses.py",  # which input each weight multiplies; weights made graph inputs
         "hessian/gauss_newton.py",  # Gauss-Newton graph construction
         "layer_inputs.py",  # layer inputs captured as extra graph outputs (X X^T per weight)
         "native.py",  # dequantize nodes -> DequantizeLinear (onnxruntime's low-bit forms)

@@ -13,6 +13,8 @@ from onnxhq.data import Dataset
 from onnxhq.errors import ConfigError, DataError
 from onnxhq.layerwise import LayerHessian
 from onnxhq.model import read_initializers
+from onnxhq.options import OptionError
+from onnxhq.options.pruning import check_prune_options
 from onnxhq.prune import (
     apply_masks,
     obs_prune,
@@ -102,12 +104,13 @@ def test_cubic_schedule_ends_at_the_target():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(sparsity=1.0), ConfigError, r"sparsity 1.0 of 'a' is outside \[0, 1\)"),
-        (dict(sparsity=-0.1), ConfigError, "outside"),
-        (dict(sparsity={"nope": 0.5}), ConfigError, "'nope'"),
-        (dict(sparsity={"a": 0.5}, scope="global"), ConfigError, "scope='layer'"),
-        (dict(sparsity=0.5, scope="row"), ConfigError, "'row'"),
-        (dict(sparsity=0.5, criterion="random"), ConfigError, "'random'"),
+        (dict(sparsity=1.0), OptionError, r"sparsity=1\.0 is outside \[0, 1\)"),
+        (dict(sparsity=-0.1), OptionError, "outside"),
+        (dict(sparsity={"a": 0.5, "b": 1}), OptionError, r"sparsity 1 of 'b' is outside \[0, 1\)"),
+        (dict(sparsity={"nope": 0.5}), OptionError, "'nope'"),
+        (dict(sparsity={"a": 0.5}, scope="global"), OptionError, "scope='layer'"),
+        (dict(sparsity=0.5, scope="row"), OptionError, "'row'"),
+        (dict(sparsity=0.5, criterion="random"), OptionError, "'random'"),
         (dict(sparsity=0.5, criterion="saliency"), ConfigError, "needs importances"),
         (
             dict(
@@ -132,6 +135,46 @@ def test_cubic_schedule_ends_at_the_target():
 def test_bad_arguments_raise_named_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         prune_masks(random_weights(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "keywords, message, field",
+    [
+        ({"sparsity": 1.5}, "sparsity=1.5 is outside [0, 1); it is the fraction of the weights set "
+         "to zero", "sparsity"),
+        ({"sparsity": float("nan")}, "sparsity=nan is outside [0, 1); it is the fraction of the "
+         "weights set to zero", "sparsity"),
+        ({"sparsity": True}, "sparsity=True is outside [0, 1); it is the fraction of the weights "
+         "set to zero", "sparsity"),
+        ({"criterion": "random"}, "unknown criterion='random'; choose one of magnitude, saliency, "
+         "obs", "criterion"),
+        ({"scope": "row"}, "unknown scope='row'; choose one of global, layer", "scope"),
+        ({"steps": 0}, "steps=0 must be an integer >= 1", "steps"),
+        ({"steps": 2.5}, "steps=2.5 must be an integer >= 1", "steps"),
+        ({"batch_size": 0}, "batch_size=0 must be an integer >= 1", "batch_size"),
+        ({"hessian_samples": -4}, "hessian_samples=-4 must be an integer >= 1", "hessian_samples"),
+        ({"seed": -1}, "seed=-1 must be an integer >= 0", "seed"),
+        ({"retrain_epochs": -1.0}, "retrain_epochs=-1.0 must be a number >= 0 (0: no retraining)",
+         "retrain_epochs"),
+        ({"retrain_epochs": float("inf")}, "retrain_epochs=inf must be a number >= 0 (0: no "
+         "retraining)", "retrain_epochs"),
+        ({"lr": 0.0}, "lr=0.0 must be a positive number (e.g. 3e-4)", "lr"),
+        ({"lr": float("nan")}, "lr=nan must be a positive number (e.g. 3e-4)", "lr"),
+    ],
+)  # fmt: skip
+def test_each_bad_prune_option_is_a_usage_error_naming_it(keywords, message, field):
+    """`prune_model` checks these first, before the model or the data is touched."""
+    with pytest.raises(OptionError) as info:
+        check_prune_options(**{"sparsity": 0.5, **keywords})
+    assert str(info.value) == message and info.value.fields == (field,)
+    with pytest.raises(OptionError) as info:
+        prune_model(b"not a model", Dataset({}), **{"sparsity": 0.5, **keywords})
+    assert str(info.value) == message
+
+
+def test_good_prune_options_pass_the_check():
+    check_prune_options(sparsity={"a": 0.0, "b": 0.99}, lr=lambda f: 1e-3, retrain_epochs=0)
+    check_prune_options(sparsity=0.5, scope="layer", steps=1, seed=0, hessian_samples=1)
 
 
 def classification_data(seed=0, n=256):

@@ -135,6 +135,7 @@ def add_prune(sub) -> None:
     )
     add_common(p)
     add_output(p, "pruned .onnx")
+    p.set_defaults(flags=PRUNE_FLAGS)
 
 
 def _run_prune(args) -> int:
@@ -146,27 +147,17 @@ def _run_prune(args) -> int:
     from ..data import load_data
     from ..evaluate import accuracy
     from ..model import load_model, save_model
+    from ..options.pruning import check_prune_options
     from ..prune import prune_model
     from ..text import prune_table
 
+    check_prune_options(**_prune_keywords(args))  # usage errors before anything is read
     refuse_overwriting_inputs([args.output], existing(args.model, args.data, args.eval_data))
     model = load_model(args.model)
     data = load_data(args.data, model, need_labels=args.retrain_epochs > 0)
     test = load_data(args.eval_data, model, need_labels=True) if args.eval_data else None
     pruned, masks = prune_model(
-        model,
-        data,
-        sparsity=args.sparsity,
-        criterion=args.criterion,
-        scope=args.scope,
-        steps=args.steps,
-        retrain_epochs=args.retrain_epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        hessian_samples=args.samples,
-        output=args.output_name,
-        seed=args.seed,
-        progress=args.progress,
+        model, data, output=args.output_name, progress=args.progress, **_prune_keywords(args)
     )
     size = save_model(pruned, args.output)
     print(prune_table(masks))
@@ -179,6 +170,34 @@ def _run_prune(args) -> int:
         )
     print(f"wrote {args.output} ({size:,} bytes)")
     return 0
+
+
+#: `prune_model` keywords (as `OptionError.fields` names them) -> the flags of ``onnxhq prune``.
+PRUNE_FLAGS = {
+    "sparsity": "--sparsity",
+    "criterion": "--criterion",
+    "steps": "--steps",
+    "retrain_epochs": "--retrain-epochs",
+    "lr": "--lr",
+    "batch_size": "--batch-size",
+    "hessian_samples": "--samples",
+}
+
+
+def _prune_keywords(args) -> dict:
+    """The flags of ``onnxhq prune`` as the keywords `prune_model` and `check_prune_options`
+    take."""
+    return {
+        "sparsity": args.sparsity,
+        "criterion": args.criterion,
+        "scope": args.scope,
+        "steps": args.steps,
+        "retrain_epochs": args.retrain_epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "hessian_samples": args.samples,
+        "seed": args.seed,
+    }
 
 
 def add_decode(sub) -> None:

@@ -24,18 +24,20 @@ and nonnegative. Their absolute scale does not matter to the quantizers (only ra
 ``none``
     No weighting (plain k-means): `estimate` returns None.
 
-Draws: ``samples`` inputs are drawn from the data as whole random permutations (so ``samples``
-may exceed the data size: each pass brings fresh labels or probes), then cut into batches.
-``seed`` fixes both the inputs drawn and the random labels/probes, independently of
-``batch_size``.
+Draws (`common.Draws`): ``samples`` inputs are drawn from the data as whole random permutations
+(so ``samples`` may exceed the data size: each pass brings fresh labels or probes), then cut into
+batches. ``seed`` fixes both the inputs drawn and the random labels/probes, independently of
+``batch_size``. ``activations`` and ``empirical-fisher``, deterministic given the inputs, draw at
+most the data size. The samples drawn depend only on ``samples``, ``seed`` and the data size, so
+`onnxhq.estimate_hessian` reads only those rows of a data file (`Draws.rows`).
 
 Floor: `finalize` raises entries that are exactly zero (or tiny) to ``1e-8`` times the largest
 entry of all tensors, so that no weight is free to move at no cost.
 
-Modules: `common` (the sampling loop, checks, floor), `estimators` (fisher, empirical-fisher,
-hutchinson, adam), `output_fisher` (the Fisher of each output kind), `gauss_newton`,
-`activations`, `files` (`save_hessian` / `load_hessian` of ``.npz``
-diagonals keyed by weight name).
+Modules: `common` (the draws and their averaging loop, checks, floor), `estimators` (fisher,
+empirical-fisher, hutchinson, adam), `output_fisher` (the Fisher of each output kind),
+`gauss_newton`, `activations` (with `uses`: which input each weight multiplies), `files`
+(`save_hessian` / `load_hessian` of ``.npz`` diagonals keyed by weight name).
 """
 
 from __future__ import annotations
@@ -55,7 +57,15 @@ from ..training.engine import GradientEngine, ProjectionEngine
 from ..training.graph import parameter_shapes
 from ..training.output_engine import OutputEngine
 from .activations import activation_hessian
-from .common import DEFAULT_BATCH, DEFAULT_REL_STEP, Diag, Progress, finalize
+from .common import (
+    DEFAULT_BATCH,
+    DEFAULT_REL_STEP,
+    DEFAULT_SAMPLES,
+    Diag,
+    Draws,
+    Progress,
+    finalize,
+)
 from .estimators import adam, empirical_fisher, fisher, hutchinson
 from .files import hessian_bytes, load_hessian, read_second_moment, save_hessian
 from .gauss_newton import gauss_newton
@@ -65,8 +75,10 @@ if TYPE_CHECKING:
     import onnx
 
 __all__ = [
+    "DEFAULT_SAMPLES",
     "METHODS",
     "NEEDS_LABELS",
+    "Draws",
     "activation_hessian",
     "adam",
     "empirical_fisher",
@@ -93,7 +105,7 @@ def estimate(
     data: Dataset | None,
     *,
     params: list[str],
-    samples: int = 1000,
+    samples: int = DEFAULT_SAMPLES,
     batch_size: int | None = None,
     seed: int = 0,
     progress: Progress | None = None,
@@ -148,7 +160,7 @@ def estimate(
         watched = None if output is None else [resolve_output(source, output).name]
         diag = activation_hessian(
             source,
-            data.inputs,
+            data,
             params,
             samples=samples,
             batch_size=batch,

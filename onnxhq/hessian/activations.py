@@ -33,46 +33,24 @@ shaped like the weights, finite and positive.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
-from ..errors import DataError, ModelError
-from ..normalize import materialize_constants
+from ..data import Dataset
+from ..errors import ModelError
 from ..runtime import make_session
-from .common import Diag, check_sizes, finalize
+from .common import Diag, Draws, check_sizes, finalize
+from .uses import Use, conv_windows, expose, find_uses, runtime_feeds, weights_as_inputs
 
 log = logging.getLogger(__name__)
-
-#: op type -> the input slots a weight may sit in.
-SLOTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,), "ConvTranspose": (1,), "Gather": (0,)}
-
-
-@dataclass(frozen=True, eq=False)
-class _Use:
-    """One node reading weight ``param`` at input ``slot``; ``x`` is what it multiplies."""
-
-    param: str
-    node: onnx.NodeProto
-    slot: int
-    x: str
-    shape: tuple[int, ...]
-
-    def attr(self, name: str, default):
-        for a in self.node.attribute:
-            if a.name == name:
-                return helper.get_attribute_value(a)
-        return default
 
 
 def activation_hessian(
     model: onnx.ModelProto,
-    inputs: Mapping[str, np.ndarray],
+    inputs: Mapping[str, np.ndarray] | Dataset,
     params: Sequence[str],
     *,
     samples: int = 512,
@@ -89,9 +67,11 @@ def activation_hessian(
     Parameters
     ----------
     model : any model onnxruntime runs; weights as initializers or Constant nodes. Not changed.
-    inputs : every runtime input, samples on axis 0 (equal counts).
+    inputs : every runtime input, samples on axis 0 (equal counts); or a `Dataset`, which may
+        hold only the samples drawn (`onnxhq.hessian.common.Draws.rows`).
     params : weights read by MatMul, Gemm, Conv, ConvTranspose or Gather (see the module doc).
-    samples : at most this many samples, drawn at random (``seed``), feed the statistics.
+    samples : at most this many samples, drawn as `Draws` draws them (``seed``; no repeats),
+        feed the statistics; the calibration uses the first ``calibration_samples`` of them.
     batch_size : samples per onnxruntime run.
     progress : called with (runs done, runs in all).
     scaled : False returns the raw second moments (no calibration runs).
@@ -101,129 +81,80 @@ def activation_hessian(
     Returns
     -------
     name -> float32 array shaped like the weight, finite and positive.
+
+    Memory: one batch of activations, the per-feature sums, the weights (one copy), the
+    calibration batches' outputs, and the result; one weight-sized float64 temporary at a time.
     """
     check_sizes(samples=samples, batch_size=batch_size)
     check_sizes(samples=calibration_samples, batch_size=batch_size)
-    graph_model, values = _weights_as_inputs(model, params)
-    uses = _uses(graph_model, params, values)
-    feeds = _check_inputs(graph_model, inputs, params)
-    n = len(next(iter(feeds.values())))
-    order = np.random.default_rng(seed).permutation(n)[: min(samples, n)]
+    graph_model, values = weights_as_inputs(model, params)
+    uses = find_uses(graph_model, params, values)
+    given = inputs.inputs if isinstance(inputs, Dataset) else inputs
+    feeds = runtime_feeds(graph_model, given, params)
+    data = Dataset(feeds)
+    if isinstance(inputs, Dataset):
+        data = Dataset(feeds, source=inputs.source, rows=inputs.rows, total=inputs.total)
+    n = data.source_size
+    at = data.positions(Draws(min(samples, n), batch_size, seed).order(n))
     watched = list(outputs) if outputs is not None else _float_outputs(graph_model)
     exposed = sorted({u.x for u in uses} - set(feeds) - set(values))
-    for name in [*exposed, *watched]:
-        if name not in {o.name for o in graph_model.graph.output}:
-            graph_model.graph.output.append(helper.make_empty_tensor_value_info(name))
+    expose(graph_model, [*exposed, *watched])
     session = make_session(graph_model)
-    calib = order[: min(calibration_samples, len(order))] if scaled else order[:0]
-    stat_runs = -(-len(order) // batch_size)
+    calib = at[: min(calibration_samples, len(at))] if scaled else at[:0]
+    stat_runs = -(-len(at) // batch_size)
     total_runs = stat_runs + -(-len(calib) // batch_size) * (len(params) + 1)
     counter = _Counter(progress, total_runs)
 
-    sums: dict[int, tuple[np.ndarray, float]] = {}
-    for start in range(0, len(order), batch_size):
-        batch = {k: v[order[start : start + batch_size]] for k, v in feeds.items()}
+    means = _mean_moments(session, uses, feeds, values, at, exposed, batch_size, counter)
+    shapes = {p: v.shape for p, v in values.items()}
+
+    def diagonal(p: str) -> np.ndarray:
+        """The second moments of weight ``p`` (float64, shaped like it): its uses summed."""
+        out = np.zeros(shapes[p])
+        for use, mean in zip(uses, means):
+            if use.param == p:
+                out += _broadcast(use, mean)
+        return out
+
+    if not scaled:
+        return finalize({p: diagonal(p).astype(np.float32) for p in params})
+    scales = _calibrate(
+        session,
+        diagonal,
+        values,
+        feeds,
+        calib,
+        watched,
+        batch_size=batch_size,
+        rel_noise=rel_noise,
+        seed=seed,
+        counter=counter,
+    )
+    values.clear()  # our copy of the weights: gone before the result takes its place
+    return finalize({p: (diagonal(p) * scales[p]).astype(np.float32) for p in params})
+
+
+def _mean_moments(
+    session,
+    uses: list[Use],
+    feeds: Mapping[str, np.ndarray],
+    values: Mapping[str, np.ndarray],
+    at: np.ndarray,
+    exposed: list[str],
+    batch_size: int,
+    counter: _Counter,
+) -> list[np.ndarray]:
+    """Per use, the mean of x^2 per input feature over the positions of the samples at ``at``
+    (`_moment_sums`), one batch of activations at a time."""
+    sums: list[tuple[np.ndarray, float]] = []
+    for start in range(0, len(at), batch_size):
+        batch = {k: v[at[start : start + batch_size]] for k, v in feeds.items()}
         got = dict(zip(exposed, session.run(exposed, {**batch, **values}) if exposed else []))
         known = {**batch, **values, **got}
-        for i, use in enumerate(uses):
-            s, c = _moment_sums(use, np.asarray(known[use.x]))
-            prev = sums.get(i)
-            sums[i] = (s, c) if prev is None else (prev[0] + s, prev[1] + c)
+        step = [_moment_sums(use, np.asarray(known[use.x])) for use in uses]
+        sums = step if not sums else [(s + t, c + d) for (s, c), (t, d) in zip(sums, step)]
         counter.step()
-    diag: Diag = {p: np.zeros(values[p].shape) for p in params}
-    for i, use in enumerate(uses):
-        s, c = sums[i]
-        diag[use.param] = diag[use.param] + _broadcast(use, s / max(c, 1.0))
-    if scaled:
-        diag = _calibrate(
-            session,
-            diag,
-            values,
-            feeds,
-            calib,
-            watched,
-            batch_size=batch_size,
-            rel_noise=rel_noise,
-            seed=seed,
-            counter=counter,
-        )
-    return finalize(diag)
-
-
-def _weights_as_inputs(
-    model: onnx.ModelProto, params: Sequence[str]
-) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A copy with Constant weights materialized and ``params`` moved to graph inputs."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    materialize_constants(m)
-    inits = {t.name: t for t in m.graph.initializer}
-    missing = [p for p in params if p not in inits]
-    if missing:
-        raise ModelError(
-            f"weight {missing[0]!r} is not a constant of the model; the activation "
-            "Hessian needs the names of initializers or Constant node outputs"
-        )
-    values = {p: numpy_helper.to_array(inits[p]) for p in params}
-    not_float = [p for p in params if values[p].dtype.kind != "f"]
-    if not_float:
-        raise ModelError(
-            f"weight {not_float[0]!r} is {values[not_float[0]].dtype}, not a float "
-            "tensor; leave it out of the weights to compress"
-        )
-    keep = [t for t in m.graph.initializer if t.name not in values]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
-    m.graph.input.extend(
-        helper.make_tensor_value_info(p, inits[p].data_type, list(inits[p].dims)) for p in params
-    )
-    return m, values
-
-
-def _uses(
-    model: onnx.ModelProto, params: Sequence[str], values: Mapping[str, np.ndarray]
-) -> list[_Use]:
-    wanted, uses = set(params), []
-    for node in model.graph.node:
-        for slot, name in enumerate(node.input):
-            if name not in wanted:
-                continue
-            known = node.domain in ("", "ai.onnx") and slot in SLOTS.get(node.op_type, ())
-            if not known:
-                raise ModelError(
-                    f"weight {name!r} is read by {node.op_type} node {node.name!r} (input "
-                    f"{slot}); the activation Hessian handles weights of MatMul, Gemm, Conv, "
-                    "ConvTranspose and Gather: leave it out, or choose another --hessian"
-                )
-            if node.op_type in ("MatMul", "Gemm"):
-                other = node.input[1 - slot]  # the operand the weight multiplies
-            else:
-                other = node.input[1 if node.op_type == "Gather" else 0]  # indices, or x
-            uses.append(_Use(name, node, slot, other, tuple(values[name].shape)))
-    unread = wanted - {u.param for u in uses}
-    if unread:
-        raise ModelError(f"weight {sorted(unread)[0]!r} is read by no node of the main graph")
-    return uses
-
-
-def _check_inputs(
-    model: onnx.ModelProto, inputs: Mapping[str, np.ndarray], params: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """The runtime inputs, checked: every one given, equal sample counts on axis 0."""
-    consts = {t.name for t in model.graph.initializer} | set(params)
-    needed = [i.name for i in model.graph.input if i.name not in consts]
-    missing = [name for name in needed if name not in inputs]
-    if missing:
-        raise DataError(
-            f"the data has no input {missing[0]!r}; the model needs {', '.join(needed)}"
-        )
-    feeds = {name: np.asarray(inputs[name]) for name in needed}
-    counts = {k: (len(v) if v.ndim else 0) for k, v in feeds.items()}
-    if len(set(counts.values())) != 1 or 0 in counts.values():
-        raise DataError(
-            f"the inputs must hold equal, nonzero sample counts on axis 0; got {counts}"
-        )
-    return feeds
+    return [s / max(c, 1.0) for s, c in sums]
 
 
 def _float_outputs(model: onnx.ModelProto) -> list[str]:
@@ -238,7 +169,7 @@ def _float_outputs(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def _moment_sums(use: _Use, x: np.ndarray) -> tuple[np.ndarray, float]:
+def _moment_sums(use: Use, x: np.ndarray) -> tuple[np.ndarray, float]:
     """Sum of x^2 per input feature over this batch's positions, and the number of positions."""
     op = use.node.op_type
     if op == "Gather":
@@ -265,54 +196,19 @@ def _moment_sums(use: _Use, x: np.ndarray) -> tuple[np.ndarray, float]:
     return _conv_sums(use, sq)
 
 
-def _conv_sums(use: _Use, sq: np.ndarray) -> tuple[np.ndarray, float]:
+def _conv_sums(use: Use, sq: np.ndarray) -> tuple[np.ndarray, float]:
     """Per (input channel, kernel offset): the sum of the padded x^2 the offset reads."""
     kernel = use.shape[2:]
-    sp = len(kernel)
-    strides = list(use.attr("strides", [1] * sp))
-    dil = list(use.attr("dilations", [1] * sp))
-    begin, end = _conv_pads(use, sq.shape[2:], kernel, strides, dil)
-    padded = np.pad(sq, [(0, 0), (0, 0), *zip(begin, end)])
-    out = [
-        (padded.shape[2 + i] - dil[i] * (kernel[i] - 1) - 1) // strides[i] + 1 for i in range(sp)
-    ]
     sums = np.zeros((sq.shape[1], *kernel))
-    for offset in itertools.product(*(range(k) for k in kernel)):
-        window = tuple(
-            slice(o * d, o * d + (n - 1) * s + 1, s)
-            for o, d, n, s in zip(offset, dil, out, strides)
-        )
-        where: tuple[slice, ...] = (slice(None), slice(None), *window)
-        reads = padded[where]
+    positions = 0.0
+    for offset, reads in conv_windows(use, sq):
         target: tuple[slice | int, ...] = (slice(None), *offset)
-        sums[target] = reads.sum(axis=(0, *range(2, 2 + sp)))
-    return sums, float(sq.shape[0] * np.prod(out))
+        sums[target] = reads.sum(axis=(0, *range(2, reads.ndim)))
+        positions = float(reads.shape[0] * np.prod(reads.shape[2:]))
+    return sums, positions
 
 
-def _conv_pads(
-    use: _Use,
-    size: Sequence[int],
-    kernel: Sequence[int],
-    strides: Sequence[int],
-    dil: Sequence[int],
-) -> tuple[list[int], list[int]]:
-    sp = len(kernel)
-    auto = use.attr("auto_pad", b"NOTSET")
-    if auto in (b"SAME_UPPER", b"SAME_LOWER"):
-        total = [
-            max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
-            for n, s, d, k in zip(size, strides, dil, kernel)
-        ]
-        small = [t // 2 for t in total]
-        big = [t - h for t, h in zip(total, small)]
-        return (small, big) if auto == b"SAME_UPPER" else (big, small)
-    if auto == b"VALID":
-        return [0] * sp, [0] * sp
-    pads = list(use.attr("pads", [0] * 2 * sp))
-    return pads[:sp], pads[sp:]
-
-
-def _broadcast(use: _Use, mean: np.ndarray) -> np.ndarray:
+def _broadcast(use: Use, mean: np.ndarray) -> np.ndarray:
     """The per-feature second moments spread over the weight's shape."""
     op, shape = use.node.op_type, use.shape
     if op == "Gather":
@@ -335,7 +231,7 @@ def _broadcast(use: _Use, mean: np.ndarray) -> np.ndarray:
 
 def _calibrate(
     session,
-    diag: Diag,
+    diagonal: Callable[[str], np.ndarray],
     values: Mapping[str, np.ndarray],
     feeds: Mapping[str, np.ndarray],
     calib: np.ndarray,
@@ -345,31 +241,34 @@ def _calibrate(
     rel_noise: float,
     seed: int,
     counter: _Counter,
-) -> Diag:
-    """Scale each layer's diagonal so that sum(h d^2) predicts the output change d causes."""
-    rng = np.random.default_rng([seed, 1])
-    noise = {}
+) -> dict[str, float]:
+    """The scale of each layer's diagonal that makes sum(h d^2) predict the output change d
+    causes. One weight's perturbation lives at a time; the unperturbed outputs of the
+    calibration batches are kept (``len(calib)`` samples of the watched outputs)."""
+    rng = np.random.default_rng([seed, 1])  # the perturbations, drawn weight after weight
+    batches = [
+        {k: v[calib[start : start + batch_size]] for k, v in feeds.items()}
+        for start in range(0, len(calib), batch_size)
+    ]
+    base = []
+    for batch in batches:
+        base.append(session.run(watched, {**batch, **values}))
+        counter.step()
+    scales = {}
     for p, w in values.items():
         rms = float(np.sqrt(np.mean(np.square(w, dtype=np.float64)))) or 1.0
-        noise[p] = (rel_noise * rms * rng.standard_normal(w.shape)).astype(w.dtype)
-    change = dict.fromkeys(values, 0.0)
-    for start in range(0, len(calib), batch_size):
-        batch = {k: v[calib[start : start + batch_size]] for k, v in feeds.items()}
-        base = session.run(watched, {**batch, **values})
-        counter.step()
-        for p in values:
-            moved = session.run(watched, {**batch, **values, p: values[p] + noise[p]})
-            change[p] += sum(
-                float(np.sum(np.square(a - b, dtype=np.float64))) for a, b in zip(moved, base)
+        noise = (rel_noise * rms * rng.standard_normal(w.shape)).astype(w.dtype)
+        change = 0.0
+        for batch, before in zip(batches, base):
+            moved = session.run(watched, {**batch, **values, p: w + noise})
+            change += sum(
+                float(np.sum(np.square(a - b, dtype=np.float64))) for a, b in zip(moved, before)
             )
             counter.step()
-    scaled = {}
-    for p, h in diag.items():
-        predicted = float(np.sum(h * np.square(noise[p], dtype=np.float64)))
-        scale = change[p] / len(calib) / predicted if predicted > 0 else 0.0
-        log.debug("activation Hessian: %s scaled by %.4g", p, scale)
-        scaled[p] = h * scale
-    return scaled
+        predicted = float(np.sum(diagonal(p) * np.square(noise, dtype=np.float64)))
+        scales[p] = change / len(calib) / predicted if predicted > 0 else 0.0
+        log.debug("activation Hessian: %s scaled by %.4g", p, scales[p])
+    return scales
 
 
 class _Counter:

@@ -17,6 +17,10 @@ from ..numeric import is_int
 
 log = logging.getLogger(__name__)
 
+#: The most samples of data whose draws are whole permutations of it (128 MiB of indices).
+WHOLE_PERMUTATIONS = 2**24
+#: Samples the estimators draw unless told otherwise.
+DEFAULT_SAMPLES = 1000
 #: Samples per gradient in the batched estimators (fisher, hutchinson, gauss-newton).
 DEFAULT_BATCH = 16
 #: Hutchinson's finite-difference step relative to each tensor's rms (see `hutchinson`).
@@ -39,7 +43,7 @@ class Draws:
     Integral floats (``1000.0``) are taken as integers.
     """
 
-    samples: int = 1000
+    samples: int = DEFAULT_SAMPLES
     batch_size: int = DEFAULT_BATCH
     seed: int = 0
 
@@ -48,18 +52,36 @@ class Draws:
         object.__setattr__(self, "samples", int(self.samples))
         object.__setattr__(self, "batch_size", int(self.batch_size))
 
-    def mean(self, data: Dataset, step: Step, *, progress: Progress | None, method: str) -> Diag:
-        """Mean over the draws of ``step``'s per-batch sums (float64), not yet floored."""
-        if len(data) == 0:
+    def order(self, n: int) -> np.ndarray:
+        """The indices (into data of ``n`` samples) the draws visit, in order: ``samples`` of
+        them, whole random permutations of ``range(n)`` one after another (past
+        `WHOLE_PERMUTATIONS` samples of data, fewer samples are drawn without replacement
+        straight away, with memory for them alone)."""
+        if n < 1:
             raise DataError("the data holds no samples")
+        data_rng = np.random.default_rng(self.seed).spawn(2)[0]
+        if n > WHOLE_PERMUTATIONS and self.samples < n:  # not n indices for a few samples
+            return data_rng.choice(n, self.samples, replace=False)
+        passes = -(-self.samples // n)
+        return np.concatenate([data_rng.permutation(n) for _ in range(passes)])[: self.samples]
+
+    def rows(self, n: int) -> np.ndarray:
+        """The samples of data of ``n`` samples that the draws read (sorted, each once): what
+        `onnxhq.data.load_data` needs to read (``rows=``), for any ``batch_size``."""
+        return np.unique(self.order(n))
+
+    def mean(self, data: Dataset, step: Step, *, progress: Progress | None, method: str) -> Diag:
+        """Mean over the draws of ``step``'s per-batch sums (float64), not yet floored.
+
+        ``data`` may hold only the samples the draws read (`rows`, `onnxhq.data.Dataset.take`).
+        """
         samples, batch_size = self.samples, self.batch_size
-        data_rng, draw_rng = np.random.default_rng(self.seed).spawn(2)
-        passes = -(-samples // len(data))
-        order = np.concatenate([data_rng.permutation(len(data)) for _ in range(passes)])[:samples]
+        order = self.order(data.source_size)
+        draw_rng = np.random.default_rng(self.seed).spawn(2)[1]
         total: Diag = {}
         start_time = time.perf_counter()
         for start in range(0, samples, batch_size):
-            for p, v in step(data.subset(order[start : start + batch_size]), draw_rng).items():
+            for p, v in step(data.take(order[start : start + batch_size]), draw_rng).items():
                 total[p] = total[p] + v if p in total else np.asarray(v, np.float64).copy()
             if progress is not None:
                 progress(min(start + batch_size, samples), samples)
@@ -86,7 +108,9 @@ def finalize(diag: Mapping[str, np.ndarray], *, floor_ratio: float = 1e-8) -> Di
 
     Returns
     -------
-    name -> float32 array of the same shape, every entry ``>= floor_ratio * max``.
+    name -> float32 array of the same shape, every entry ``>= floor_ratio * max``. A float32
+    input with nothing to floor is returned itself, not a copy (the estimators' own arrays: a
+    large model's diagonal is not held twice).
     """
     check_finite(diag, "Hessian diagonal")
     peak = max((float(np.max(v)) for v in diag.values() if np.size(v)), default=0.0)
@@ -103,7 +127,14 @@ def finalize(diag: Mapping[str, np.ndarray], *, floor_ratio: float = 1e-8) -> Di
             floor,
             floor_ratio,
         )
-    return {p: np.maximum(v, floor).astype(np.float32) for p, v in diag.items()}
+    # a float32 tensor with nothing to floor is returned as it is: no second copy of a model
+    return {p: _floored(v, floor) for p, v in diag.items()}
+
+
+def _floored(v: np.ndarray, floor: float) -> np.ndarray:
+    if isinstance(v, np.ndarray) and v.dtype == np.float32 and not (v < floor).any():
+        return v
+    return np.maximum(v, floor).astype(np.float32)
 
 
 def check_sizes(*, samples: int, batch_size: int) -> None:

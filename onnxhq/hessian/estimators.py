@@ -71,13 +71,13 @@ def empirical_fisher(
     """
     draws = Draws(samples, seed=seed)
     check_labels(engine, data, "empirical-fisher")
-    if 0 < len(data) < draws.samples:
+    if 0 < data.source_size < draws.samples:
         log.info(
             "empirical-fisher: using all %d samples (asked for %d; repeats would add nothing)",
-            len(data),
+            data.source_size,
             draws.samples,
         )
-        draws = replace(draws, samples=len(data))
+        draws = replace(draws, samples=data.source_size)
 
     def step(batch: Dataset, rng: np.random.Generator) -> Diag:
         total: Diag = {}
