@@ -163,7 +163,7 @@ def _encode(
         )
     packed = zlib.compress(text, 9)
     prefix = _PREFIX.pack(MAGIC, SIDECAR_FORMAT_VERSION, zlib.crc32(packed), len(packed))
-    return prefix + packed + b"".join(blobs), entries, len(packed)
+    return b"".join([prefix, packed, *blobs]), entries, len(packed)
 
 
 def _dump(obj: object) -> bytes:
@@ -188,7 +188,7 @@ def decode_sidecar(
     return _decode_streams(entries, buffer), metadata
 
 
-def _parse(data: bytes) -> tuple[list[tuple[str, Entry]], dict[str, str], bytes, int]:
+def _parse(data: bytes) -> tuple[list[tuple[str, Entry]], dict[str, str], memoryview, int]:
     """Validated ``(entries, metadata, buffer, stored header length)``; entries sorted by offset."""
     data = bytes(data)
     if len(data) < _PREFIX.size:
@@ -222,7 +222,7 @@ def _parse(data: bytes) -> tuple[list[tuple[str, Entry]], dict[str, str], bytes,
     metadata = header.pop(_META, {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise SidecarError("__metadata__ must be an object of strings")
-    buffer = data[_PREFIX.size + size :]
+    buffer = memoryview(data)[_PREFIX.size + size :]  # not a copy: the payloads are most of it
     checked = ((name, _check_entry(name, entry)) for name, entry in header.items())
     entries = sorted(checked, key=lambda x: x[1]["data_offsets"])
     end = 0
@@ -292,7 +292,7 @@ def _check_entry(name: str, entry: object) -> Entry:
     return entry
 
 
-def _decode_streams(entries: list[tuple[str, Entry]], buffer: bytes) -> list[IndexStream]:
+def _decode_streams(entries: list[tuple[str, Entry]], buffer: memoryview) -> list[IndexStream]:
     indices = unpack.decode_streams(entries, buffer)
     return [
         IndexStream(name, part.shape, entry["alphabet_size"], part)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxhq.coding import huffdecode, huffman
+from onnxhq.coding import bitpack, huffdecode, huffman
 from onnxhq.errors import ConfigError, SidecarError
 from onnxhq.numeric import entropy_bits
 
@@ -340,3 +340,62 @@ def test_a_bad_stream_among_many_is_named():
     bad = huffdecode.Coded(b"\x40", lengths, 2, 32, np.array([3]))  # block index disagrees
     with pytest.raises(SidecarError, match="stream 'b': payload is too short or inconsistent"):
         huffdecode.decode_many([good, bad], ["a", "b"])
+
+
+# ------------------------------------------------------------------ bounded-memory bit packing
+
+
+def plain_pack(values, widths) -> bytes:
+    bits = "".join(format(int(v), f"0{w}b") if w else "" for v, w in zip(values, widths))
+    bits += "0" * (-len(bits) % 8)
+    return bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 50), st.integers(1, 9))
+@settings(max_examples=100, deadline=None)
+def test_bit_writer_packs_fields_of_0_to_63_bits_in_any_chunks(seed, chunk, block_size):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 400))
+    widths = rng.integers(0, 64, size=n).astype(np.uint64)
+    if rng.random() < 0.5:  # narrow fields: many per 64-bit word
+        widths %= np.uint64(rng.integers(1, 9))
+    values = rng.integers(0, 2**63, size=n, dtype=np.uint64) >> (np.uint64(64) - widths)
+    writer = bitpack.BitWriter(int(widths.sum()), block_size)
+    for begin in range(0, n, chunk):
+        w = widths[begin : begin + chunk]
+        writer.write(values[begin : begin + chunk] << (np.uint64(64) - w), w)
+    blocks = writer.block_bits()
+    assert writer.payload() == plain_pack(values, widths)
+    expected = [int(widths[b : b + block_size].sum()) for b in range(0, n, block_size)]
+    np.testing.assert_array_equal(blocks, expected)
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0, 2, 4, 32, 256]))
+@settings(max_examples=60, deadline=None)
+def test_bytes_coded_two_at_a_time_equal_symbols_coded_one_by_one(seed, block_size):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 3000)), int(rng.integers(1, 257))
+    symbols = np.minimum(rng.geometric(0.2, size=n) - 1, k - 1).astype(np.uint8)
+    counts = np.bincount(symbols, minlength=k)
+    lengths = huffman.code_lengths(counts, max_length=16)
+    paired = huffman.encode_counted(symbols, counts, lengths, block_size)
+    widths = np.zeros(k, np.int64)
+    one_by_one = huffman.encode_chunks(
+        [(symbols.astype(np.int64), None)],
+        lengths,
+        widths,
+        int(np.dot(counts, lengths)),
+        block_size,
+    )
+    assert paired[0] == one_by_one[0] == huffman.encode(symbols.astype(np.int64), lengths)[0]
+    np.testing.assert_array_equal(paired[1], one_by_one[1])
+    if block_size:
+        np.testing.assert_array_equal(paired[1], huffman.block_bits(symbols, lengths, block_size))
+
+
+def test_histogram_in_chunks_equals_bincount(monkeypatch):
+    monkeypatch.setattr(bitpack, "CHUNK", 4)
+    values = np.random.default_rng(0).integers(0, 300, size=1000).astype(np.uint16)
+    np.testing.assert_array_equal(
+        bitpack.histogram(values, 300), np.bincount(values, minlength=300)
+    )

@@ -14,6 +14,15 @@ tables; of zlib -9, bz2 -9 and lzma (preset 9 | EXTREME) on the same indices as 
 when k > 256); and the decode time of the one-stream sidecar against dahuffman decoding its own
 Huffman code of the same indices (best of ``--repeat`` runs, dahuffman best of 5). Prints markdown.
 ``--smoke``: synthetic streams of 20,000 weights and the committed LeNet-5 sidecar, one run each.
+
+``--throughput [--sizes 10M 50M 200M] [--reference DIR]`` measures instead the speed and memory of
+coding one large stream: encode (`encode_sidecar`) and decode (`decode_sidecar`) in millions of
+indices per second (CPU time, best of ``--repeat``), and the peak of the memory numpy and Python
+allocate meanwhile (tracemalloc, the input excluded), per index. Streams: Laplacian weights on a
+uniform grid of 16 and of 32 levels (about 3.3 and 4.4 bits per index), 90 % pruned (run coding)
+and 4096 levels (uint16). ``--reference DIR`` times the same streams with another onnxhq too: DIR
+holds its ``onnxhq`` package, e.g. ``git archive REV onnxhq | tar -x -C DIR``, loaded under another
+name; it runs only up to ``--reference-max`` indices (the 0.2-era encoder peaks at ~66 bytes each).
 """
 
 from __future__ import annotations
@@ -22,12 +31,15 @@ import argparse
 import bz2
 import datetime
 import importlib.metadata
+import importlib.util
 import lzma
 import os
 import platform
 import sys
 import time
+import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 
@@ -188,6 +200,109 @@ def sidecar_totals(paths: list[str], repeat: int, dahuffman, theirs: int = 5) ->
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- throughput of one large stream
+
+
+def throughput_stream(kind: str, n: int, seed: int) -> IndexStream:
+    """``n`` indices of one of `THROUGHPUT_KINDS`, made a million at a time (no float64 copy of
+    the whole stream)."""
+    rng = np.random.default_rng(seed)
+    k = {"grid16": 16, "grid32": 32, "pruned90": 32, "grid4096": 4096}[kind]
+    out = np.empty(n, dtype=np.uint8 if k <= 256 else np.uint16)
+    for begin in range(0, n, 1 << 20):
+        w = rng.laplace(size=min(1 << 20, n - begin))
+        if kind == "pruned90":
+            part = np.clip(np.round(w * 4) + 16, 1, 31)
+            part[rng.random(w.size) < 0.9] = 0
+        else:
+            step = {16: 0.4, 32: 0.25, 4096: 0.0025}[k]
+            part = np.clip(np.round(w / step) + k // 2, 0, k - 1)
+        out[begin : begin + w.size] = part
+    return IndexStream(kind, (n,), k, out)
+
+
+THROUGHPUT_KINDS = ("grid16", "grid32", "pruned90", "grid4096")
+
+
+def load_reference(folder: str):
+    """The ``sidecar`` module of the onnxhq package in ``folder``, imported as
+    ``onnxhq_reference``."""
+    init = Path(folder) / "onnxhq" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(
+        "onnxhq_reference", init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None, f"no onnxhq package in {folder}"
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["onnxhq_reference"] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("onnxhq_reference.sidecar")
+
+
+def peak_bytes(fn) -> int:
+    """Peak of the memory traced while ``fn()`` runs, above what was allocated before."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def coding_row(module, stream: IndexStream, repeat: int) -> dict:
+    stream = module.IndexStream(stream.name, stream.shape, stream.alphabet_size, stream.indices)
+    data = module.encode_sidecar([stream])
+    decoded, _ = module.decode_sidecar(data)
+    assert decoded[0] == stream, "round trip failed"
+    n = stream.indices.size
+    encode_s = best_time(lambda: module.encode_sidecar([stream]), repeat)
+    decode_s = best_time(lambda: module.decode_sidecar(data), repeat)
+    return {
+        "bits": 8 * len(data) / n,
+        "encode": n / encode_s / 1e6,
+        "decode": n / decode_s / 1e6,
+        "encode_peak": peak_bytes(lambda: module.encode_sidecar([stream])) / n,
+        "decode_peak": peak_bytes(lambda: module.decode_sidecar(data)) / n,
+    }
+
+
+def throughput(sizes: list[int], repeat: int, seed: int, reference, reference_max: int) -> str:
+    from onnxhq import sidecar
+
+    lines = [
+        "| stream | indices | bits/index | code | encode M/s | decode M/s | encode peak B/index "
+        "| decode peak B/index |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for n in sizes:
+        for kind in THROUGHPUT_KINDS:
+            stream = throughput_stream(kind, n, seed)
+            codes = [("this", sidecar)]
+            if reference is not None and n <= reference_max:
+                codes.append(("reference", reference))
+            for label, module in codes:
+                r = coding_row(module, stream, repeat)
+                lines.append(
+                    f"| {kind} | {n:,} | {r['bits']:.3f} | {label} | {r['encode']:.1f} "
+                    f"| {r['decode']:.1f} | {r['encode_peak']:.2f} | {r['decode_peak']:.2f} |"
+                )
+                print(lines[-1], file=sys.stderr, flush=True)
+            del stream
+    lines += [
+        "",
+        "M/s: million indices per CPU second (best of the repeats), one stream per sidecar; peak: "
+        "bytes per index",
+        "allocated at most during one call (tracemalloc), besides its input (the indices, 1 or 2 "
+        "bytes each, or the sidecar).",
+    ]
+    return "\n".join(lines)
+
+
+def count(text: str) -> int:
+    """``10M`` -> 10_000_000, ``500k`` -> 500_000, ``1234`` -> 1234."""
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(text[-1:].lower(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -199,7 +314,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="seconds: small streams, one repeat")
+    ap.add_argument("--throughput", action="store_true", help="speed and memory of large streams")
+    ap.add_argument("--sizes", nargs="+", type=count, default=[10**7, 5 * 10**7, 2 * 10**8])
+    ap.add_argument("--reference", help="folder holding another onnxhq package to compare")
+    ap.add_argument("--reference-max", type=count, default=2 * 10**7)
     args = ap.parse_args(argv)
+    if args.throughput:
+        reference = load_reference(args.reference) if args.reference else None
+        print("# onnxhq coding throughput\n")
+        print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+        print(f"- machine: {platform.platform()}, nproc={os.cpu_count()}, numpy {np.__version__}")
+        print(f"- command: python -m tools.bench_coding {' '.join(sys.argv[1:])}\n")
+        repeat = 3 if args.repeat == 20 else args.repeat
+        print(throughput(args.sizes, repeat, args.seed, reference, args.reference_max))
+        return 0
     try:
         import dahuffman
     except ImportError:

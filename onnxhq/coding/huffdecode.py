@@ -129,6 +129,11 @@ def decode_joined(streams: list[Coded], names: list[str] | None = None) -> Joine
     return Joined(symbols, code.symbol_base, code.count_base, extra_at, extra)
 
 
+def _buffer(payload) -> bytes | memoryview:
+    """``payload`` as bytes or a memoryview, without copying it."""
+    return payload if isinstance(payload, bytes) else memoryview(payload)
+
+
 def _named(message: str, names, i: int) -> SidecarError:
     return SidecarError(f"stream {names[i]!r}: {message}" if names else message)
 
@@ -153,7 +158,8 @@ class _Code:
             self.counts.append(int(c.count))
             self.block_sizes.append(int(c.block_size))
         self.count_base = np.cumsum([0] + self.counts, dtype=np.int64)
-        self.payloads = [bytes(c.payload) for c in streams]
+        # bytes or memoryviews, never copied: a sidecar's payloads are slices of its buffer
+        self.payloads = [_buffer(c.payload) for c in streams]
         for i, payload in enumerate(self.payloads):
             if len(payload) > MAX_PAYLOAD:
                 self.fail(
@@ -280,7 +286,7 @@ class _Code:
             return np.zeros(0, dtype=np.int64)
         begin, end = self.symbol_base[i], self.symbol_base[i + 1]
         table, top = decode_table(self.lengths[begin:end], self.widths[begin:end])
-        payload = self.payloads[i]
+        payload = bytes(self.payloads[i])
         return find_block_starts(
             windows(payload, 4), table, top, 8 * len(payload), n_blocks, self.block_sizes[i]
         )

@@ -11,11 +11,16 @@ symbols, which lets :mod:`.huffdecode` decode all blocks at once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import numpy.typing as npt
 
 from ..errors import ConfigError, SidecarError
 from ..numeric import is_int
+from .bitpack import CHUNK, BitWriter, histogram
+
+_U64 = np.uint64(64)
 
 MAX_LENGTH = 20
 """Longest code length supported: the decode table has ``2**max_length`` entries."""
@@ -132,15 +137,11 @@ def _canonical(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return codes, order, top
 
 
-#: Values packed per step of `pack_bits` (bounds its temporary memory).
-PACK_CHUNK = 1 << 20
-
-
 def pack_bits(values: npt.ArrayLike, widths: npt.ArrayLike) -> tuple[bytes, int]:
     """Concatenate ``values[i]`` written in ``widths[i]`` bits (<= 32), MSB-first, zero-padded.
 
-    Works through the values in chunks of `PACK_CHUNK`, so the temporaries stay a few tens of MB
-    however long the stream (tens of millions of weights).
+    Works through the values in chunks (`bitpack.BitWriter`), so the temporaries stay a few MB
+    however long the stream.
     """
     values = np.asarray(values, dtype=np.int64).ravel()
     widths = np.broadcast_to(np.asarray(widths, dtype=np.int64), values.shape)
@@ -148,26 +149,11 @@ def pack_bits(values: npt.ArrayLike, widths: npt.ArrayLike) -> tuple[bytes, int]
         widths.min() < 0 or widths.max() > 32 or values.min() < 0 or np.any(values >> widths)
     ):
         raise ConfigError("pack_bits needs widths in [0, 32] and 0 <= values < 2**widths")
-    n_bits = int(widths.sum())
-    n_bytes = (n_bits + 7) // 8
-    if n_bytes == 0:
-        return b"", n_bits
-    spill = (7 + int(widths.max()) + 7) // 8  # bytes one value can touch
-    out = np.zeros(n_bytes + spill, dtype=np.float64)
-    offset = 0
-    for begin in range(0, values.size, PACK_CHUNK):
-        v, w = values[begin : begin + PACK_CHUNK], widths[begin : begin + PACK_CHUNK]
-        ends = np.cumsum(w) + offset
-        starts = ends - w
-        aligned = v << (8 * spill - w - (starts & 7))  # value placed in a `spill`-byte window
-        first = starts >> 3
-        low = int(first[0])
-        for k in range(spill):  # values occupy disjoint bits, so summing bytes is OR-ing them
-            part = (aligned >> (8 * (spill - 1 - k))) & 0xFF
-            counts = np.bincount(first - low + k, weights=part)
-            out[low : low + counts.size] += counts
-        offset = int(ends[-1])
-    return out[:n_bytes].astype(np.uint8).tobytes(), n_bits
+    writer = BitWriter(int(widths.sum()))
+    for begin in range(0, values.size, CHUNK):
+        w = widths[begin : begin + CHUNK].astype(np.uint64)
+        writer.write(values[begin : begin + CHUNK].astype(np.uint64) << (_U64 - w), w)
+    return writer.payload(), writer.n_bits
 
 
 def read_bits(data: bytes, positions: npt.ArrayLike, widths: npt.ArrayLike) -> np.ndarray:
@@ -182,11 +168,15 @@ def read_bits(data: bytes, positions: npt.ArrayLike, widths: npt.ArrayLike) -> n
     if wide.size == 0:
         return out
     pos = positions[wide]
-    buf = np.frombuffer(bytes(data) + bytes(5), dtype=np.uint8)
-    at = np.minimum(pos >> 3, len(data))
-    word = buf[at].astype(np.uint64)
-    for k in range(1, 5):  # 40 bits cover any 32-bit field at any bit offset
-        word = (word << np.uint64(8)) | buf[at + k]
+    buf = np.frombuffer(data, dtype=np.uint8)  # no copy: data may be a whole file
+    if buf.size == 0:
+        return out
+    at = pos >> 3
+    word = np.zeros(pos.size, dtype=np.uint64)
+    for k in range(5):  # 40 bits cover any 32-bit field at any bit offset; zeros past the end
+        byte = buf.take(at + k, mode="clip").astype(np.uint64)
+        byte[at + k >= buf.size] = 0
+        word = (word << np.uint64(8)) | byte
     word = (word << (pos & 7).astype(np.uint64)) & np.uint64((1 << 40) - 1)
     out[wide] = (word >> (np.uint64(40) - widths[wide].astype(np.uint64))).astype(np.int64)
     return out
@@ -218,16 +208,101 @@ def encode(
         return b"", 0
     if symbols.dtype.kind not in "iu":
         raise ConfigError(f"symbols must be integers, got dtype {symbols.dtype}")
-    if symbols.min() < 0 or symbols.max() >= lengths.size or np.any(lengths[symbols] == 0):
+    if symbols.min() < 0 or symbols.max() >= lengths.size:
         raise ConfigError(
             f"symbols must lie in [0, {lengths.size}) and have a non-zero code length"
         )
-    codes, _, _ = _canonical(lengths)
+    counts = histogram(symbols, lengths.size)
+    if counts[lengths == 0].any():
+        raise ConfigError(
+            f"symbols must lie in [0, {lengths.size}) and have a non-zero code length"
+        )
     if extra_widths is None:
-        return pack_bits(codes[symbols], lengths[symbols])
+        payload, _ = encode_counted(symbols, counts, lengths, 0)
+        return payload, int(np.dot(counts, lengths))
     widths = _check_extra_widths(extra_widths, lengths.size, ConfigError)
-    values = np.stack([codes[symbols], np.asarray(extra, dtype=np.int64).ravel()], axis=1)
-    return pack_bits(values.ravel(), np.stack([lengths[symbols], widths[symbols]], axis=1).ravel())
+    extra = np.asarray(extra, dtype=np.int64).ravel()
+    chunks = ((symbols[b : b + CHUNK], extra[b : b + CHUNK]) for b in range(0, symbols.size, CHUNK))
+    n_bits = int(np.dot(counts, lengths + widths))
+    payload, _ = encode_chunks(chunks, lengths, widths, n_bits, 0)
+    return payload, n_bits
+
+
+def encode_counted(
+    symbols: np.ndarray, counts: np.ndarray, lengths: np.ndarray, block_size: int
+) -> tuple[bytes, np.ndarray]:
+    """The payload of ``symbols`` (valid, ``counts`` their histogram, ``lengths`` a valid code of
+    it), and the bit length of each block of ``block_size`` symbols (none when 0).
+
+    Symbols below 256 of a uint8 array go two at a time (a pair is one field, found by viewing
+    the bytes as uint16 in a table of 65536), which halves the work per symbol.
+    """
+    n_bits = int(np.dot(counts, lengths))
+    aligned, widths = _fields(lengths)
+    pairs = symbols.dtype == np.uint8 and symbols.flags.c_contiguous and block_size % 2 == 0
+    if not pairs:
+        chunks = ((symbols[b : b + CHUNK], None) for b in range(0, symbols.size, CHUNK))
+        return encode_chunks(chunks, lengths, np.zeros(lengths.size, np.int64), n_bits, block_size)
+    table = np.zeros(256, np.uint64)
+    table[: aligned.size] = aligned[:256]
+    width = np.zeros(256, np.uint8)
+    width[: widths.size] = widths[:256]
+    first, second = np.divmod(np.arange(1 << 16), 256)[::-1]  # little-endian: first in the low byte
+    pair_table = table[first] | (table[second] >> width[first].astype(np.uint64))
+    pair_width = width[first] + width[second]
+    writer = BitWriter(n_bits, block_size // 2)
+    even = symbols.size - symbols.size % 2
+    for begin in range(0, even, 2 * CHUNK):
+        two = symbols[begin : min(begin + 2 * CHUNK, even)].view("<u2")
+        writer.write(pair_table.take(two), pair_width.take(two))
+    blocks = writer.block_bits()
+    if even < symbols.size:  # the odd last symbol: a block of its own when blocks are even
+        writer.write(aligned[symbols[even:]], widths[symbols[even:]])
+        if block_size:
+            blocks = _append_bits(blocks, int(widths[symbols[-1]]), symbols.size, block_size)
+    return writer.payload(), blocks
+
+
+def _append_bits(blocks: np.ndarray, bits: int, count: int, block_size: int) -> np.ndarray:
+    """``blocks`` of ``count - 1`` symbols with one more symbol of ``bits`` bits at the end."""
+    if (count - 1) % block_size == 0:
+        return np.append(blocks, bits)
+    blocks = blocks.copy()
+    blocks[-1] += bits
+    return blocks
+
+
+def encode_chunks(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray | None]],
+    lengths: np.ndarray,
+    extra_widths: np.ndarray,
+    n_bits: int,
+    block_size: int,
+) -> tuple[bytes, np.ndarray]:
+    """The payload of the ``(symbols, extra or None)`` chunks (valid, ``n_bits`` in all), and the
+    bit length of every block of ``block_size`` symbols (none when 0)."""
+    aligned, widths = _fields(lengths, extra_widths)
+    writer = BitWriter(n_bits, block_size)
+    for symbols, extra in chunks:
+        for begin in range(0, symbols.size, CHUNK):
+            part = symbols[begin : begin + CHUNK]
+            a, w = aligned.take(part), widths.take(part)
+            if extra is not None:
+                e = extra[begin : begin + CHUNK].astype(np.uint64)  # a copy, shifted in place
+                a |= np.left_shift(e, _U64 - w, out=e)
+            writer.write(a, w)
+    return writer.payload(), writer.block_bits()
+
+
+def _fields(lengths: np.ndarray, extra_widths: np.ndarray | None = None):
+    """Per symbol: its code word at the top of 64 bits (uint64), and its bits with the extra
+    bits (uint8)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    codes, _, _ = _canonical(lengths)
+    aligned = codes.astype(np.uint64) << (_U64 - lengths.astype(np.uint64))
+    aligned[lengths == 0] = 0
+    widths = lengths if extra_widths is None else lengths + extra_widths
+    return aligned, widths.astype(np.uint8)
 
 
 def _check_extra_widths(extra_widths, size: int, error) -> np.ndarray:
@@ -248,6 +323,10 @@ def block_bits(
     per_symbol = np.asarray(lengths, dtype=np.int64)
     if extra_widths is not None:
         per_symbol = per_symbol + np.asarray(extra_widths, dtype=np.int64)
-    bits = per_symbol[np.asarray(symbols).ravel()]
-    starts = np.arange(0, bits.size, block_size)
-    return np.add.reduceat(bits, starts) if bits.size else np.zeros(0, dtype=np.int64)
+    symbols = np.asarray(symbols).ravel()
+    step = block_size * -(-CHUNK // block_size)
+    parts = []
+    for begin in range(0, symbols.size, step):
+        bits = per_symbol.take(symbols[begin : begin + step])
+        parts.append(np.add.reduceat(bits, np.arange(0, bits.size, block_size)))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

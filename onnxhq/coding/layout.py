@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError, SidecarError
 from ..numeric import entropy_bits
-from . import huffman
+from . import bitpack, huffman, runs
 
 MAX_ALPHABET = 1 << 16
 MAX_CODED = 1 << 17  # most symbols one Huffman code may have: code lengths stay <= 17
@@ -78,20 +78,27 @@ class StreamLayout:
 
 @dataclass(frozen=True)
 class _Coding:
-    """One way to code a stream: its symbols, their extra bits, and the code."""
+    """One way to code a stream: its run symbol, and the histogram and code of its symbols."""
 
     run_symbol: int | None
     run_classes: int
-    symbols: np.ndarray  # (n,) int64
-    extra: np.ndarray  # (n,) int64 extra-bit values
+    counts: np.ndarray  # (table size,) int64 symbol counts
     extra_widths: np.ndarray  # (table size,) int64
     lengths: np.ndarray  # (table size,) uint8 code lengths
 
     @property
+    def n_symbols(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def payload_bits(self) -> int:
+        """Code words and extra bits."""
+        return int(np.dot(self.counts, self.lengths.astype(np.int64) + self.extra_widths))
+
+    @property
     def bits(self) -> int:
         """Payload plus code-table bits."""
-        per_symbol = self.lengths.astype(np.int64) + self.extra_widths
-        return int(per_symbol[self.symbols].sum()) + pack_table(self.lengths)[1]
+        return self.payload_bits + pack_table(self.lengths)[1]
 
 
 def encode_stream(name: str, indices: np.ndarray, alphabet_size: int) -> tuple[Entry, bytes]:
@@ -105,19 +112,30 @@ def encode_stream(name: str, indices: np.ndarray, alphabet_size: int) -> tuple[E
         Indices in [0, alphabet_size), coded in C order (valid, as `sidecar.IndexStream` checks).
     alphabet_size : int
         k, 1..`MAX_ALPHABET`.
+
+    Memory: besides the result, a few MB of chunk temporaries (`bitpack`); the indices are read
+    in their own dtype, never widened as a whole.
     """
-    flat = indices.ravel().astype(np.int64)
+    compact = np.uint8 if alphabet_size <= 256 else np.uint16
+    flat = indices.reshape(-1)
+    if flat.dtype not in (np.uint8, np.uint16):
+        flat = flat.astype(compact)  # valid indices fit; uint8 ones are coded two at a time
     coding = _choose_coding(flat, alphabet_size)
-    payload, n_bits = huffman.encode(
-        coding.symbols, coding.lengths, coding.extra, coding.extra_widths
-    )
-    if len(payload) > huffman.MAX_PAYLOAD:
+    n_bits = coding.payload_bits
+    if (n_bits + 7) // 8 > huffman.MAX_PAYLOAD:
         raise ConfigError(
-            f"stream {name!r} needs {len(payload)} bytes, over the {huffman.MAX_PAYLOAD} one "
-            "stream holds; split the tensor"
+            f"stream {name!r} needs {(n_bits + 7) // 8} bytes, over the {huffman.MAX_PAYLOAD} "
+            "one stream holds; split the tensor"
         )
-    size = block_size(coding.symbols.size)
-    blocks = huffman.block_bits(coding.symbols, coding.lengths, size, coding.extra_widths)[:-1]
+    size = block_size(coding.n_symbols)
+    if coding.run_symbol is None:
+        payload, blocks = huffman.encode_counted(flat, coding.counts, coding.lengths, size)
+    else:
+        chunks = runs.run_symbols(flat, alphabet_size, coding.run_symbol, bitpack.CHUNK)
+        payload, blocks = huffman.encode_chunks(
+            chunks, coding.lengths, coding.extra_widths, n_bits, size
+        )
+    blocks = blocks[:-1]
     base = int(blocks.min()) if blocks.size else 0
     width = int(blocks.max() - base).bit_length() if blocks.size else 0
     table, table_bits = pack_table(coding.lengths)
@@ -128,13 +146,13 @@ def encode_stream(name: str, indices: np.ndarray, alphabet_size: int) -> tuple[E
         "run_symbol": coding.run_symbol,
         "run_classes": coding.run_classes,
         "table_bits": table_bits,
-        "symbols": int(coding.symbols.size),
+        "symbols": coding.n_symbols,
         "bits": n_bits,
         "block_size": size,
         "block_base": base,
         "block_width": width,
     }
-    return entry, table + index + payload
+    return entry, b"".join((table, index, payload))
 
 
 def length_bits(table_size: int) -> int:
@@ -167,37 +185,18 @@ def block_size(n_symbols: int) -> int:
 
 def _choose_coding(flat: np.ndarray, k: int) -> _Coding:
     """The smaller of plain coding and run coding of the most frequent index."""
-    counts = np.bincount(flat, minlength=k)
-    zeros = np.zeros(flat.size, np.int64)
-    plain = _Coding(None, 0, flat, zeros, np.zeros(k, np.int64), _lengths(counts))
+    counts = bitpack.histogram(flat, k)
+    plain = _Coding(None, 0, counts, np.zeros(k, np.int64), _lengths(counts))
     if flat.size == 0:
         return plain
-    runs = _run_coding(flat, k, int(np.argmax(counts)))
-    return runs if runs is not None and runs.bits < plain.bits else plain
-
-
-def _run_coding(flat: np.ndarray, k: int, run_symbol: int) -> _Coding | None:
-    """Each maximal run of ``run_symbol`` joined to the index after it (or to the end)."""
-    keep = np.flatnonzero(flat != run_symbol)
-    # copies of run_symbol before each kept index; the tail run last
-    runs = np.diff(np.concatenate(([-1], keep, [flat.size]))) - 1
-    classes = _run_class(runs)
-    n_classes = int(classes.max()) + 1
-    if n_classes * (k + 1) > MAX_CODED:
-        return None
-    levels = np.append(flat[keep], k)  # k: the end of the stream, after the tail run
-    if runs[-1] == 0:  # no tail run: no end symbol
-        levels, classes, runs = levels[:-1], classes[:-1], runs[:-1]
-    symbols = classes * (k + 1) + levels
-    extra = np.where(classes > 0, runs - (np.int64(1) << np.maximum(classes - 1, 0)), 0)
-    lengths = _lengths(np.bincount(symbols, minlength=n_classes * (k + 1)))
+    run_symbol = int(np.argmax(counts))
+    run_counts = runs.run_counts(flat, k, run_symbol, counts, MAX_CODED)
+    if run_counts is None:
+        return plain
+    n_classes = run_counts.size // (k + 1)
     widths = class_extra_widths(n_classes, k)
-    return _Coding(run_symbol, n_classes, symbols, extra, widths, lengths)
-
-
-def _run_class(runs: np.ndarray) -> np.ndarray:
-    """0 for no run, else ``bit_length(run)``: class c holds runs in [2**(c-1), 2**c)."""
-    return np.frexp(np.asarray(runs, dtype=np.float64))[1].astype(np.int64)  # exact below 2**53
+    coded = _Coding(run_symbol, n_classes, run_counts, widths, _lengths(run_counts))
+    return coded if coded.bits < plain.bits else plain
 
 
 def _lengths(counts: np.ndarray) -> np.ndarray:
@@ -287,7 +286,7 @@ def describe(name: str, entry: Entry, indices: np.ndarray, header_bytes: int) ->
     coded as ``entry`` says, with ``header_bytes`` its share of the file's prefix and header."""
     n_table, n_index, n_payload = field_sizes(entry)
     count, k = int(indices.size), int(entry["alphabet_size"])
-    counts = np.bincount(indices.ravel().astype(np.intp, copy=False), minlength=k)
+    counts = bitpack.histogram(indices, k)
     return StreamLayout(
         name=name,
         count=count,

@@ -15,27 +15,83 @@ import math
 import numpy as np
 
 from ..errors import SidecarError
-from . import huffdecode
+from . import blockdecode, huffdecode
 from .huffman import read_bits
 from .layout import GROUP, Entry, extra_widths, field_sizes, length_bits, table_size
 
+#: Streams of at least this many indices are decoded alone, a group of blocks at a time
+#: (`blockdecode`), straight into their index array; smaller ones together (`decode_joined`).
+LARGE = 1 << 20
 
-def decode_streams(entries: list[tuple[str, Entry]], buffer: bytes) -> list[np.ndarray]:
+
+def decode_streams(entries: list[tuple[str, Entry]], buffer) -> list[np.ndarray]:
     """Every stream's indices, uint8 (uint16 past 256 levels) of its entry's shape.
 
     ``entries`` are ``(name, checked entry)`` in buffer order, their ``data_offsets`` into
-    ``buffer``; all streams are decoded, checked and run-expanded together.
+    ``buffer`` (bytes or a memoryview); small streams are decoded, checked and run-expanded
+    together, large ones (`LARGE`) one at a time in bounded memory.
     """
     names = [name for name, _ in entries]
-    joined = huffdecode.decode_joined(_codes(entries, buffer), names)
+    coded = _codes(entries, buffer)
     counts = np.array([math.prod(entry["shape"]) for _, entry in entries], dtype=np.int64)
-    indices = _expand(joined, [entry for _, entry in entries], names, counts)
-    index_base = np.concatenate(([0], np.cumsum(counts))).tolist()
-    out = []
-    for i, (_, entry) in enumerate(entries):
-        part = indices[index_base[i] : index_base[i + 1]]
+    out: list[np.ndarray | None] = [None] * len(entries)
+    small = [i for i in range(len(entries)) if counts[i] < LARGE]
+    if small:
+        joined = huffdecode.decode_joined([coded[i] for i in small], [names[i] for i in small])
+        indices = _expand(
+            joined, [entries[i][1] for i in small], [names[i] for i in small], counts[small]
+        )
+        index_base = np.concatenate(([0], np.cumsum(counts[small]))).tolist()
+        for j, i in enumerate(small):
+            out[i] = indices[index_base[j] : index_base[j + 1]]
+    for i in range(len(entries)):
+        if counts[i] >= LARGE:
+            out[i] = _expand_groups(coded[i], entries[i][1], names[i], int(counts[i]))
+    result = []
+    for (_, entry), part in zip(entries, out):
+        assert part is not None
         part = part.astype(np.uint8 if entry["alphabet_size"] <= 256 else np.uint16, copy=False)
-        out.append(part.reshape(tuple(entry["shape"])))
+        result.append(part.reshape(tuple(entry["shape"])))
+    return result
+
+
+def _expand_groups(coded: huffdecode.Coded, entry: Entry, name: str, count: int) -> np.ndarray:
+    """One large stream's indices, decoded a group of blocks at a time (`blockdecode`) and
+    expanded as `_expand` does, with the same checks."""
+    k, classes, run = entry["alphabet_size"], entry["run_classes"], entry["run_symbol"]
+    span, level, end_kind = _symbol_facts(k, classes, run)
+    dtype = np.uint8 if k <= 256 else np.uint16
+    levels = level.astype(dtype)
+    out = np.empty(count, dtype=dtype)
+    at, seen, bad_end = 0, 0, False  # indices covered, symbols decoded, an end symbol misplaced
+    for symbols, extra_at, extra in blockdecode.decode_groups(coded, name):
+        if not classes:
+            levels.take(symbols, out=out[at : at + symbols.size])
+            at += symbols.size
+            continue
+        ends_at = np.flatnonzero(end_kind.take(symbols))
+        if ends_at.size and (
+            ends_at[0] + seen != entry["symbols"] - 1 or end_kind[symbols[ends_at[0]]] != 1
+        ):
+            bad_end = True
+        seen += symbols.size
+        place = span.take(symbols)
+        place[extra_at] += extra
+        np.cumsum(place, out=place)  # one past where each symbol's last index goes
+        covered = int(place[-1])
+        if bad_end or at + covered > count:  # only count from here on
+            at += covered
+            continue
+        out[at : at + covered] = run
+        place += at - 1
+        out[place] = levels.take(symbols)
+        at += covered
+    if bad_end:
+        raise SidecarError(
+            f"stream {name!r}: an end-of-stream symbol that is not last, or ends no run"
+        )
+    if at != count:
+        raise SidecarError(f"stream {name!r}: run symbols cover {at} indices, shape needs {count}")
     return out
 
 
