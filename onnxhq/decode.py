@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from . import model as model_io
 from . import naming
+from ._io import atomic_write_bytes as save_bytes
 from ._io import reading
 from .encode import GRAPH_FORMAT_VERSION, READABLE_GRAPH_FORMATS, restore_derived_names
 from .errors import ConfigError, ModelError, SidecarError
@@ -19,6 +22,7 @@ from .model import get_metadata, load_model, save_model
 from .native import check_target, lower
 from .rewrite import PACK_MAX_K, PACKED_OP, attach_functions, dequantize_model, index_dtype, pack4
 from .sidecar import IndexStream, decode_sidecar, read_sidecar
+from .sidecar_io import iter_sidecar_file, sidecar_entries
 
 
 def sidecar_path(graph_path: str | os.PathLike, graph: onnx.ModelProto) -> Path:
@@ -43,6 +47,21 @@ def join_artifacts(
     stream (packed two per byte where a ``DequantizePacked4`` node reads it), the names the graph
     file leaves out restored, onnxhq's function definitions attached. ``graph`` is copied first
     unless ``in_place`` (no copy of its tensors: for a graph the caller just loaded)."""
+    model, wanted, index_array = _joinable(graph, [s.name for s in streams], in_place=in_place)
+    by_name = {s.name: s for s in streams}
+    for name in wanted:
+        model.graph.initializer.append(numpy_helper.from_array(index_array(by_name[name]), name))
+    _finish(model, set(by_name))
+    return model
+
+
+def _joinable(
+    graph: onnx.ModelProto, names: list[str], *, in_place: bool
+) -> tuple[onnx.ModelProto, list[str], Callable[[IndexStream], np.ndarray]]:
+    """``graph`` (copied unless ``in_place``) with the names its file leaves out restored, the
+    index tensors its dequantize nodes read (in node order; the sidecar's streams ``names``
+    must be exactly those), and the function that makes a stream an index initializer's value.
+    """
     graph_format(graph)
     model = graph
     if not in_place:
@@ -57,14 +76,13 @@ def join_artifacts(
                 "the graph is damaged"
             )
         restore_derived_names(node)
-    by_name = {s.name: s for s in streams}
     wanted = [node.input[1] for node in nodes]
-    missing = [n for n in wanted if n not in by_name]
+    missing = [n for n in wanted if n not in set(names)]
     if missing:
         raise SidecarError(
             f"the sidecar has no stream for {missing[0]!r}; it belongs to another model"
         )
-    extra = [n for n in by_name if n not in set(wanted)]
+    extra = [n for n in names if n not in set(wanted)]
     if extra:
         raise SidecarError(
             f"the sidecar stream {extra[0]!r} matches no dequantize node of the graph"
@@ -72,11 +90,12 @@ def join_artifacts(
     declared = {
         i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim)
         for i in model.graph.input
-        if i.name in by_name
+        if i.name in set(names)
     }  # graph format 1 declares the index tensors as graph inputs
     packed_shapes = _packed_shapes(model)
-    for name in wanted:
-        stream = by_name[name]
+
+    def index_array(stream: IndexStream) -> np.ndarray:
+        name = stream.name
         if name in packed_shapes:
             array = _packed(stream, packed_shapes[name])
         else:
@@ -86,8 +105,15 @@ def join_artifacts(
                 f"sidecar stream {name!r} gives shape {array.shape}, "
                 f"the graph expects {declared[name]}"
             )
-        model.graph.initializer.append(numpy_helper.from_array(array, name))
-    inputs = [i for i in model.graph.input if i.name not in by_name]
+        return array
+
+    return model, wanted, index_array
+
+
+def _finish(model: onnx.ModelProto, names: set[str]) -> None:
+    """Drop the index tensors' input declarations and the sidecar metadata, attach onnxhq's
+    functions: in place."""
+    inputs = [i for i in model.graph.input if i.name not in names]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
     props = [
@@ -98,7 +124,6 @@ def join_artifacts(
     del model.metadata_props[:]
     model.metadata_props.extend(props)
     attach_functions(model)
-    return model
 
 
 def graph_format(graph: onnx.ModelProto) -> int:
@@ -210,8 +235,82 @@ def decode_file(
 ) -> int:
     """Write the runnable model for compressed graph ``path`` to ``out``; returns bytes written
     (a model past 2 GB is written with its tensors in ``<out>.data``, see `model.save_model`).
-    ``dequantize`` and ``target`` as in `load`."""
+    ``dequantize`` and ``target`` as in `load`.
+
+    The default target is written stream by stream (`decode_streamed`): memory holds one
+    stream's indices at a time, not the model's."""
+    if not dequantize and target == "gather":
+        written = decode_streamed(path, out)
+        if written is not None:
+            return written
     model = load(path, dequantize=dequantize, target=target)
     if proto_size(model) < model_io.EXTERNAL_ABOVE:  # the checker serializes: 2 GB at most
         onnx.checker.check_model(model, full_check=False)
     return save_model(model, out)
+
+
+def decode_streamed(path: str | os.PathLike, out: str | os.PathLike) -> int | None:
+    """`decode_file` to the gather target, one sidecar stream at a time: the graph is serialized
+    without its index tensors, and each stream, decoded and packed, is appended as a graph field
+    of one initializer (protobuf merges repeated occurrences of a message field, so the file
+    parses as the whole model). Returns the bytes written, or None, having written nothing, for a
+    model that would pass 2 GB (`load` and `save_model` then write it with external data)."""
+    with reading(Path(path).parent):
+        graph = load_model(path)
+        side = sidecar_path(path, graph)
+        crc = sidecar_crc32(graph)
+        entries = sidecar_entries(side)
+    model, wanted, index_array = _joinable(graph, list(entries), in_place=True)
+    _finish(model, set(entries))
+    _check_without(model, wanted)
+    head = model.SerializeToString()
+    room = model_io.EXTERNAL_ABOVE - len(head)
+    packed = _packed_shapes(model)
+    if sum(_index_bytes(name in packed, name, entries[name]) for name in wanted) >= room:
+        return None
+
+    def write(f) -> None:
+        f.write(head)
+        # Read outside the shared lock (the output may be in the same folder, whose exclusive
+        # lock the write holds): a sidecar replaced meanwhile fails the graph's CRC at the end,
+        # and the output is then never written.
+        for stream in iter_sidecar_file(side, crc32=crc):
+            tensor = numpy_helper.from_array(index_array(stream), stream.name)
+            f.write(_graph_field(_field(5, tensor.SerializeToString())))
+
+    return save_bytes(out, write)
+
+
+def _check_without(model: onnx.ModelProto, names: list[str]) -> None:
+    """`onnx.checker` on ``model`` with empty stand-ins for its index tensors ``names``."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in names:
+        probe.graph.initializer.add(name=name, data_type=onnx.TensorProto.UINT8, dims=[0])
+    onnx.checker.check_model(probe, full_check=False)
+
+
+def _index_bytes(packed: bool, name: str, entry: dict) -> int:
+    """About the bytes the index initializer ``name`` takes (its stream's ``entry``)."""
+    count = int(np.prod(entry["shape"], dtype=np.int64))
+    width = 0.5 if packed else np.dtype(index_dtype(entry["alphabet_size"])).itemsize
+    return int(count * width) + len(name) + 64
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _graph_field(initializer: bytes) -> bytes:
+    """A ``ModelProto.graph`` field (7) holding ``initializer``, an encoded initializer field."""
+    return _field(7, initializer)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)

@@ -194,6 +194,16 @@ _ELEMENT_BITS: dict[int, int] = {
     _T.COMPLEX64: 64, _T.COMPLEX128: 128, _T.BFLOAT16: 16, _T.UINT4: 4, _T.INT4: 4,
 }  # fmt: skip
 _COMPLEX = (_T.COMPLEX64, _T.COMPLEX128)
+
+
+def element_bits(data_type: int) -> int:
+    """Bits per element of onnx element type ``data_type``; ModelError for one without a fixed
+    width."""
+    if data_type not in _ELEMENT_BITS:
+        raise ModelError(f"tensors of onnx element type {data_type} have no fixed element size")
+    return _ELEMENT_BITS[data_type]
+
+
 _PACKED = (_T.UINT4, _T.INT4)
 
 
@@ -327,6 +337,12 @@ LEAN_ABOVE = 2**30
 _LEAN_TENSOR = 2**20
 
 
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``model`` converted to ``opset`` by onnx's version converter (which raises bare
+    RuntimeErrors and ValueErrors when it cannot); large tensors are set aside meanwhile."""
+    return _convert_lean(model, opset)
+
+
 def _convert_lean(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """``convert_version(model, opset)``; a large model is converted without the bytes of its
     large initializers, which are put back by name afterwards (``model`` loses them)."""
@@ -337,7 +353,13 @@ def _convert_lean(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         if len(t.raw_data) >= _LEAN_TENSOR:
             aside[t.name] = t.raw_data
             t.ClearField("raw_data")
-    converted = onnx.version_converter.convert_version(model, opset)
+    try:
+        converted = onnx.version_converter.convert_version(model, opset)
+    except Exception:  # ``model`` gets its bytes back: a caller may go on without converting
+        for t in model.graph.initializer:
+            if t.name in aside:
+                t.raw_data = aside[t.name]
+        raise
     for t in converted.graph.initializer:
         if t.name in aside:
             t.raw_data = aside.pop(t.name)

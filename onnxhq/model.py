@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import graphfile
 from ._io import Content, write_files
 from .errors import ModelError
 from .graphfile import BASELINE_IR as BASELINE_IR  # re-exported: model is the I/O front
@@ -29,7 +30,6 @@ from .graphfile import (
     check_versions,
     external_files,
     has_external_data,
-    one_line,
     parse_model,
     parse_model_file,
     part_size,
@@ -38,6 +38,10 @@ from .graphfile import (
 from .graphfile import default_opset as default_opset
 from .graphfile import model_files as model_files
 from .graphfile import runtime_limits as runtime_limits
+from .lazy import _external_span, _is_external, _load_external
+from .lazy import drop_weight as drop_weight  # re-exported: model is the I/O front
+from .lazy import load_external as load_external
+from .lazy import read_weight as read_weight
 from .normalize import bypass_initializer_identities, drop_initializer_inputs, materialize_constants
 
 log = logging.getLogger(__name__)
@@ -91,7 +95,10 @@ class WeightInfo:
 
 
 def load_model(
-    source: str | os.PathLike | bytes | onnx.ModelProto, *, convert_opset: bool = True
+    source: str | os.PathLike | bytes | onnx.ModelProto,
+    *,
+    convert_opset: bool = True,
+    lazy: bool = False,
 ) -> onnx.ModelProto:
     """Load an ONNX model from a path (external data beside it included), bytes, or a ModelProto.
 
@@ -101,6 +108,10 @@ def load_model(
     `ModelError`. Constant and ConstantOfShape weights are turned into initializers. An opset or
     IR version the installed onnxruntime cannot run (`runtime_limits`) is converted down, or
     refused with `ModelError` saying why.
+
+    With ``lazy`` (a path), the main graph's initializers stay in their external data files,
+    checked (inside the folder, within the file) but not read: `read_weight` reads one at a time
+    and `load_external` the ones still wanted. Other external tensors are read as usual.
     """
     where = "<bytes>"
     if isinstance(source, onnx.ModelProto):
@@ -117,15 +128,15 @@ def load_model(
         model = parse_model_file(path)
         if has_external_data(model):
             check_tensors(model, where, external=True)
-            try:
-                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-            # onnx raises OSError, ValueError or its checker's ValidationError
-            except Exception as exc:
-                raise ModelError(
-                    f"{path}: cannot read its external data files ({one_line(exc)}); "
-                    "keep them beside the model, inside its folder"
-                ) from None
-    if has_external_data(model):
+            kept: set[str] = set()  # by name: protobuf hands out a new wrapper each time
+            if lazy:
+                for t in model.graph.initializer:
+                    if _is_external(t):
+                        _external_span(t, path.parent)
+                        kept.add(t.name)
+            tensors = [t for t in graphfile.all_tensors(model) if t.name not in kept]
+            _load_external(tensors, path)
+    if has_external_data(model) and not lazy:
         raise ModelError(
             "the model keeps tensors in external data files; load it from its path, not from bytes"
         )

@@ -305,17 +305,20 @@ def layer_rows(
                 f"the sidecar has no stream {naming.index_tensor(weight)!r} for weight {weight!r}; "
                 "was it written for another graph?"
             )
-        rows.append(
-            LayerRow(
-                name=weight,
-                params=int(np.size(idx)),
-                clusters=int(np.unique(idx).size),
-                coded_bytes=lay.payload_bytes + lay.table_bytes,
-                bits_per_weight=lay.coded_bits_per_weight,
-                entropy_bits=lay.entropy_bits,
-            )
-        )
+        rows.append(layer_row(weight, idx, lay))
     return tuple(rows)
+
+
+def layer_row(weight: str, indices: np.ndarray, lay: StreamLayout) -> LayerRow:
+    """The `LayerRow` of quantized weight ``weight``: its indices, coded as ``lay`` says."""
+    return LayerRow(
+        name=weight,
+        params=int(np.size(indices)),
+        clusters=int(np.count_nonzero(np.bincount(np.ravel(indices)))),
+        coded_bytes=lay.payload_bytes + lay.table_bytes,
+        bits_per_weight=lay.coded_bits_per_weight,
+        entropy_bits=lay.entropy_bits,
+    )
 
 
 def error_rows(

@@ -280,8 +280,12 @@ def rewrite(
     tensors: Mapping[str, TensorCodes],
     *,
     pack: bool = True,
+    indices: bool = True,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with each weight in ``tensors`` in codebook + index form.
+
+    Without ``indices`` the index initializers are declared (name, type, dims) but hold no data:
+    the compressed graph leaves them out anyway, and a streamed compress codes them one at a time.
 
     ``codebooks``: key -> (k,) or (G, k) float values. ``tensors``: weight name -> object with
     ``codebook`` (key), ``indices`` (int array of the weight's shape) and ``group_size`` (None or
@@ -312,7 +316,7 @@ def rewrite(
         )
         if cb_name not in new_inits:
             new_inits[cb_name] = numpy_helper.from_array(book.reshape(-1).astype(dtype), cb_name)
-        node = _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits)
+        node = _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits, indices)
         used_ops.add(node.op_type)
         new_nodes.append(node)
     clash = sorted(set(new_inits) & (set(inits) - set(tensors)))
@@ -330,7 +334,9 @@ def rewrite(
     return out
 
 
-def _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits) -> onnx.NodeProto:
+def _dequantize_node(
+    name, cb_name, book, codes, opset, pack, new_inits, values=True
+) -> onnx.NodeProto:
     """The node computing weight ``name``; adds its index (and shape or k) initializers to
     ``new_inits``."""
     idx_name, k, size = naming.index_tensor(name), book.shape[-1], codes.indices.size
@@ -342,9 +348,7 @@ def _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits) -> onnx
                 f"imports opset {opset}; convert it (onnx.version_converter.convert_version(model, "
                 f"{FUNCTION_OPSET})) or use scope 'network' or 'layer'"
             )
-        new_inits[idx_name] = numpy_helper.from_array(
-            codes.indices.astype(index_dtype(k)), idx_name
-        )
+        new_inits[idx_name] = _index_init(idx_name, codes.indices, index_dtype(k), values)
         k_name = naming.codebook_size_tensor(cb_name)
         new_inits.setdefault(k_name, numpy_helper.from_array(np.array(k, np.int64), k_name))
         return helper.make_node(
@@ -358,17 +362,29 @@ def _dequantize_node(name, cb_name, book, codes, opset, pack, new_inits) -> onnx
     if pack and k <= PACK_MAX_K and size >= PACK_MIN_SIZE and opset >= MIN_OPSET[PACKED_OP]:
         shape = tuple(int(d) for d in codes.indices.shape)
         shape_name = naming.shape_tensor(shape)
-        new_inits[idx_name] = numpy_helper.from_array(pack4(codes.indices), idx_name)
+        new_inits[idx_name] = _index_init(idx_name, codes.indices, None, values)
         new_inits.setdefault(
             shape_name, numpy_helper.from_array(np.array(shape, np.int64), shape_name)
         )
         return helper.make_node(
             PACKED_OP, [cb_name, idx_name, shape_name], [name], domain=naming.DOMAIN, name=node_name
         )
-    new_inits[idx_name] = numpy_helper.from_array(codes.indices.astype(index_dtype(k)), idx_name)
+    new_inits[idx_name] = _index_init(idx_name, codes.indices, index_dtype(k), values)
     return helper.make_node(
         naming.DEQUANTIZE_OP, [cb_name, idx_name], [name], domain=naming.DOMAIN, name=node_name
     )
+
+
+def _index_init(name: str, indices, dtype: np.dtype | None, values: bool) -> onnx.TensorProto:
+    """The index initializer of ``indices``: as ``dtype``, or packed 4-bit when None; without
+    ``values`` only declared (no data)."""
+    if values:
+        return numpy_helper.from_array(
+            pack4(indices) if dtype is None else indices.astype(dtype), name
+        )
+    dims = [(indices.size + 1) // 2] if dtype is None else list(indices.shape)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(np.uint8 if dtype is None else dtype))
+    return onnx.TensorProto(name=name, data_type=elem, dims=dims)
 
 
 def _add_functions(model: onnx.ModelProto, ops: set[str], opset: int) -> None:
