@@ -1,7 +1,9 @@
 """Lower a decoded model's codebook lookups to onnxruntime's native low-bit forms.
 
 A decoded model reads each quantized weight through an onnxhq dequantize function (`rewrite`):
-any codebook, folded into a float initializer when the session starts (`TARGETS` ``gather``).
+any codebook, folded into a float initializer when the session starts (`TARGETS` ``gather``;
+``gather-unpacked`` is the same with a byte per index where the file packs two, which folds
+with far less memory).
 Where a codebook's values lie on a uniform grid through zero, ``codebook[i] = scale * level[i]``
 with integer levels, the same weight is ``DequantizeLinear(levels, scale, zero_point)``, which
 onnxruntime keeps in its integer form:
@@ -14,14 +16,23 @@ onnxruntime keeps in its integer form:
     dequantizes at each run (Conv weights then lose their prepacked kernels).
 ``int4``
     The same with int4/uint4 levels (two per byte in the file); opset >= 21 (the model is
-    converted with onnx's version converter when older). A weight only MatMul reads, as its second
-    input, on one signed grid, becomes onnxruntime's ``MatMulNBits`` (com.microsoft, 4 bits in
-    blocks of 32 along K, its fp32 kernel) instead: onnxruntime's fast 4-bit matrix product.
+    converted with onnx's version converter when older).
+
+In both, where the installed onnxruntime runs them (`onnxhq.native_contrib`), a weight that only
+MatMul (or a plain Gemm) reads becomes ``MatMulNBits`` (int4 only, a scale and zero point per
+block of K: per-row-group grids become block scales; int8 stays DequantizeLinear, which
+onnxruntime's optimizer itself fuses with MatMul into its int8-compute MatMulNBits), and an
+embedding table that only Gather reads becomes ``GatherBlockQuantized``; any other weight, or one
+whose row groups do not fit the blocks, stays ``DequantizeLinear`` (per tensor, not per model).
 
 The levels are the grid's own integers, so the native model computes the weights the ``gather``
 model does, up to float rounding of ``scale * level``. A codebook off the grid (the uniform
-quantizer's default cell values are the cells' weighted means; k-means) is refused with one line:
-its values cannot be written as scale times an integer.
+quantizer's default cell values are the cells' weighted means, ``compress --cell-value grid``
+puts the grid points there instead; k-means) is refused with one line: its values cannot be
+written as scale times an integer.
+
+`supplied_weights` serves ``onnxhq.InferenceSession``: the weights dequantized in numpy and
+handed to onnxruntime in memory, so that no constant folding runs at session start.
 """
 
 from __future__ import annotations
@@ -34,10 +45,18 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import naming
+from . import native_contrib as contrib
 from .errors import ConfigError, ModelError
 from .model import default_opset, initializer_map
 from .options.vocabulary import DECODE_TARGETS
-from .rewrite import drop_onnxhq_domain, node_codes
+from .rewrite import (
+    PACKED_OP,
+    attach_functions,
+    dequantized_value,
+    detach_functions,
+    drop_onnxhq_domain,
+    node_codes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +65,9 @@ TARGETS = DECODE_TARGETS
 #: Lowest default-domain opset of each native form (per tensor, per row).
 MIN_OPSET = {"int8": (10, 13), "int4": (21, 21)}
 _BITS = {"int8": 8, "int4": 4}
-#: onnxruntime's contrib domain, and the block length along K of the MatMulNBits it writes.
-MS_DOMAIN = "com.microsoft"
-NBITS_BLOCK = 32
+#: The gather form with a byte per index (no 4-bit packing).
+UNPACKED = "gather-unpacked"
+MS_DOMAIN = contrib.MS_DOMAIN
 #: Grids of finer levels are not looked for (a fine enough grid fits any values).
 MAX_LEVEL = 1 << 16
 _ELEM = {("int8", True): TensorProto.INT8, ("int8", False): TensorProto.UINT8,
@@ -90,22 +109,30 @@ def check_target(target: str) -> None:
 def lower(model: onnx.ModelProto, target: str = "gather") -> onnx.ModelProto:
     """A copy of decoded ``model`` with each onnxhq dequantize node in ``target``'s form.
 
-    ``gather`` returns the model unchanged (a copy). ConfigError for an unknown target;
-    ModelError when a codebook is off its grid, spans more levels than the target holds, or the
-    model's opset is too old for the form and cannot be converted.
+    ``gather`` returns the model unchanged (a copy), ``gather-unpacked`` the same with its 4-bit
+    packed index tensors unpacked to a byte per index (`_unpack`). For ``int8``/``int4``, a
+    weight that only MatMul or a plain Gemm reads becomes ``MatMulNBits`` (int4), an embedding
+    table that only Gather reads ``GatherBlockQuantized`` (`onnxhq.native_contrib`, where the
+    installed onnxruntime runs them), every other weight ``DequantizeLinear``. ConfigError for an
+    unknown target; ModelError when a codebook is off its grid, spans more levels than the target
+    holds, or the model's opset is too old for the form and cannot be converted.
     """
     check_target(target)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if target == "gather":
         return out
+    if target == UNPACKED:
+        _unpack(out)
+        return out
     inits = initializer_map(out)
     levels = {
         n.output[0]: _levels(n, inits, target) for n in out.graph.node if n.domain == naming.DOMAIN
     }
-    nbits = _matmul_weights(out, levels) if target == "int4" else set()
-    if set(levels) - nbits:
-        grouped = any(lv.per_row for name, lv in levels.items() if name not in nbits)
+    bits = _BITS[target]
+    forms = contrib.contrib_forms(out, levels, bits)
+    if set(levels) - set(forms):
+        grouped = any(lv.per_row for name, lv in levels.items() if name not in forms)
         need = MIN_OPSET[target][int(grouped)]
         if default_opset(out) < need:
             out = _convert(out, need, target)
@@ -113,35 +140,134 @@ def lower(model: onnx.ModelProto, target: str = "gather") -> onnx.ModelProto:
     nodes = []
     for node in out.graph.node:
         if node.domain == naming.DOMAIN:
-            if node.output[0] not in nbits:
+            if node.output[0] not in forms:
                 dq, tensors = _dequantize_linear(node.name, node.output[0], levels, target)
                 nodes.append(dq)
                 new_inits.update((t.name, t) for t in tensors)
-        elif node.op_type == "MatMul" and node.input[1] in nbits:
-            mm, tensors = _matmul_nbits(node, levels[node.input[1]])
-            nodes.append(mm)
-            new_inits.update((t.name, t) for t in tensors)
-        else:
+            continue
+        weight = _contrib_input(node, forms)
+        if weight is None:
             nodes.append(node)
+            continue
+        make = (
+            contrib.matmul_nbits
+            if forms[weight] == contrib.NBITS
+            else contrib.gather_block_quantized
+        )
+        new, tensors = make(node, levels[weight], bits)
+        nodes.append(new)
+        new_inits.update((t.name, t) for t in tensors)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    if nbits:
+    if forms and not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     _drop_unused(out, list(new_inits.values()))
-    log.info("lowered %d weights to %s (%d as MatMulNBits)", len(levels), target, len(nbits))
+    log.info("lowered %d weights to %s (%d as MatMulNBits, %d as GatherBlockQuantized)",
+             len(levels), target, sum(f == contrib.NBITS for f in forms.values()),
+             sum(f == contrib.GATHER for f in forms.values()))  # fmt: skip
     return out
+
+
+#: The external-data location of the weights `supplied_weights` hands to onnxruntime in memory.
+SUPPLIED_LOCATION = "onnxhq-supplied-in-memory"
+
+
+def supplied_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``(skeleton, weights)`` of decoded ``model`` for a session that gets its weights in memory:
+    each dequantize node's weight computed in numpy, and a copy of the model without the nodes,
+    codebooks and indices, whose initializer of that name is an external-data placeholder (no
+    bytes) that ``SessionOptions.add_external_initializers`` fills without a copy.
+
+    onnxruntime would otherwise constant-fold each dequantize node when the session starts, and
+    keep the folded tensor as a TensorProto beside the float buffer made from it.
+    """
+    inits = initializer_map(model)
+    dq = [n for n in model.graph.node if n.domain == naming.DOMAIN]
+    if not dq:
+        return model, {}
+    weights = {}
+    for node in dq:
+        book, idx, k, group = node_codes(node, inits)
+        weights[node.output[0]] = dequantized_value(book, idx, k, group)
+    drop = {i for n in dq for i in n.input}
+    others = [n for n in model.graph.node if n.domain != naming.DOMAIN]
+    drop -= {i for n in others for i in n.input} | {o.name for o in model.graph.output}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # the indices are a byte per weight at most: a small copy
+    del out.graph.node[:]
+    out.graph.node.extend(others)
+    keep = [t for t in out.graph.initializer if t.name not in drop]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    for name, w in weights.items():
+        t = out.graph.initializer.add(name=name, data_type=helper.np_dtype_to_tensor_dtype(w.dtype))
+        t.dims.extend(w.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (
+            ("location", SUPPLIED_LOCATION),
+            ("offset", "0"),
+            ("length", str(w.nbytes)),
+        ):
+            t.external_data.add(key=key, value=value)
+    drop_onnxhq_domain(out)
+    return out, weights
+
+
+def _unpack(model: onnx.ModelProto) -> None:
+    """Each 4-bit packed dequantize node of ``model`` as a plain one (uint8 indices), in place.
+
+    onnxruntime constant-folds the packed body's unpacking steps too and keeps every tensor they
+    make until the pass ends: on the OCR recognizer the packed form's session peaked 8 MB above
+    the float model's, the unpacked form's 1 MB (tools/RESULTS.md)."""
+    inits = initializer_map(model)
+    packed = [n for n in model.graph.node if n.op_type == PACKED_OP and n.domain == naming.DOMAIN]
+    for node in packed:
+        _, idx, _, _ = node_codes(node, inits)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(idx.astype(np.uint8), node.input[1]))
+        node.op_type = naming.DEQUANTIZE_OP
+        del node.input[2:]
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    detach_functions(model)
+    attach_functions(model)
+    log.info("unpacked %d 4-bit index tensors", len(packed))
+
+
+def _contrib_input(node: onnx.NodeProto, forms: dict[str, str]) -> str | None:
+    """The weight ``node`` reads that becomes part of a contrib op (the MatMul or Gather that
+    `contrib.contrib_forms` chose), or None."""
+    if node.domain != "":
+        return None
+    if node.op_type in ("MatMul", "Gemm") and node.input[1] in forms:
+        return node.input[1]
+    if node.op_type == "Gather" and node.input[0] in forms:
+        return node.input[0]
+    return None
 
 
 @dataclass(frozen=True)
 class _Levels:
-    """A weight as grid levels: the weight is ``q * scale``, stored as ``q + zero`` beside the
-    zero point ``zero``; ``scale`` a scalar, or one per row (axis 0) when ``per_row``."""
+    """A weight as grid levels: the weight is ``q * scale``, stored as ``q + zero`` (unsigned
+    grids; 0 for signed ones). ``scale`` and ``zero`` hold one entry per group of ``group`` rows
+    (axis 0), or one for the tensor when ``group`` is None."""
 
     q: np.ndarray
     scale: np.ndarray
-    zero: int
+    zero: np.ndarray
     signed: bool
-    per_row: bool
+    group: int | None
+
+    @property
+    def per_row(self) -> bool:
+        return self.group is not None
+
+    def rows(self, values: np.ndarray) -> np.ndarray:
+        """``values`` (one per group) as one per row, or the tensor's one as a scalar."""
+        if self.group is None:
+            return values.reshape(())
+        return values[np.arange(self.q.shape[0]) // self.group]
 
 
 def _levels(node, inits, target: str) -> _Levels:
@@ -161,25 +287,32 @@ def _levels(node, inits, target: str) -> _Levels:
         raise ModelError(
             f"the codebook of {weight!r} ({k} values{f', group {off}' if group else ''}) is "
             f"not a uniform grid through 0, so --target {target} cannot write it; use --target "
-            "gather (or compress with grid cell values)"
+            "gather (or compress with --cell-value grid)"
         )
     levels = np.stack([g[1] for g in found])  # (G, k)
     scales = np.array([g[0] for g in found], np.float32)
     if group is not None:
         owner = np.arange(idx.shape[0]) // group
-        q, scale = levels[owner.reshape((-1,) + (1,) * (idx.ndim - 1)), idx], scales[owner]
+        q = levels[owner.reshape((-1,) + (1,) * (idx.ndim - 1)), idx]
+        rows = q.reshape(q.shape[0], -1)
+        starts = np.arange(0, q.shape[0], group)
+        lo, hi = np.minimum.reduceat(rows.min(1), starts), np.maximum.reduceat(rows.max(1), starts)
     else:
-        q, scale = levels[0][idx], scales[0]
+        q = levels[0][idx]
+        lo, hi = (np.array([q.min()]), np.array([q.max()])) if q.size else (np.zeros(1),) * 2
     bits = _BITS[target]
-    lo, hi = (int(q.min()), int(q.max())) if q.size else (0, 0)
-    signed = lo >= -(2 ** (bits - 1)) and hi < 2 ** (bits - 1)
-    zero = 0 if signed else max(0, -lo)
-    if not signed and not (zero < 2**bits and lo + zero >= 0 and hi + zero < 2**bits):
+    half = 2 ** (bits - 1)
+    signed = bool(np.all(lo >= -half) and np.all(hi < half))
+    zero = np.zeros(lo.shape, np.int64) if signed else np.maximum(0, -lo).astype(np.int64)
+    wide = np.flatnonzero(hi + zero >= 2**bits)
+    if not signed and wide.size:
+        g = int(wide[0])
+        where = f" (rows of group {g})" if group is not None else ""
         raise ModelError(
-            f"the codebook of {weight!r} spans grid levels {lo} to {hi}, more than the "
-            f"{2**bits} of {target}; use --target gather or a lower rate"
+            f"the codebook of {weight!r} spans grid levels {int(lo[g])} to {int(hi[g])}{where}, "
+            f"more than the {2**bits} of {target}; use --target gather or a lower rate"
         )
-    return _Levels(q, np.asarray(scale, np.float32), zero, signed, group is not None)
+    return _Levels(q, scales, zero, signed, group)
 
 
 def _dequantize_linear(node_name: str, weight: str, levels: dict[str, _Levels], target: str):
@@ -189,61 +322,15 @@ def _dequantize_linear(node_name: str, weight: str, levels: dict[str, _Levels], 
     names = (base, f"{base}.scale", f"{base}.zero_point")
     elem = _ELEM[(target, lv.signed)]
     tensors = [
-        _int_tensor(names[0], lv.q + lv.zero, elem),
-        numpy_helper.from_array(lv.scale, names[1]),
-        _int_tensor(names[2], np.full(lv.scale.shape, lv.zero, np.int64), elem),
-    ]
+        _int_tensor(names[0], lv.q + lv.rows(lv.zero).reshape((-1,) + (1,) * (lv.q.ndim - 1))
+                    if lv.per_row else lv.q + lv.rows(lv.zero), elem),
+        numpy_helper.from_array(lv.rows(lv.scale), names[1]),
+        _int_tensor(names[2], np.asarray(lv.rows(lv.zero), np.int64), elem),
+    ]  # fmt: skip
     dq = helper.make_node("DequantizeLinear", list(names), [weight], name=node_name)
     if lv.per_row:
         dq.attribute.append(helper.make_attribute("axis", 0))
     return dq, tensors
-
-
-def _matmul_weights(model: onnx.ModelProto, levels: dict[str, _Levels]) -> set[str]:
-    """The weights `_matmul_nbits` can take: 2-D, one signed 4-bit grid, read only as the second
-    input of MatMul nodes."""
-    readers: dict[str, set[tuple[str, str, int]]] = {}
-    for n in model.graph.node:
-        for pos, name in enumerate(n.input):
-            readers.setdefault(name, set()).add((n.op_type, n.domain, pos))
-    outputs = {o.name for o in model.graph.output}
-    return {
-        name
-        for name, lv in levels.items()
-        if lv.q.ndim == 2
-        and lv.signed
-        and not lv.per_row
-        and name not in outputs
-        and readers.get(name, set()) == {("MatMul", "", 1)}
-    }
-
-
-def _matmul_nbits(matmul: onnx.NodeProto, lv: _Levels):
-    """onnxruntime's ``MatMulNBits`` (4 bits, blocks of `NBITS_BLOCK` along K, one scale, levels
-    stored + 8, its default zero point) in place of ``MatMul(A, W)``, and its initializers
-    (shared by every MatMul of the same weight)."""
-    k, n = lv.q.shape
-    blocks = -(-k // NBITS_BLOCK)
-    stored = np.full((n, blocks * NBITS_BLOCK), 8, np.uint8)  # padding rows are level 0
-    stored[:, :k] = (lv.q.T + 8).astype(np.uint8)
-    pairs = stored.reshape(n, blocks, NBITS_BLOCK // 2, 2)
-    base = naming.index_tensor(matmul.input[1])
-    tensors = [
-        numpy_helper.from_array(pairs[..., 0] | (pairs[..., 1] << 4), f"{base}.nbits"),
-        numpy_helper.from_array(np.full(n * blocks, lv.scale, np.float32), f"{base}.scales"),
-    ]
-    node = helper.make_node(
-        "MatMulNBits",
-        [matmul.input[0], tensors[0].name, tensors[1].name],
-        list(matmul.output),
-        name=matmul.name,
-        domain=MS_DOMAIN,
-        K=k,
-        N=n,
-        bits=4,
-        block_size=NBITS_BLOCK,
-    )
-    return node, tensors
 
 
 def _convert(model: onnx.ModelProto, opset: int, target: str) -> onnx.ModelProto:

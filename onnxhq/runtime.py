@@ -20,11 +20,14 @@ def make_session(
     *,
     threads: int = 0,
     optimize: bool = True,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> onnxruntime.InferenceSession:
     """An ``onnxruntime.InferenceSession`` on the CPU with quiet logging.
 
     ``model`` is a ModelProto, its serialized bytes or a file path; ``threads`` = 0 lets
-    onnxruntime choose. Errors while loading become `ModelError`.
+    onnxruntime choose. ``weights``: arrays for the model's external-data initializers of those
+    names, handed over in memory without a copy (the session keeps them alive). Errors while
+    loading become `ModelError`.
     """
     import onnxruntime as ort  # here, not at the top: `import onnxhq` stays light
 
@@ -33,13 +36,22 @@ def make_session(
     opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    values = [
+        ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(w)) for w in (weights or {}).values()
+    ]
+    if values:
+        opts.add_external_initializers(list(weights or {}), values)
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     source = model if isinstance(model, (bytes, bytearray, str)) else model.SerializeToString()
     if isinstance(source, str) and not os.path.isfile(source):
         raise ModelError(f"model file {source} does not exist")
     try:
-        return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            source, sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        session._onnxhq_weights = values  # alive with the session
+        return session
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip()[:300]}") from None
 
@@ -68,8 +80,12 @@ def compressed_session(
 ) -> onnxruntime.InferenceSession:
     """An ``onnxruntime.InferenceSession`` on a compressed graph (sidecar beside it) or a model.
 
-    Exposed as ``onnxhq.InferenceSession``.
+    Exposed as ``onnxhq.InferenceSession``. The quantized weights are computed in numpy and handed
+    to onnxruntime in memory (`onnxhq.native.supplied_weights`): the session holds each float
+    weight once, as a session on the float model does, and starts without constant folding.
     """
     from .decode import load_runnable  # here: decode loads onnx, which this module does not need
+    from .native import supplied_weights
 
-    return make_session(load_runnable(path), threads=threads)
+    skeleton, weights = supplied_weights(load_runnable(path))
+    return make_session(skeleton, threads=threads, weights=weights)

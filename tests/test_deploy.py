@@ -102,6 +102,8 @@ def test_decode_targets_refuse_codebooks_off_a_grid_and_float_weights(kmeans_res
         decode_file(paths[0], tmp_path / "int8.onnx", target="int8")
     with pytest.raises(onnxhq.ConfigError, match="--dequantize writes float weights"):
         onnxhq.load(paths[0], dequantize=True, target="int4")
-    with pytest.raises(onnxhq.ConfigError, match="'int3' is not one of gather, int8, int4"):
+    with pytest.raises(
+        onnxhq.ConfigError, match="'int3' is not one of gather, gather-unpacked, int8, int4"
+    ):
         onnxhq.load(paths[0], target="int3")
     assert not (tmp_path / "int8.onnx").exists()

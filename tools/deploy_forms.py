@@ -1,0 +1,185 @@
+"""The forms a compressed model runs in, side by side: session start, peak session memory, file
+size and latency of the float model, the decoded files (each ``decode --target``) and
+``onnxhq.InferenceSession`` on the compressed pair.
+
+    python -m tools.deploy_forms [--models lenet5 resnet32 rec det cls] [--repeats 3]
+
+Each model is compressed with ``--cell-value grid --scope layer --hessian none`` at ``--bits 8``
+(256 grid cells per layer: decoded to ``gather`` and ``int8``) and ``--bits 4`` (16 cells:
+``gather``, ``gather-unpacked`` and ``int4``); each other form is compared with the gather form
+of its grid. Session costs are measured in a fresh child process per run (start seconds;
+``VmHWM`` growth in MB after the session starts and after one run on one input), the median of
+``--repeats``; latency is the median of ``--rounds`` single-input runs, every form's session in
+this process taking turns.
+`native_forms` gives `tools.bench_real` the same decoded files for its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("lenet5", "resnet32", "rec", "det", "cls")
+#: Grid cells per layer (``--bits``) -> the targets decoded from them: 256 cells fit int8, 16 int4.
+GRIDS = {8: ("gather", "int8"), 4: ("gather", "gather-unpacked", "int4")}
+
+
+def native_forms(path, calib, hessian: str, work: Path, original_bytes: int) -> dict[str, dict]:
+    """``path`` compressed on grids (each of `GRIDS`) and decoded to the targets it serves: label
+    -> {file, ratio, note, graph}, as `tools.bench_real` keeps its forms; files under ``work``."""
+    import onnxhq
+    from onnxhq.decode import decode_file
+
+    forms = {}
+    for bits, targets in GRIDS.items():
+        kw = {"cell_value": "grid", "bits": bits, "scope": "layer"}
+        result = onnxhq.compress(path, calib, hessian=hessian, **kw)
+        graph = result.save(work / f"cell_grid_{bits}")[0]
+        a = result.artifacts
+        for target in targets:
+            file = work / f"cell_grid_{bits}_{target}.onnx"
+            decode_file(graph, file, target=target)
+            forms[f"onnxhq grid {bits} bits -> {target}"] = {
+                "file": file,
+                "ratio": original_bytes / (len(a.graph_bytes) + len(a.sidecar_bytes)),
+                "note": f"--cell-value grid --bits {bits} --scope layer, --target {target}",
+                "graph": graph,
+            }
+    return forms
+
+
+def probe(path: str, shape: str, pair: bool) -> None:
+    """Child process: start a session on ``path`` (``onnxhq.InferenceSession`` on a compressed
+    pair with ``pair``), print start seconds and peak MB growth after starting and after a run."""
+    import onnxruntime as ort
+
+    import onnxhq
+    from tools.bench_real import peak_kb
+
+    if pair:  # the modules decode needs (onnx: ~25 MB, ~0.5 s) load before the measure
+        import onnxhq.decode
+
+    before = peak_kb()
+    t = time.perf_counter()
+    if pair:
+        session = onnxhq.InferenceSession(path, threads=1)
+    else:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = 1
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    start = time.perf_counter() - t
+    peak = peak_kb()
+    x = np.zeros([int(d) for d in shape.split(",")], np.float32)
+    session.run(None, {session.get_inputs()[0].name: x})
+    print(json.dumps([start, (peak - before) / 1024, (peak_kb() - before) / 1024]))
+
+
+def session_costs(path: Path, shape, repeats: int, pair: bool = False) -> dict:
+    """Median start (s) and MB growth after start and after one run, over fresh processes."""
+    cmd = [sys.executable, "-m", "tools.deploy_forms", "--probe", str(path)]
+    cmd += [",".join(str(d) for d in shape)] + (["--pair"] if pair else [])
+    runs = [json.loads(subprocess.check_output(cmd, text=True)) for _ in range(repeats)]
+    med = [statistics.median(r[i] for r in runs) for i in range(3)]
+    return {"start_s": med[0], "start_mb": med[1], "run_mb": med[2]}
+
+
+def model_and_inputs(name: str, work: Path):
+    """(float model file, evaluation inputs, calibration inputs) of ``name``."""
+    from tools.bench_real import FILES, inputs
+    from tools.datasets import LENET5, shared_file
+
+    if name == "resnet32":
+        from onnxhq.model import save_model
+        from tools.datasets import cifar10, resnet
+
+        path = work / "resnet32.onnx"
+        save_model(resnet(32), path)
+        data = cifar10("test", smoke=True, limit=64).inputs
+        return path, data, data
+    path = Path(LENET5) if name == "lenet5" else shared_file("models", "real", FILES[name])
+    return path, *inputs(name)
+
+
+def bench(name: str, args, work: Path) -> list[dict]:
+    from tools.bench_real import latencies, run
+
+    path, feeds, calib = model_and_inputs(name, work)
+    x1 = next(iter(feeds.values()))[:1]
+    forms = {"float": {"file": Path(path), "ratio": 1.0, "note": "original file"}}
+    forms.update(native_forms(path, calib, "none", work, Path(path).stat().st_size))
+    graph = forms["onnxhq grid 8 bits -> gather"]["graph"]
+    lat = latencies({k: f["file"] for k, f in forms.items()}, x1, args.rounds)
+    sub = {k: v[:32] for k, v in feeds.items()}
+    outputs = {label: run(str(f["file"]), sub) for label, f in forms.items()}
+    rows = []
+    for label, f in forms.items():
+        row = {"model": name, "form": label, "file_bytes": Path(f["file"]).stat().st_size}
+        row.update(session_costs(f["file"], x1.shape, args.repeats))
+        row["latency_ms"] = 1000 * lat[label]
+        gather = outputs.get(label.rsplit(" -> ", 1)[0] + " -> gather")
+        diff = None if gather is None or label == "float" else np.abs(outputs[label] - gather)
+        row["max_diff_vs_gather"] = None if diff is None else float(diff.max())
+        row["max_diff_vs_float"] = float(np.abs(outputs[label] - outputs["float"]).max())
+        rows.append(row)
+    pair = {"model": name, "form": "onnxhq.InferenceSession (pair)"}
+    pair["file_bytes"] = sum(p.stat().st_size for p in Path(graph).parent.iterdir())
+    pair.update(session_costs(graph, x1.shape, args.repeats, pair=True))
+    rows.append(pair)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ["model", "form", "file bytes", "start s", "start MB", "run MB", "latency ms"]
+    lines = ["| " + " | ".join([*head, "max diff vs gather"]) + " |", "|---" * 8 + "|"]
+    base = {}
+    for r in rows:
+        if r["form"] == "float":
+            base[r["model"]] = r
+        b = base[r["model"]]
+        cells = [r["model"], r["form"], f"{r['file_bytes']:,}",
+                 f"{r['start_s']:.3f} ({r['start_s'] / b['start_s']:.2f}x)",
+                 f"{r['start_mb']:.1f} ({r['start_mb'] - b['start_mb']:+.1f})",
+                 f"{r['run_mb']:.1f} ({r['run_mb'] - b['run_mb']:+.1f})"]  # fmt: skip
+        cells.append(f"{r['latency_ms']:.2f} ({r['latency_ms'] / b['latency_ms']:.2f}x)"
+                     if "latency_ms" in r else "-")  # fmt: skip
+        diff = r.get("max_diff_vs_gather")
+        cells.append("-" if diff is None else f"{diff:.2g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per session measure")
+    ap.add_argument("--rounds", type=int, default=20, help="latency runs per form")
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--pair", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.probe:
+        probe(*args.probe, args.pair)
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            work = Path(tmp) / name
+            work.mkdir()
+            rows += bench(name, args, work)
+            print(table([r for r in rows if r["model"] == name]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
