@@ -130,6 +130,7 @@ def layer_hessians(
     session = make_session(graph_model) if exposed else None
     sums: dict[int, list[np.ndarray]] = {}
     counts = dict.fromkeys(range(len(uses)), 0)
+    firsts: dict[int, np.ndarray] = {}  # sums of the rows, for the mean input
     runs = -(-len(order) // batch_size)
     for step, start in enumerate(range(0, len(order), batch_size)):
         batch = {k: v[order[start : start + batch_size]] for k, v in feeds.items()}
@@ -149,6 +150,9 @@ def layer_hessians(
                 acc = sums[i]
                 for a, b in zip(acc, blocks):
                     a[g] += b
+                if i not in firsts:
+                    firsts[i] = np.zeros((_groups(use), rows.shape[1]))
+                firsts[i][g] += rows.sum(axis=0, dtype=np.float64)
             counts[i] += len(parts[0])
         if progress is not None:
             progress(step + 1, runs)
@@ -162,7 +166,10 @@ def layer_hessians(
         mine = [a * scale for a in sums[i]]
         merged = tuple(mine if prev is None else [a + b for a, b in zip(prev.blocks, mine)])
         total = counts[i] + (prev.samples if prev is not None else 0)
-        out[use.param] = LayerHessian(transpose, groups, merged, total)
+        mean = firsts[i] * (_alpha(use) / max(counts[i], 1))
+        if prev is not None and prev.mean is not None:
+            mean = mean + prev.mean
+        out[use.param] = LayerHessian(transpose, groups, merged, total, mean)
     return out
 
 

@@ -37,12 +37,15 @@ class LayerHessian:
     blocks : float64 arrays ``(G, b, b)``, contiguous along the ``d`` inputs (one block of all
         ``d`` unless ``d`` exceeded the cap they were gathered with).
     samples : positions averaged (samples times output positions).
+    mean : (G, d) float64, the mean input ``E[x]`` of each group (what bias correction needs), or
+        None where it was not gathered.
     """
 
     transpose: bool
     groups: int
     blocks: tuple[np.ndarray, ...]
     samples: int
+    mean: np.ndarray | None = None
 
     @property
     def width(self) -> int:

@@ -221,3 +221,83 @@ def test_compress_compensate_lowers_the_layer_error_and_says_so():
     assert err[True] < err[False]
     with pytest.raises(OptionError, match="compensate gathers each layer's input statistics"):
         compress(model, None, method="kmeans", k=4, compensate=True)
+
+
+def _biased_model(wc, bc, wg, bg):
+    """Conv (padded, strided, 2 groups, bias) -> Relu -> Flatten -> Gemm (transB, alpha, bias)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Conv", ["x", "wc", "bc"], ["c"], pads=[1, 1, 1, 1], strides=[2, 1], group=2
+            ),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Flatten", ["r"], ["f"]),
+            helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], transB=1, alpha=0.5),
+        ],
+        "biased",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 6, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [
+            numpy_helper.from_array(v, n)
+            for n, v in [("wc", wc), ("bc", bc), ("wg", wg), ("bg", bg)]
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_bias_correction_puts_each_layer_output_mean_back_on_the_float_one():
+    from onnxhq.biascorrect import correct_biases
+    from onnxhq.layer_inputs import layer_hessians
+    from onnxhq.model import replace_initializers
+    from onnxhq.runtime import make_session
+
+    rng = np.random.default_rng(3)
+    wc = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    wg = rng.standard_normal((3, 6 * 3 * 5)).astype(np.float32)
+    bc, bg = rng.standard_normal(6).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    x = (rng.standard_normal((64, 4, 6, 5)) + 0.7).astype(np.float32)  # nonzero mean inputs
+    model = _biased_model(wc, bc, wg, bg)
+    weights = {"wc": wc, "wg": wg}
+    hessians = layer_hessians(model, {"x": x}, ["wc", "wg"], batch_size=64, max_rows=10**6)
+    plain = quantize_weights(weights, scope="layer", method="uniform", bits=2)
+    quantized = compensate(plain, weights, hessians)[0]
+    corrected, changed = correct_biases(model, quantized, weights, hessians)
+    assert changed == ["bc", "bg"]
+    dequant = {n: quantized.dequantize(n).astype(np.float32) for n in weights}
+
+    def layer_means(proto, inputs, output):
+        """Mean per output channel of one layer, fed ``inputs`` (the float model's)."""
+        got = make_session(proto).run([output], inputs)[0].astype(np.float64)
+        return got.mean(axis=(0, 2, 3)) if got.ndim == 4 else got.mean(axis=0)
+
+    session = make_session(_exposing(model, "f"))
+    f = session.run(["f"], {"x": x})[0]
+    for layer, output in [("wc", "c"), ("wg", "y")]:
+        feeds = {"x": x} if layer == "wc" else {"f": f}
+        ref = layer_means(_cut(model, output, feeds), feeds, output)
+        before = layer_means(_cut(replace_initializers(model, dequant), output, feeds), feeds,
+                             output)  # fmt: skip
+        after = layer_means(_cut(replace_initializers(corrected, dequant), output, feeds), feeds,
+                            output)  # fmt: skip
+        assert np.max(np.abs(before - ref)) > 1e-3  # the quantization did shift the means
+        np.testing.assert_allclose(after, ref, atol=1e-4, err_msg=layer)
+
+
+def _exposing(model, name):
+    from onnx import helper
+
+    out = type(model)()
+    out.CopyFrom(model)
+    out.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return out
+
+
+def _cut(model, output, feeds):
+    """The sub-model from ``feeds`` to ``output``."""
+    import onnx.shape_inference
+    import onnx.utils
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return onnx.utils.Extractor(inferred).extract_model(list(feeds), [output])

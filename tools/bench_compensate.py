@@ -1,20 +1,23 @@
 """Error-compensated assignment (``compress --compensate``) against plain rounding, same settings.
 
-    python -m tools.bench_compensate [--nets lenet5 resnet32] [--rates 3 4]
+    python -m tools.bench_compensate [--nets lenet5 resnet32 rec] [--rates 3 4]
                                      [--scopes network layer] [--method uniform]
                                      [--calib 2000] [--eval-limit N] [--prune 0.5]
                                      [--out FILE.md] [--smoke]
 
 For each net, the importances (Fisher, 1,000 samples) and the layer input statistics
 (`onnxhq.layer_inputs`, 1,024 samples) are computed once from ``--calib`` training samples; then
-every (scope, target bits) is compressed twice, with and without compensation, and evaluated on
+every (scope, target bits) is compressed twice, with and without compensation (which includes
+the bias correction of `onnxhq.biascorrect`), and evaluated on
 the test set (all of it unless ``--eval-limit``): coded bits per weight, compression ratio (every
 byte of graph + sidecar), top-1 accuracy. No retraining, no fine-tuning. ``--prune S`` adds
 one-shot pruning to sparsity S (per layer, no retraining) by magnitude and by ``obs``
 (SparseGPT, `onnxhq.prune.obs_prune`), with the pruned models' accuracies.
 
-Nets: ``lenet5`` (``models/lenet5_mnist.onnx``, MNIST from ``$ONNXHQ_SHARED``) and ``resnet32``
-(``$ONNXHQ_SHARED/models/resnet32_cifar10.npz``, BatchNorm folded, CIFAR-10). ``--smoke``: the
+Nets: ``lenet5`` (``models/lenet5_mnist.onnx``, MNIST from ``$ONNXHQ_SHARED``), ``resnet32``
+(``$ONNXHQ_SHARED/models/resnet32_cifar10.npz``, BatchNorm folded, CIFAR-10) and ``rec`` (the
+PaddleOCR recognizer of `tools.bench_real`; its accuracy column is the share of decoded strings
+identical to the float model's, see `bench_rec`; ``--prune`` does not apply to it). ``--smoke``: the
 bundled MNIST sample for LeNet-5 and a random-weight ResNet-20 on 64 random images, one rate and
 scope, pruning to 0.5: a shape-only run, its accuracies mean nothing.
 """
@@ -105,6 +108,39 @@ def bench_net(name: str, args) -> list[str]:
     return rows
 
 
+def bench_rec(args) -> list[str]:
+    """Rows of the OCR recognizer (``$ONNXHQ_SHARED/models/real``): per scope and rate, with and
+    without compensation; the accuracy column is the share of greedy-CTC strings identical to
+    the float model's on `tools.bench_real`'s 48 rendered lines (calibration: 64 other lines).
+    No Hessian (``hessian="none"``), as `tools.bench_real`."""
+    import onnxhq
+    from onnxhq.fidelity import measure
+    from tools.bench_real import KINDS, run
+    from tools.render_text import line_batch
+
+    path = str(datasets.shared_file("models", "real", "ch_PP-OCRv4_rec_infer.onnx"))
+    feeds = {"x": line_batch(48, width=320, seed=0)[0]}
+    calib = {"x": line_batch(64, width=320, seed=1)[0]}
+    original = run(path, feeds)
+    rows = ["| rec | float | | | | | (reference) | |"]
+    for scope in args.scopes:
+        for rate in args.rates:
+            for comp in (False, True):
+                start = time.perf_counter()
+                result = onnxhq.compress(path, calib, hessian="none", scope=scope,
+                                         target_bits=rate, compensate=comp)  # fmt: skip
+                seconds = time.perf_counter() - start
+                got = measure(KINDS["rec"], original, run(result.model(), feeds))
+                r = result.report
+                rows.append(
+                    f"| rec | {scope} | {rate:g} | {'yes' if comp else 'no'} | "
+                    f"{r.bits_per_weight:.3f} | {r.compression_ratio:.2f}x | "
+                    f"{100 * got['sequence']:.1f} % same strings | {seconds:.0f} s |"
+                )
+                print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nets", nargs="+", default=["lenet5", "resnet32"])
@@ -135,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name in args.nets:
-        lines += bench_net(name, args)
+        lines += bench_rec(args) if name == "rec" else bench_net(name, args)
     text = "\n".join(lines)
     print(text)
     if args.out:
