@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -46,9 +47,14 @@ StageProgress = Callable[[str, int, int], None]
 #: The rates tried, lowest first: target bits per weight (uniform, ECSQ; finer where the ratio
 #: moves most) or bits per index (k-means, hkmeans: k = 2**bits).
 LADDER = {
-    "target_bits": (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0),
+    "target_bits": tuple(
+        float(b) for b in (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5, 6, 6.5, 7, 8)
+    ),
     "bits": (1, 2, 3, 4, 5, 6, 7, 8),
 }
+#: The compensated pass (GPTQ-style, minutes on millions of weights on a small CPU) is tried on
+#: models with at most this many quantized weights; `--compensate` compensates every point.
+COMPENSATE_MAX = 2**21
 #: Output channels per codebook row of the channel-group scope the search tries.
 GROUP_SIZE = 16
 
@@ -89,35 +95,93 @@ def search_target(
 
     Raises `DataError` naming the best value reached when no point meets the target.
     """
-    from .pipeline import compress_point
-
     target = options.target
     assert target is not None
     name = "bits" if options.method in ("kmeans", "hkmeans") else "target_bits"
     ladder = LADDER[name]
-    points: list[SearchPoint] = []
-    best: Result | None = None
     scopes = _scopes(proto, options.scope)
-    most = len(scopes) * math.ceil(math.log2(len(ladder) + 1))
+    run = _Run(model, proto, options, statistics, data, reference, target, progress)
+    run.most = (len(scopes) + 1) * math.ceil(math.log2(len(ladder) + 1))
     top = len(ladder) - 1  # a later scope tries no rate above the best one met so far
     for scope in scopes:
+        top = run.bisect(scope, ladder, name, top, compensate=options.compensate)
+    if run.best is not None and top > 0 and _compensation_pays(options, statistics):
+        # error compensation at the chosen scope, at the rates below the chosen one, for at most
+        # as long as the plain points took
+        run.budget = time.perf_counter() - run.start
+        run.bisect(run.best_scope, ladder, name, top - 1, compensate=True)
+    if run.best is None:
+        raise DataError(_unreachable(target, run.points))
+    run.best.report = run.best.report.with_search(_target_text(target), run.points)
+    return run.best
+
+
+def statistics_options(
+    options: CompressOptions, proto: onnx.ModelProto, data: object
+) -> CompressOptions:
+    """The options `compress` estimates a search's statistics with: ``compensate`` on (each
+    layer's input statistics gathered too) when the search will add a compensated pass, that is
+    with a target, data, and at most `COMPENSATE_MAX` quantized weights (one log line if more)."""
+    if options.target is None or data is None or options.compensate:
+        return options
+    from .importances import initializer_shape, weight_names
+
+    size = sum(math.prod(initializer_shape(proto, n)) for n in weight_names(proto, options))
+    if size > COMPENSATE_MAX:
+        log.info("the search skips error compensation: %d weights, above %d (--compensate "
+                 "compensates every point)", size, COMPENSATE_MAX)  # fmt: skip
+        return options
+    return replace(options, compensate=True)
+
+
+def _compensation_pays(options: CompressOptions, statistics) -> bool:
+    """Whether the search adds a compensated pass: it has the layer statistics
+    (`statistics_options`) and its points are not compensated already."""
+    return not options.compensate and statistics[1] is not None
+
+
+class _Run:
+    """One search's state: the points tried and the smallest result meeting the target."""
+
+    def __init__(self, model, proto, options, statistics, data, reference, target, progress):
+        self.model, self.proto, self.options = model, proto, options
+        self.statistics, self.data, self.reference = statistics, data, reference
+        self.target, self.progress = target, progress
+        self.points: list[SearchPoint] = []
+        self.best: Result | None = None
+        self.best_scope = options.scope
+        self.most = 0
+        self.start = time.perf_counter()
+        self.budget = math.inf  # seconds a pass may take from its start
+
+    def bisect(self, scope: Scope, ladder, name: str, top: int, *, compensate: bool) -> int:
+        """Bisect ``ladder[: top + 1]`` at ``scope`` for the lowest rate meeting the target;
+        returns the index of the best rate met so far over the whole search (``top`` if none)."""
+        from .pipeline import compress_point
+
         lo, hi = 0, top
+        began = time.perf_counter()
         while lo <= hi:
+            if time.perf_counter() - began > self.budget:
+                log.info("the search stops its %s pass: over its %.0f s", scope.kind, self.budget)
+                break
             mid = (lo + hi) // 2
-            point = replace(options, scope=scope, target=None, rate=Rate.named(name, ladder[mid]))
+            point = replace(self.options, scope=scope, target=None, compensate=compensate,
+                            rate=Rate.named(name, ladder[mid]))  # fmt: skip
             assert point.rate is not None
-            label = f"{_scope_label(scope)} {point.rate.label()}"
-            result = compress_point(
-                model, proto, point, statistics, reference, data, label=label, progress=progress
-            )
-            value = _metric(target, result.report)
+            rate = point.rate.label() + (", compensated" if compensate else "")
+            label = f"{_scope_label(scope)} {rate}"
+            stats = self.statistics if compensate else (self.statistics[0], None)
+            result = compress_point(self.model, self.proto, point, stats, self.reference,
+                                    self.data, label=label, progress=self.progress)  # fmt: skip
             r = result.report
-            ok = target.reached(value)
-            points.append(
+            value = _metric(self.target, r)
+            ok = self.target.reached(value)
+            self.points.append(
                 SearchPoint(
                     scope.kind,
                     scope.group_size,
-                    point.rate.label(),
+                    rate,
                     r.bits_per_weight,
                     r.compressed_bytes,
                     r.compression_ratio,
@@ -125,26 +189,47 @@ def search_target(
                     ok,
                 )
             )
-            log.info(
-                "search %s: %.2fx, %s %.4g (%s)",
-                label,
-                r.compression_ratio,
-                target.metric,
-                value,
-                "met" if ok else "not met",
-            )
-            if progress is not None:
-                progress("search", len(points), max(most, len(points)))
+            log.info("search %s: %.2fx, %s %.4g (%s)", label, r.compression_ratio,
+                     self.target.metric, value, "met" if ok else "not met")  # fmt: skip
+            if self.progress is not None:
+                self.progress("search", len(self.points), max(self.most, len(self.points)))
             if ok:
                 hi = mid - 1
-                if best is None or r.compressed_bytes < best.report.compressed_bytes:
-                    best, top = result, mid
+                if self.best is None or r.compressed_bytes < self.best.report.compressed_bytes:
+                    self.best, self.best_scope, top = result, scope, mid
             else:
                 lo = mid + 1
-    if best is None:
-        raise DataError(_unreachable(target, points))
-    best.report = best.report.with_search(_target_text(target), points)
-    return best
+        return top
+
+
+def scope_opset(options: CompressOptions, proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` converted up (`onnx.version_converter`, one log line) to the opset the
+    channel-group scope decodes with, when it imports an older one and that scope is asked for
+    or a target search will try it; else ``proto`` itself. A failed conversion is an
+    `OptionError` for a scope asked for, and leaves a search without channel groups."""
+    need = MIN_OPSET[naming.GROUPED_OP]
+    have = default_opset(proto)
+    asked = options.scope.kind == "channel-group"
+    if have >= need or not (
+        asked or (options.target is not None and options.scope.kind == "network")
+    ):
+        return proto
+    from .graphfile import convert_opset
+
+    try:
+        converted = convert_opset(proto, need)
+    except Exception as exc:  # the converter raises bare RuntimeErrors and ValueErrors
+        if not asked:
+            log.info("the search skips channel groups: onnx could not convert opset %d to %d (%s)",
+                     have, need, str(exc).strip()[:120])  # fmt: skip
+            return proto
+        raise OptionError(
+            f"scope 'channel-group' decodes with ops of opset {need}, the model imports opset "
+            f"{have} and onnx could not convert it ({str(exc).strip()[:120]}); use scope 'layer'",
+            "scope",
+        ) from None
+    log.info("converted the model from opset %d to %d for the channel-group scope", have, need)
+    return converted
 
 
 def _scopes(proto: onnx.ModelProto, given: Scope) -> list[Scope]:

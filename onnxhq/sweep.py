@@ -132,7 +132,7 @@ def sweep(
     from .pipeline import check_scope_opset, compress_point, estimate_statistics
 
     proto = load_model(model)
-    check_scope_opset(base, proto)
+    proto = check_scope_opset(base, proto)
     test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto)
     dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
     reference = reference_outputs(proto, test, output=base.output)

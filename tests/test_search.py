@@ -27,7 +27,7 @@ from onnxhq import pipeline, search
 from onnxhq.cli import FLAGS, main
 from onnxhq.data import Dataset
 from onnxhq.errors import DataError
-from onnxhq.model import read_initializers
+from onnxhq.model import default_opset, read_initializers
 from onnxhq.options import KEYWORDS, CompressOptions, OptionError, Target
 from onnxhq.quantize import tensor_error
 from onnxhq.report import ErrorRow, SearchPoint
@@ -53,11 +53,25 @@ def test_the_search_returns_the_smallest_artifacts_that_meet_the_target(data):
     assert report.compressed_bytes == min(p.compressed_bytes for p in met)
     assert report.fidelity["logits"]["agreement"] >= 0.97
     ladder = [f"target_bits={b:g}" for b in search.LADDER["target_bits"]]
-    for scope in {p.scope for p in report.search}:  # bisection: the rate below a scope's
-        tried = {p.rate: p for p in report.search if p.scope == scope}  # lowest met one fails
+    passes = {(p.scope, p.group_size, p.rate.endswith(", compensated")) for p in report.search}
+    for scope, size, comp in passes:  # bisection: the rate below a pass's lowest met one fails
+        tried = {
+            p.rate.removesuffix(", compensated"): p
+            for p in report.search
+            if (p.scope, p.group_size, p.rate.endswith(", compensated")) == (scope, size, comp)
+        }
         lowest = min((ladder.index(r) for r, p in tried.items() if p.met), default=None)
         if lowest:
             assert not tried[ladder[lowest - 1]].met
+    # compensation is tried last, at the winning scope, below the best plain rate met
+    plain = [p for p in report.search if p.met and not p.rate.endswith(", compensated")]
+    best_plain = min(plain, key=lambda p: p.compressed_bytes)
+    compensated = [p for p in report.search if p.rate.endswith(", compensated")]
+    assert compensated and all(p.scope == best_plain.scope for p in compensated)
+    assert all(
+        ladder.index(p.rate.removesuffix(", compensated")) < ladder.index(best_plain.rate)
+        for p in compensated
+    )
     # the settings are the chosen point's: compressing at them gives the same artifacts
     again = onnxhq.compress(
         small_convnet(), data, options=CompressOptions.from_dict(report.settings)
@@ -187,16 +201,55 @@ def test_a_metric_no_output_measures_is_refused_before_quantizing(data, monkeypa
         onnxhq.compress(small_convnet(), data, eval_data=unlabelled, max_drop=1, **FAST)
 
 
-def test_channel_groups_below_opset_15_fail_before_any_quantization(data, monkeypatch):
+def opset11_convnet() -> onnx.ModelProto:
     model = small_convnet()
-    model.opset_import[0].version = 13
+    model.opset_import[0].version = 11
+    model.ir_version = 6
+    return model
+
+
+def test_channel_groups_convert_an_opset_11_model_up_with_one_line(data, caplog):
+    caplog.set_level("INFO", logger="onnxhq.search")
+    result = onnxhq.compress(opset11_convnet(), scope="channel-group", group_size=1, **FAST)
+    decoded = result.model()
+    assert default_opset(decoded) >= 15
+    said = [r.getMessage() for r in caplog.records if "converted the model" in r.getMessage()]
+    assert said == ["converted the model from opset 11 to 15 for the channel-group scope"]
+    # the converted model computes what the original does: only quantization error is left
+    from onnxhq.runtime import make_session
+
+    x = data.inputs["input"][:20]
+    a = make_session(opset11_convnet()).run(None, {"input": x})[0]
+    b = make_session(decoded).run(None, {"input": x})[0]
+    assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
+
+
+def test_a_search_on_an_opset_11_model_tries_channel_groups(data):
+    report = onnxhq.compress(
+        opset11_convnet(), data, eval_data=data, min_fidelity="agreement=0.9", **FAST
+    ).report
+    assert "channel-group" in {p.scope for p in report.search}
+
+
+def test_a_network_scope_without_target_keeps_the_opset():
+    model = opset11_convnet()
+    assert pipeline.check_scope_opset(CompressOptions.from_keywords(**FAST), model) is model
+
+
+def test_a_failed_conversion_for_channel_groups_is_one_line(monkeypatch):
+    from onnx import version_converter
+
+    def fail(model, opset):
+        raise RuntimeError("No Adapter For Frobnicate")
+
+    monkeypatch.setattr(version_converter, "convert_version", fail)
     monkeypatch.setattr(pipeline, "estimate_importances", _never)
     with pytest.raises(
         OptionError,
-        match=r"scope 'channel-group' decodes with ops of opset 15, "
-        r"and the model imports opset 13",
+        match=r"^scope 'channel-group' decodes with ops of opset 15, the model imports opset 11 "
+        r"and onnx could not convert it \(No Adapter For Frobnicate\); use scope 'layer'$",
     ):
-        onnxhq.compress(model, scope="channel-group", group_size=1, **FAST)
+        onnxhq.compress(opset11_convnet(), scope="channel-group", group_size=1, **FAST)
 
 
 def _never(*args, **kwargs):
@@ -288,3 +341,27 @@ def test_the_search_on_the_ocr_orientation_classifier_meets_its_target():
     assert metrics["agreement"] >= 0.95
     assert report.compressed_bytes == min(p.compressed_bytes for p in report.search if p.met)
     assert {p.scope for p in report.search} == {"network", "layer"}  # opset 11: no channel groups
+
+
+def test_a_model_above_the_compensation_bound_is_searched_without_it(data, monkeypatch, caplog):
+    monkeypatch.setattr(search, "COMPENSATE_MAX", 10)
+    caplog.set_level("INFO", logger="onnxhq.search")
+    report = onnxhq.compress(
+        small_convnet(), data, eval_data=data, min_fidelity="agreement=0.97", **FAST
+    ).report
+    assert not any(p.rate.endswith(", compensated") for p in report.search)
+    assert not report.settings["compensate"]
+    said = [r.getMessage() for r in caplog.records if "skips error compensation" in r.getMessage()]
+    assert said == [
+        "the search skips error compensation: 219 weights, above 10 (--compensate compensates "
+        "every point)"
+    ]
+
+
+def test_compensate_with_a_target_compensates_every_point(data):
+    report = onnxhq.compress(
+        small_convnet(), data, eval_data=data, min_fidelity="agreement=0.97", compensate=True,
+        **FAST,
+    ).report  # fmt: skip
+    assert report.search and all(p.rate.endswith(", compensated") for p in report.search)
+    assert report.settings["compensate"] and report.fidelity["logits"]["agreement"] >= 0.97

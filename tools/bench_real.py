@@ -21,8 +21,9 @@ model on a shared 2-core machine), ``--scope layer``, 6 bits per layer, and one 
 per output channel (max |row| / 127 and / 7 per step, as onnxruntime's per-channel quantizers)
 decoded to ``--target int8`` and ``int4``; onnxruntime's ``quantize_dynamic`` (uint8 weights,
 per tensor: its CPU build runs ConvInteger for uint8 weights only) and its 4-bit ``MatMulNBits``
-where the installed build has the quantizer. The transformer encoder of issue 13 needs torch to
-export and is not included.
+where the installed build has the quantizer; and `tools.deploy_forms.native_forms`: compress
+``--cell-value grid --bits 4 --scope layer`` decoded to ``gather``, ``int8`` and ``int4``.
+The transformer encoder of issue 13 needs torch to export and is not included.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ ONNXHQ_FORMS = {  # label -> compress keywords (beside the Hessian)
     "onnxhq 6 bits, layer": {"scope": "layer", "target_bits": 6.0},
 }
 GRID_FORMS = {"onnxhq rows +-127 -> int8": (127, "int8"), "onnxhq rows +-7 -> int4": (7, "int4")}
+#: The issue-13 goals, searched for by the "onnxhq target" form (`compress --min-fidelity`).
+TARGETS = {"rec": "sequence=0.99", "det": "iou=0.98", "cls": "agreement=0.995"}
+TARGETS["lenet5"] = "agreement=0.99"
 
 
 def inputs(name: str) -> tuple[dict, dict]:
@@ -148,9 +152,9 @@ def latencies(paths: dict[str, Path], x: np.ndarray, rounds: int) -> dict[str, f
 def grid_model(proto, names, levels: int, stem: str, original_bytes: int):
     """Each weight row (output channel) on its own symmetric grid ``max|row| / levels * j``,
     ``|j| <= levels`` (per-channel, as onnxruntime's quantizers can do), Huffman-coded: the
-    artifacts and the decoded gather model. Grid cell values are not yet a compress option, so
-    this builds the codes itself; channel-group codebooks need opset 15, so older models are
-    converted first."""
+    artifacts and the decoded gather model. compress's grids (``--cell-value grid``) span each
+    codebook's weights, not ``+-max|row|``, so this builds the codes itself; channel-group
+    codebooks need opset 15, so older models are converted first."""
     from onnx import version_converter
 
     from onnxhq.decode import load_from_bytes
@@ -245,6 +249,8 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
     original_bytes = path.stat().st_size
     forms: dict[str, dict] = {"float": {"file": path, "ratio": 1.0, "note": "original file"}}
     names = None
+    if args.target:
+        forms["onnxhq target"] = target_form(name, path, calib, feeds, args, work, original_bytes)
     for label, kw in ONNXHQ_FORMS.items():
         t = time.perf_counter()
         result = onnxhq.compress(path, calib, hessian=args.hessian, **kw)
@@ -264,6 +270,9 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
         save_model(lower(gather, target), file)
         ratio = original_bytes / (len(art.graph_bytes) + len(art.sidecar_bytes))
         forms[label] = {"file": file, "ratio": ratio, "note": f"--target {target}"}
+    from tools.deploy_forms import native_forms  # compress --cell-value grid -> each target
+
+    forms.update(native_forms(path, calib, args.hessian, work, original_bytes))
     if not args.smoke:
         for label, (file, note) in ort_forms(proto, work).items():
             ratio = original_bytes / file.stat().st_size if file else None
@@ -279,6 +288,8 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
     rows = []
     for label, f in forms.items():
         row = {"model": name, "form": label, "ratio": f["ratio"], "note": f["note"]}
+        if "search" in f:
+            row["search"] = f["search"]
         if f["file"] is not None:
             got = original if label == "float" else run(str(f["file"]), feeds)
             metrics = measure(KINDS[name], original, got)
@@ -288,6 +299,30 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
             row["latency_ms"] = 1000 * lat[label]
         rows.append(row)
     return rows
+
+
+def target_form(name, path, calib, feeds, args, work, original_bytes) -> dict:
+    """compress --min-fidelity TARGETS[name] on the eval inputs (the whole search: one Hessian
+    estimate with ``--target-hessian``, layer statistics, then the points of `onnxhq.search`)."""
+    import onnxhq
+    from onnxhq.model import save_model
+
+    t = time.perf_counter()
+    result = onnxhq.compress(path, calib, eval_data=feeds, min_fidelity=TARGETS[name],
+                             hessian=args.target_hessian,
+                             hessian_samples=args.target_samples)  # fmt: skip
+    r, a = result.report, result.artifacts
+    file = work / "target.onnx"
+    save_model(result.model(), file)
+    chosen = f"{r.settings['scope']} {r.settings['target_bits']} bits"
+    chosen += ", compensated" if r.settings["compensate"] else ""
+    return {
+        "file": file,
+        "ratio": original_bytes / (len(a.graph_bytes) + len(a.sidecar_bytes)),
+        "note": f"{TARGETS[name]}: {chosen}; {len(r.search)} tried, "
+        f"{time.perf_counter() - t:.0f} s",
+        "search": [p.__dict__ for p in r.search],
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -321,7 +356,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hessian", default="none", help="compress --hessian for the onnxhq forms")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per session measure")
     ap.add_argument("--rounds", type=int, default=20, help="latency runs per model")
-    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--json", help="also write the rows here (after each model)")
+    ap.add_argument("--resume", action="store_true", help="keep the models --json already has")
+    ap.add_argument("--target", action="store_true", help="add the 'onnxhq target' form")
+    ap.add_argument("--target-hessian", default="fisher", help="its --hessian")
+    ap.add_argument("--target-samples", type=int, default=64, help="its --samples")
     ap.add_argument("--smoke", action="store_true", help="the bundled LeNet-5 only, in seconds")
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -335,16 +374,20 @@ def main(argv=None) -> int:
         todo = {"lenet5": LENET5}
     else:
         todo = {m: shared_file("models", "real", FILES[m]) for m in args.models}
-    rows = []
+    rows: list[dict] = []
+    if args.resume and args.json and Path(args.json).is_file():
+        rows = json.loads(Path(args.json).read_text())
+        todo = {m: p for m, p in todo.items() if m not in {r["model"] for r in rows}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in todo.items():
             work = Path(tmp) / name
             work.mkdir()
             rows += bench_model(name, Path(path), args, work)
+            if args.json:  # saved after each model: --resume goes on from here
+                clean = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}
+                         for r in rows]  # fmt: skip
+                Path(args.json).write_text(json.dumps(clean, indent=1))
     print(table(rows))
-    if args.json:
-        clean = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in rows]
-        Path(args.json).write_text(json.dumps(clean, indent=1))
     return 0
 
 
