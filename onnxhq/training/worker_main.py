@@ -40,6 +40,7 @@ NOT_TRAINING = "this python's onnxruntime is not onnxruntime-training (no Gradie
 
 
 MAX_HEADER = 1 << 24
+ALIGN = 16  # bytes: where a received array must start to be fed as it lies
 
 
 def read_frame(stream) -> dict | None:
@@ -63,7 +64,11 @@ def read_frame(stream) -> dict | None:
     arrays, offset = {}, 0
     for (name, dtype, shape), nbytes in zip(entries, sizes):
         flat = np.frombuffer(body, dtype, nbytes // dtype.itemsize, offset)
-        arrays[name] = flat.reshape(shape)
+        # Arrays lie back to back, so most start off a 16-byte boundary; onnxruntime-training
+        # 1.19.2 crashed (SIGSEGV) running a BERT encoder's gradients on such feeds (and on
+        # 8-byte aligned ones), so those are copied to memory of their own, as numpy aligns it.
+        view = flat.reshape(shape)
+        arrays[name] = view if flat.ctypes.data % ALIGN == 0 else view.copy()
         offset += nbytes
     return arrays
 
