@@ -17,6 +17,7 @@ import numpy as np
 
 from . import naming
 from ._io import write_files
+from .biascorrect import correct_biases
 from .compensate import LayerHessian, compensate
 from .data import Dataset, load_data
 from .decode import load_from_bytes
@@ -27,16 +28,23 @@ from .importances import estimate_importances, weight_names
 from .layer_inputs import gather_layer_hessians
 from .model import (
     count_float_params,
-    default_opset,
     load_model,
     model_file_bytes,
     read_initializers,
 )
-from .options import CompressOptions, OptionError, require_data, require_eval, resolve_options
+from .options import (
+    SUPPLIED,
+    CompressOptions,
+    OptionError,
+    require_data,
+    require_eval,
+    resolve_options,
+)
 from .outputs import parse_output_spec
 from .quantize import QuantizedWeights, measure_errors, quantize_weights
-from .report import Report, error_rows, layer_rows
-from .rewrite import MIN_OPSET, rewrite
+from .report import LayerRow, Report, error_rows, layer_rows
+from .rewrite import rewrite
+from .streamed import compress_streamed, streamable
 from .training.graph import codebook_names
 
 if TYPE_CHECKING:
@@ -60,7 +68,7 @@ class Result:
 
     def model(self) -> onnx.ModelProto:
         """The runnable decoded model (uint indices + dequantize nodes)."""
-        return load_from_bytes(self.artifacts.graph_bytes, self.artifacts.sidecar_bytes)
+        return load_from_bytes(self.artifacts.graph_bytes, self.artifacts.sidecar())
 
     def save(self, directory: str | os.PathLike) -> list[Path]:
         """Write graph and sidecar into ``directory`` as one (`_io.write_files`: a reader sees
@@ -116,8 +124,9 @@ def compress(
     options = resolve_options(options, keywords, caller="compress")
     require_data(options, data)
     require_eval(options, eval_data)
-    proto = load_model(model)
-    check_scope_opset(options, proto)
+    lazy = isinstance(model, (str, os.PathLike)) and eval_data is None and streamable(options)
+    proto = load_model(model, lazy=lazy)  # lazy: weights stay in their files, read one by one
+    proto = check_scope_opset(options, proto)
     test = reference = None
     if eval_data is not None:  # read (and the target checked against it) before the slow part
         test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto)
@@ -127,7 +136,15 @@ def compress(
             from .search import check_target
 
             check_target(options.target, reference, test)
-    statistics = estimate_statistics(proto, data, options, progress)
+    from .search import statistics_options
+
+    estimated = options.hessian is not None and options.hessian.method != SUPPLIED
+    statistics = estimate_statistics(
+        load_model(model) if lazy and options.weighted and estimated else proto,
+        data,
+        statistics_options(options, proto, data),  # a search's layer statistics too
+        progress,
+    )
     if options.target is not None:
         from .search import search_target
 
@@ -135,7 +152,7 @@ def compress(
         return search_target(model, proto, options, statistics, test, reference, progress)
     importances, layers = statistics
     result = compress_with(
-        model, proto, options, importances, layer_hessians=layers, progress=progress
+        model, proto, options, importances, layer_hessians=layers, progress=progress, release=True
     )
     if test is not None and reference is not None:
         result.report = measured(result, reference, test, options.output)
@@ -197,15 +214,13 @@ def measured(result: Result, reference: Reference, test: Dataset, output: str | 
     return report
 
 
-def check_scope_opset(options: CompressOptions, proto: onnx.ModelProto) -> None:
-    """Refuse, before any quantization, a scope the model's opset cannot decode."""
-    need = MIN_OPSET[naming.GROUPED_OP]
-    if options.scope.kind == "channel-group" and default_opset(proto) < need:
-        raise OptionError(
-            f"scope 'channel-group' decodes with ops of opset {need}, and the model imports opset "
-            f"{default_opset(proto)}: convert it (onnx.version_converter) or use scope 'layer'",
-            "scope",
-        )
+def check_scope_opset(options: CompressOptions, proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto``, converted up (`onnxhq.search.scope_opset`) when its opset is below what the
+    channel-group scope decodes with and that scope is asked for or searched; refused, before
+    any quantization, when the conversion fails for a scope asked for."""
+    from .search import scope_opset
+
+    return scope_opset(options, proto)
 
 
 def compress_with(
@@ -216,12 +231,15 @@ def compress_with(
     *,
     layer_hessians: Mapping[str, LayerHessian] | None = None,
     progress: StageProgress | None = None,
+    release: bool = False,
 ) -> Result:
     """`compress` once the model is loaded (``proto``) and its importances are known.
 
     ``model`` is what the user passed (it names the artifacts and gives the original size).
     ``layer_hessians`` (`onnxhq.layer_inputs.gather_layer_hessians`) is needed by
-    ``options.compensate``.
+    ``options.compensate``. Where the options allow it the weights go one tensor at a time
+    (`onnxhq.streamed`); with ``release`` their bytes are then freed from ``proto`` (the
+    caller's own copy) as they are read.
     """
     if options.compensate and layer_hessians is None:
         raise OptionError("compensate needs each layer's input statistics: pass layer_hessians "
@@ -237,6 +255,16 @@ def compress_with(
         )
     stem = options.name or _stem(model, proto)
     original_bytes = _original_bytes(model, proto)
+    if streamable(options):
+        _tell(progress, "quantize", 0, 1)
+        path = model if isinstance(model, (str, os.PathLike)) else None
+        done = compress_streamed(proto, names, options, importances, stem, path=path,
+                                 release=release, original_bytes=original_bytes,
+                                 progress=progress)  # fmt: skip
+        report = _report(stem, proto, done.rewritten, done.quantized, done.artifacts,
+                         original_bytes, settings=options.to_dict(), rows=done.rows,
+                         names=done.names)  # fmt: skip
+        return Result(done.artifacts, done.quantized, report)
     flat = {n: w.astype(np.float32) for n, w in read_initializers(proto, names).items()}
     pruned = {n: w == 0 for n, w in flat.items() if np.any(w == 0)}
     _tell(progress, "quantize", 0, 1)
@@ -255,6 +283,7 @@ def compress_with(
         lam=rate.lam,
         target_bits=rate.target_bits,
         guard=options.guard,
+        cell_value=options.cell_value,
     )
     if options.compensate:
         assert layer_hessians is not None
@@ -262,6 +291,7 @@ def compress_with(
             quantized, flat, layer_hessians, importances, pruned=pruned or None, lam=rate.lam,
             match_bits=rate.target_bits is not None,
         )[0]  # fmt: skip
+        proto = correct_biases(proto, quantized, flat, layer_hessians)[0]
     _tell(progress, "quantize", 1, 1)
     rewritten = rewrite(proto, quantized.codebooks, quantized.tensors)
     if tune is not None:
@@ -327,9 +357,12 @@ def _report(
     original_bytes: int,
     *,
     settings: dict[str, Any],
+    rows: tuple[LayerRow, ...] | None = None,
+    names: tuple[str, ...] | None = None,
 ) -> Report:
-    indices = {n: codes.indices for n, codes in quantized.tensors.items()}
-    rows = layer_rows(indices, artifacts.layouts)  # the sizes encoding measured
+    if rows is None:
+        indices = {n: codes.indices for n, codes in quantized.tensors.items()}
+        rows = layer_rows(indices, artifacts.layouts)  # the sizes encoding measured
     # the errors quantizing (and fine-tuning) left, and what the guard did
     errors = error_rows(quantized.errors, flagged=quantized.flagged, guarded=quantized.guarded)
     # What the graph stores: codebooks in the weights' dtype (float16 models keep float16 ones).
@@ -338,7 +371,7 @@ def _report(
     )
     files = {
         artifacts.graph_name: len(artifacts.graph_bytes),
-        artifacts.sidecar_name: len(artifacts.sidecar_bytes),
+        artifacts.sidecar_name: artifacts.sidecar_size,
         **{name: size for name, _, size in artifacts.graph_data},
     }
     return Report(
@@ -348,8 +381,10 @@ def _report(
         layers=rows,
         errors=errors,
         codebook_bytes=codebook_bytes,
-        unquantized_params=count_float_params(proto, exclude=set(quantized.tensors)),
+        unquantized_params=count_float_params(
+            proto, exclude=set(quantized.tensors if names is None else names)
+        ),
         graph_bytes=artifacts.graph_size,
-        sidecar_bytes=len(artifacts.sidecar_bytes),
+        sidecar_bytes=artifacts.sidecar_size,
         settings=settings,
     )

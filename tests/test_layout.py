@@ -24,10 +24,12 @@ PROTOBUF_MODULES = frozenset(
     {
         "model.py",  # load, validate, read and replace initializers, input specs, metadata, save
         "graphfile.py",  # model files: parse, tensors, external data, checks, opset/IR
+        "lazy.py",  # external-data weights read one tensor at a time
         "normalize.py",  # load-time clean-up: hidden constant weights made initializers
         "rewrite.py",  # quantized weights -> dequantize nodes
         "encode.py",  # rewritten model -> graph + sidecar artifacts
         "decode.py",  # artifacts -> runnable model
+        "decode_streamed.py",  # artifacts -> runnable model, one sidecar stream at a time
         "describe.py",  # report of saved artifacts
         "outputs.py",  # which graph output is the class score
         "training/graph.py",  # the training view of a graph (loss, BatchNorm folding, gradients)
@@ -38,6 +40,7 @@ PROTOBUF_MODULES = frozenset(
         "hessian/gauss_newton.py",  # Gauss-Newton graph construction
         "layer_inputs.py",  # layer inputs captured as extra graph outputs (X X^T per weight)
         "native.py",  # dequantize nodes -> DequantizeLinear (onnxruntime's low-bit forms)
+        "native_contrib.py",  # MatMulNBits / GatherBlockQuantized nodes (com.microsoft)
     }
 )
 MAX_MODULE_LINES = 450

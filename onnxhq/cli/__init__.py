@@ -49,6 +49,7 @@ FLAGS = {
     "max_drop": "--max-drop",
     "min_fidelity": "--min-fidelity",
     "compensate": "--compensate",
+    "cell_value": "--cell-value",
 }
 
 

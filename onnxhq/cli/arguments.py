@@ -55,6 +55,21 @@ def add_common(p: argparse.ArgumentParser, *, output_name: bool = True, seed: bo
         p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
+def add_cell_value(p: argparse.ArgumentParser) -> None:
+    """``--cell-value mean|grid``: what the uniform quantizer puts in the codebook
+    (``CompressOptions.cell_value``)."""
+    from ..options.vocabulary import CELL_VALUES
+
+    p.add_argument(
+        "--cell-value",
+        default=CELL_VALUES[0],
+        choices=CELL_VALUES,
+        help="uniform quantizer's codebook values: each cell's weighted mean (default, least "
+        "error) or its grid point (then decode --target int8|int4 writes onnxruntime's native "
+        "integer forms)",
+    )
+
+
 def add_hessian_flags(p: argparse.ArgumentParser, *, estimator_flag: str) -> None:
     """The Hessian flags: the source (``--method`` of ``onnxhq hessian``, ``--hessian`` of
     compress and sweep), its draws, and the weights covered; `hessian_keywords` reads them."""

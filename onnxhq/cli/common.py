@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .._io import atomic_write_bytes
 from ..options import DEFAULT_METHOD, GUARDS, METHODS, SCOPES
-from .arguments import add_data, add_hessian_flags, add_model, hessian_keywords
+from .arguments import add_cell_value, add_data, add_hessian_flags, add_model, hessian_keywords
 
 
 def existing(*paths) -> list[str | os.PathLike]:
@@ -70,6 +70,7 @@ def add_quantizer_flags(p, *, sweep: bool) -> None:
         help="a tensor a shared codebook leaves far worse off than one of its own: give it its "
         "own (requantize, the default), flag it in the report (warn), or do not check (off)",
     )
+    add_cell_value(p)
 
 
 def option_keywords(args) -> dict:
@@ -80,5 +81,6 @@ def option_keywords(args) -> dict:
         group_size=args.group_size,
         hessian=args.hessian,
         guard=args.guard,
+        cell_value=args.cell_value,
         **hessian_keywords(args, prefix="hessian_"),
     )

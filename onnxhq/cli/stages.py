@@ -212,9 +212,9 @@ def add_decode(sub) -> None:
         "--target",
         choices=DECODE_TARGETS,
         default="gather",
-        help="the weights' form: gather (codebook lookups, any codebook; default), int8 or int4 "
-        "(DequantizeLinear of grid levels, onnxruntime's native low-bit form; codebooks on a "
-        "uniform grid only)",
+        help="the weights' form: gather (codebook lookups, any codebook; default), "
+        "gather-unpacked (the same with a byte per index: a larger file, less session memory), "
+        "int8 or int4 (onnxruntime's native low-bit forms; codebooks on a uniform grid only)",
     )
 
 

@@ -23,6 +23,7 @@ from .parts import (
 )
 from .target import Target
 from .vocabulary import (
+    CELL_VALUES,
     DEFAULT_FINETUNE_LR,
     DEFAULT_METHOD,
     EXTRA_OPS,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 KEYWORDS = (
     "method", *RATES, "scope", "group_size", "hessian", "hessian_samples", "hessian_batch_size",
     "adam_state", "include_biases", "extra_ops", "finetune_epochs", "train_data", "finetune_lr",
-    "output", "name", "seed", "guard", "max_drop", "min_fidelity", "compensate",
+    "output", "name", "seed", "guard", "max_drop", "min_fidelity", "compensate", "cell_value",
 )  # fmt: skip
 _UNWEIGHTED = "drop it or choose a weighted method (hkmeans, uniform, ecsq)"
 
@@ -69,6 +70,9 @@ class CompressOptions:
         the eval data instead of compressing at one rate (then ``rate`` must not be given).
     compensate : reassign the codes with error compensation on each layer's input statistics
         (GPTQ-style, `onnxhq.compensate`) and refit the codebook values; needs data.
+    cell_value : one of `CELL_VALUES`, method ``uniform`` only: each cell's codebook value is the
+        importance-weighted mean of its weights (``mean``) or its grid point (``grid``: the
+        codebooks are ``step * levels``, which ``decode --target int8|int4`` writes natively).
     """
 
     method: str = DEFAULT_METHOD
@@ -84,9 +88,11 @@ class CompressOptions:
     guard: str = "requantize"
     target: Target | None = None
     compensate: bool = False
+    cell_value: str = "mean"
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
+        check_choice("cell_value", self.cell_value, CELL_VALUES)
         check_choice("guard", self.guard, GUARDS)
         if self.target is not None:
             _check_target(self.target, self.rate)
@@ -118,9 +124,7 @@ class CompressOptions:
             raise OptionError(f"finetune must be a FineTune, not {self.finetune!r}", "finetune")
         if not isinstance(self.compensate, bool):
             raise OptionError(f"{show('compensate', self.compensate)} must be a bool", "compensate")
-        if self.compensate and self.target is not None:
-            raise OptionError(f"compensate does not combine with {self.target.label()} yet: "
-                              "give a rate instead", "compensate", self.target.field)  # fmt: skip
+        _check_cell_value(self)
         if not isinstance(self.include_biases, bool):
             raise OptionError(f"{show('include_biases', self.include_biases)} must be a bool",
                               "include_biases")  # fmt: skip
@@ -170,6 +174,7 @@ class CompressOptions:
         max_drop: float | None = None,
         min_fidelity: str | None = None,
         compensate: bool = False,
+        cell_value: str = "mean",
     ) -> CompressOptions:
         """Options from `compress`'s keywords, the flat form `to_dict` writes.
 
@@ -203,7 +208,7 @@ class CompressOptions:
                    hessian=source, include_biases=include_biases, extra_ops=tuple(extra_ops),
                    finetune=finetune, output=output, name=name, seed=seed, guard=guard,
                    target=Target.of(max_drop, min_fidelity),
-                   compensate=compensate)  # fmt: skip
+                   compensate=compensate, cell_value=cell_value)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """The keyword form, JSON-safe: `from_dict` (or ``compress(**d)``) rebuilds the options.
@@ -237,6 +242,7 @@ class CompressOptions:
                 else None
             ),
             "compensate": self.compensate,
+            "cell_value": self.cell_value,
         }
 
     @classmethod
@@ -339,6 +345,23 @@ def _check_target(target: object, rate: Rate | None) -> None:
             target.field,
             rate.name,
         )
+
+
+def _check_cell_value(options: CompressOptions) -> None:
+    """Grid cell values only where the codebook stays on the grid: the uniform quantizer, without
+    the steps that move codebook values (fine-tuning, the compensation's refit)."""
+    if options.cell_value != "grid":
+        return
+    if options.method != "uniform":
+        raise OptionError(f"cell_value='grid' puts the uniform quantizer's grid points in the "
+                          f"codebook; method {options.method!r} has no grid: use method "
+                          "'uniform' or drop cell_value", "cell_value", "method")  # fmt: skip
+    moved = [n for n, on in (("finetune_epochs", options.finetune is not None),
+                             ("compensate", options.compensate)) if on]  # fmt: skip
+    if moved:
+        raise OptionError(f"cell_value='grid' keeps the codebook on its grid, and {moved[0]} "
+                          "moves the codebook values off it: drop one of them", "cell_value",
+                          moved[0])  # fmt: skip
 
 
 def _check_extra_ops(extra_ops: object) -> tuple[str, ...]:

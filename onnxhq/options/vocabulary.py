@@ -42,9 +42,14 @@ PRUNE_SCOPES = ("global", "layer")
 EXTRA_OPS = ("Einsum", "GRU", "Gather", "LSTM", "RNN")
 #: The ways to give a rate, as `compress` keywords.
 RATES = ("k", "bits", "lam", "target_bits")
+#: The value each cell of the uniform quantizer puts in the codebook: the importance-weighted
+#: mean of its weights (the paper's; least error), or the grid point ``step * j`` (levels that
+#: `decode --target int8|int4` writes as onnxruntime's native integer forms).
+CELL_VALUES = ("mean", "grid")
 #: Forms `decode` writes the weights in (`onnxhq.native`): onnxhq's codebook lookups (any
-#: codebook), or DequantizeLinear of int8 / int4 levels (codebooks on a uniform grid).
-DECODE_TARGETS = ("gather", "int8", "int4")
+#: codebook; ``gather-unpacked``: a byte per index, no 4-bit packing, for less session memory),
+#: or onnxruntime's int8 / int4 forms (codebooks on a uniform grid).
+DECODE_TARGETS = ("gather", "gather-unpacked", "int8", "int4")
 
 #: Defaults, from the measurements in tools/RESULTS.md: at equal coded bits per weight, Hessian-
 #: weighted uniform quantization keeps more accuracy than k-means (as the paper found). 4 bits per

@@ -77,6 +77,7 @@ def fit(
 ) -> tuple[Fit, bool]:
     """The fit ``task`` asks for; with ``cap``, a rate beyond the distinct weights is lossless."""
     distinct = sw.distinct()
+    on_grid = task.method == "uniform" and task.cell_value == "grid"  # no lossless shortcut
     if task.k is not None:
         clusters = task.k - (n_pruned > 0)
         if clusters < 1:
@@ -84,7 +85,7 @@ def fit(
                 f"k={task.k} leaves no codeword for the {sw.size} unpruned weights: the pruned "
                 "weights take the 0.0 codeword; use k >= 2"
             )
-        if clusters >= distinct:
+        if clusters >= distinct and not on_grid:
             if clusters > distinct and not cap:
                 extra = " (plus 1 for the pruned weights' 0.0)" if n_pruned else ""
                 raise ConfigError(
@@ -105,6 +106,8 @@ def fit(
 
 def _fit_target(sw, wu, hu, n_pruned: int, distinct: int, target: float, task: Task) -> Fit:
     if sw.lossless_bits(n_pruned) <= target:
+        if task.method == "uniform" and task.cell_value == "grid":
+            return fit_uniform(sw, finest_step(sw), task)
         return lossless(sw)
     floor = entropy_bits([sw.size, n_pruned])
     if target < floor:

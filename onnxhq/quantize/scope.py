@@ -60,6 +60,7 @@ def quantize_weights(
     exact: bool = False,
     seed: int = 0,
     guard: str = "requantize",
+    cell_value: str = "mean",
 ) -> QuantizedWeights:
     """Quantize named tensors with shared, per-tensor or per-channel-group codebooks.
 
@@ -75,6 +76,8 @@ def quantize_weights(
     guard : ``"requantize"``, ``"warn"`` or ``"off"``: what to do with a tensor that a network or
         channel-group codebook leaves far worse off than one of its own would (see
         `onnxhq.quantize.guard`).
+    cell_value : uniform only, as `quantize`: ``"mean"`` or ``"grid"`` (grid points as codebook
+        values, for ``decode --target int8|int4``).
 
     Returns
     -------
@@ -101,8 +104,9 @@ def quantize_weights(
     if guard not in GUARDS:
         raise ConfigError(f"unknown guard {guard!r}; choose one of {', '.join(GUARDS)}")
     task = check_task(
-        method=method, k=k, bits=bits, lam=lam, target_bits=target_bits, exact=exact, seed=seed
-    )
+        method=method, k=k, bits=bits, lam=lam, target_bits=target_bits, exact=exact, seed=seed,
+        cell_value=cell_value,
+    )  # fmt: skip
     tensors = _check_mappings(weights, importances, pruned)
     notes = _notes()
     if not tensors:

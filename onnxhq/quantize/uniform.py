@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..options.vocabulary import CELL_VALUES  # noqa: F401  (re-exported: one list for options and here)
 from ._sorted import SortedWeights, bounds_from_thresholds, interval_sums, means
-
-CELL_VALUES = ("mean", "grid")
 
 
 def finest_step(sw: SortedWeights) -> float:
