@@ -163,9 +163,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per session measure")
     ap.add_argument("--rounds", type=int, default=20, help="latency runs per form")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: the bundled LeNet-5 only, one process and two runs per form",
+    )
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
     ap.add_argument("--pair", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.models, args.repeats, args.rounds = ["lenet5"], 1, 2
     if args.probe:
         probe(*args.probe, args.pair)
         return 0
