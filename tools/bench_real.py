@@ -23,7 +23,8 @@ decoded to ``--target int8`` and ``int4``; onnxruntime's ``quantize_dynamic`` (u
 per tensor: its CPU build runs ConvInteger for uint8 weights only) and its 4-bit ``MatMulNBits``
 where the installed build has the quantizer; and `tools.deploy_forms.native_forms`: compress
 ``--cell-value grid --bits 4 --scope layer`` decoded to ``gather``, ``int8`` and ``int4``.
-The transformer encoder of issue 13 needs torch to export and is not included.
+The transformer encoder has its own tool, `tools/bench_encoder.py` (the model exported by
+`tools/export_encoder.py` in `.venv-export`).
 """
 
 from __future__ import annotations
