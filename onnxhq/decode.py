@@ -13,7 +13,6 @@ from onnx import numpy_helper
 
 from . import model as model_io
 from . import naming
-from ._io import atomic_write_bytes as save_bytes
 from ._io import reading
 from .encode import GRAPH_FORMAT_VERSION, READABLE_GRAPH_FORMATS, restore_derived_names
 from .errors import ConfigError, ModelError, SidecarError
@@ -22,7 +21,6 @@ from .model import get_metadata, load_model, save_model
 from .native import check_target, lower
 from .rewrite import PACK_MAX_K, PACKED_OP, attach_functions, dequantize_model, index_dtype, pack4
 from .sidecar import IndexStream, decode_sidecar, read_sidecar
-from .sidecar_io import iter_sidecar_file, sidecar_entries
 
 
 def sidecar_path(graph_path: str | os.PathLike, graph: onnx.ModelProto) -> Path:
@@ -237,80 +235,14 @@ def decode_file(
     (a model past 2 GB is written with its tensors in ``<out>.data``, see `model.save_model`).
     ``dequantize`` and ``target`` as in `load`.
 
-    The default target is written stream by stream (`decode_streamed`): memory holds one
-    stream's indices at a time, not the model's."""
-    if not dequantize and target == "gather":
-        written = decode_streamed(path, out)
-        if written is not None:
-            return written
+    The gather target and ``dequantize`` are written stream by stream
+    (`onnxhq.decode_streamed`): memory holds one stream's tensor at a time, not the model's."""
+    if target == "gather":
+        from .decode_streamed import decode_streamed
+
+        return decode_streamed(path, out, dequantize=dequantize)
+    check_target(target)
     model = load(path, dequantize=dequantize, target=target)
     if proto_size(model) < model_io.EXTERNAL_ABOVE:  # the checker serializes: 2 GB at most
         onnx.checker.check_model(model, full_check=False)
     return save_model(model, out)
-
-
-def decode_streamed(path: str | os.PathLike, out: str | os.PathLike) -> int | None:
-    """`decode_file` to the gather target, one sidecar stream at a time: the graph is serialized
-    without its index tensors, and each stream, decoded and packed, is appended as a graph field
-    of one initializer (protobuf merges repeated occurrences of a message field, so the file
-    parses as the whole model). Returns the bytes written, or None, having written nothing, for a
-    model that would pass 2 GB (`load` and `save_model` then write it with external data)."""
-    with reading(Path(path).parent):
-        graph = load_model(path)
-        side = sidecar_path(path, graph)
-        crc = sidecar_crc32(graph)
-        entries = sidecar_entries(side)
-    model, wanted, index_array = _joinable(graph, list(entries), in_place=True)
-    _finish(model, set(entries))
-    _check_without(model, wanted)
-    head = model.SerializeToString()
-    room = model_io.EXTERNAL_ABOVE - len(head)
-    packed = _packed_shapes(model)
-    if sum(_index_bytes(name in packed, name, entries[name]) for name in wanted) >= room:
-        return None
-
-    def write(f) -> None:
-        f.write(head)
-        # Read outside the shared lock (the output may be in the same folder, whose exclusive
-        # lock the write holds): a sidecar replaced meanwhile fails the graph's CRC at the end,
-        # and the output is then never written.
-        for stream in iter_sidecar_file(side, crc32=crc):
-            tensor = numpy_helper.from_array(index_array(stream), stream.name)
-            f.write(_graph_field(_field(5, tensor.SerializeToString())))
-
-    return save_bytes(out, write)
-
-
-def _check_without(model: onnx.ModelProto, names: list[str]) -> None:
-    """`onnx.checker` on ``model`` with empty stand-ins for its index tensors ``names``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for name in names:
-        probe.graph.initializer.add(name=name, data_type=onnx.TensorProto.UINT8, dims=[0])
-    onnx.checker.check_model(probe, full_check=False)
-
-
-def _index_bytes(packed: bool, name: str, entry: dict) -> int:
-    """About the bytes the index initializer ``name`` takes (its stream's ``entry``)."""
-    count = int(np.prod(entry["shape"], dtype=np.int64))
-    width = 0.5 if packed else np.dtype(index_dtype(entry["alphabet_size"])).itemsize
-    return int(count * width) + len(name) + 64
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _graph_field(initializer: bytes) -> bytes:
-    """A ``ModelProto.graph`` field (7) holding ``initializer``, an encoded initializer field."""
-    return _field(7, initializer)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)

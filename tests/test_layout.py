@@ -29,6 +29,7 @@ PROTOBUF_MODULES = frozenset(
         "rewrite.py",  # quantized weights -> dequantize nodes
         "encode.py",  # rewritten model -> graph + sidecar artifacts
         "decode.py",  # artifacts -> runnable model
+        "decode_streamed.py",  # artifacts -> runnable model, one sidecar stream at a time
         "describe.py",  # report of saved artifacts
         "outputs.py",  # which graph output is the class score
         "training/graph.py",  # the training view of a graph (loss, BatchNorm folding, gradients)
