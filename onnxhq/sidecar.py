@@ -156,6 +156,13 @@ def _encode(
         entries.append((stream.name, entry))
         blobs.append(blob)
         offset += len(blob)
+    head, stored = pack_header(header)
+    return b"".join([head, *blobs]), entries, stored
+
+
+def pack_header(header: Mapping[str, object]) -> tuple[bytes, int]:
+    """The prefix and zlib-compressed JSON header of a sidecar (what precedes the streams'
+    bytes), and the stored header's length; a header past `MAX_HEADER` is refused."""
     text = _dump(header)
     if len(text) > MAX_HEADER:
         raise ConfigError(
@@ -163,7 +170,7 @@ def _encode(
         )
     packed = zlib.compress(text, 9)
     prefix = _PREFIX.pack(MAGIC, SIDECAR_FORMAT_VERSION, zlib.crc32(packed), len(packed))
-    return b"".join([prefix, packed, *blobs]), entries, len(packed)
+    return prefix + packed, len(packed)
 
 
 def _dump(obj: object) -> bytes:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .coding import unpack
 from .coding.layout import Entry
-from .errors import ConfigError, SidecarError
+from .errors import SidecarError
 from .sidecar import (
     _META,
     _PREFIX,
@@ -26,6 +26,7 @@ from .sidecar import (
     _dump,
     _load_header,
     _parse,
+    pack_header,
 )
 
 
@@ -38,18 +39,12 @@ def sidecar_head(
     `describe_sidecar` counts it. `encode_sidecar` of the same streams starts with these bytes."""
     header: dict[str, object] = {_META: dict(metadata)} if metadata else {}
     header.update(entries)
-    text = _dump(header)
-    if len(text) > MAX_HEADER:
-        raise ConfigError(
-            f"sidecar header of {len(text)} bytes exceeds {MAX_HEADER}; use fewer streams"
-        )
-    packed = zlib.compress(text, 9)
-    prefix = _PREFIX.pack(MAGIC, SIDECAR_FORMAT_VERSION, zlib.crc32(packed), len(packed))
+    prefix_and_header, _ = pack_header(header)
     weights = np.array([len(_dump({name: entry})) for name, entry in entries], dtype=np.int64)
     total = max(int(weights.sum()), 1)
-    head = _PREFIX.size + len(packed)
+    head = len(prefix_and_header)
     shares = np.diff(np.concatenate(([0], (np.cumsum(weights) * head) // total)))
-    return prefix + packed, [int(x) for x in shares]
+    return prefix_and_header, [int(x) for x in shares]
 
 
 def iter_sidecar_file(
