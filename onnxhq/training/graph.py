@@ -32,6 +32,7 @@ from ..differentiable import make_differentiable, parse_builder_error, unsupport
 from ..errors import ModelError
 from ..model import FLOAT_TYPES, initializer_map, value_info_map
 from ..outputs import logits_tensor, projection_output
+from .shapes import forget_unproven_dims
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +226,15 @@ def build_forward_model(
 def _differentiable_copy(
     model: onnx.ModelProto, input_shapes: InputShapes | None = None
 ) -> onnx.ModelProto:
-    """A copy with local functions inlined, inference BatchNormalization made affine, and the ops
-    the builder cannot differentiate rewritten (`onnxhq.differentiable.make_differentiable`)."""
+    """A copy with local functions inlined, inference BatchNormalization made affine, the ops the
+    builder cannot differentiate rewritten (`onnxhq.differentiable.make_differentiable`), and the
+    symbolic dims it would wrongly take as equal dropped (`shapes.forget_unproven_dims`)."""
     m = onnx.inliner.inline_local_functions(model) if model.functions else _copy(model)
     frozen_batchnorm_as_affine(m)
     m, replaced = make_differentiable(m, input_shapes=input_shapes)
     if replaced:
         log.info("gradient view: %d nodes rewritten into differentiable ops", replaced)
+    forget_unproven_dims(m)
     return m
 
 

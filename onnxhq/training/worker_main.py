@@ -167,9 +167,23 @@ def converted(model: bytes, opset: int, ir_version: int) -> bytes:
                 f"onnx could not convert it ({str(exc)[:200]}); use --hessian activations or "
                 f"none, or re-export the model with opset {opset}"
             ) from None
+        forget_invented_dims(proto)
     if ir_version and proto.ir_version > ir_version:
         proto.ir_version = ir_version
     return proto.SerializeToString()
+
+
+def forget_invented_dims(proto: Any) -> None:
+    """Clear, in place, the dim symbols of ``proto``'s value_info and outputs that no graph input
+    declares: the converter's shape inference names unknown dims ``unk__N``, and the builder takes
+    any two symbols as equal when it sums a broadcast's gradient (see `onnxhq.training.shapes`,
+    which the parent applies before sending the graph; this process does not import onnxhq)."""
+    graph = proto.graph
+    declared = {d.dim_param for v in graph.input for d in v.type.tensor_type.shape.dim}
+    for value in [*graph.value_info, *graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param not in declared:
+                dim.Clear()
 
 
 def main() -> int:
