@@ -22,12 +22,15 @@ A weight with more than ``cap`` inputs per group keeps only the diagonal blocks 
 (``H`` block-diagonal: correlations across blocks are dropped, each block compensated alone), so
 memory is at most ``d * cap`` float64 per weight (``cap=4096``: 128 MB for ``d = 4096``). Each
 batch contributes at most ``max_rows`` rows per weight (a seeded random subset of a conv's
-sample-and-position rows); products are formed in float32 and summed in float64.
+sample-and-position rows, drawn before its patches are gathered); products are formed in float32,
+all groups in one batched product, and summed in float64. `compensation_cost` estimates what
+gathering these and one compensated compression cost, from the shapes alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -57,6 +60,57 @@ MAX_ROWS = 8192
 #: Most inputs per ``H`` block (see the module doc).
 CAP = 4096
 _SUPPORTED = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,)}
+#: Passes over a layer's ``outputs x inputs^2`` products one compensated compression makes (the
+#: assignments matching the coded size, the codebook refit), for `compensation_cost`.
+ROUNDS = 30
+#: Multiply-adds a column of the column walk costs beyond its arithmetic (its numpy calls, about
+#: 0.1 ms on a small CPU), for `compensation_cost`.
+COLUMN_COST = 10**5
+
+
+def compensation_cost(
+    model: onnx.ModelProto,
+    params: Sequence[str],
+    *,
+    samples: int = SAMPLES,
+    batch_size: int = 16,
+    cap: int = CAP,
+    max_rows: int = MAX_ROWS,
+) -> float:
+    """Multiply-adds of gathering the statistics of ``params`` and compressing once with error
+    compensation, estimated from the shapes alone (to decide whether compensation is affordable).
+
+    Per weight a MatMul, Gemm or Conv reads, per group and ``H`` block of ``b`` inputs: its
+    factorisation ``b**3``, ``ROUNDS * outputs * b**2`` for the column walks and the refit,
+    `COLUMN_COST` per column and walk, and the statistics ``runs * rows * b**2`` for the runs of
+    ``batch_size`` of ``samples``, ``rows`` per run being ``max_rows`` for a Conv (a row per
+    output position, more than that) and ``batch_size`` for a MatMul or Gemm (a row per sample;
+    sequence positions are not counted). Other weights cost nothing here (the diagonal model).
+    """
+    from .model import initializer_map
+
+    inits, wanted, seen = initializer_map(model), set(params), set()
+    runs = -(-samples // batch_size)
+    total = 0.0
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            if name not in wanted or name in seen or name not in inits:
+                continue
+            if node.domain not in ("", "ai.onnx") or slot not in _SUPPORTED.get(node.op_type, ()):
+                continue
+            shape = tuple(int(d) for d in inits[name].dims)
+            view = _view(Use(name, node, slot, "", shape))
+            if view is None:
+                continue
+            seen.add(name)
+            transpose, groups = view
+            rows, width = (shape[1], shape[0]) if transpose else (shape[0], math.prod(shape[1:]))
+            batch_rows = max_rows if node.op_type == "Conv" else min(batch_size, max_rows)
+            for start in range(0, width, cap):
+                b = min(cap, width - start)
+                per_group = b**3 + ROUNDS * (rows // groups) * b**2 + runs * batch_rows * b**2
+                total += groups * per_group + ROUNDS * COLUMN_COST * b
+    return total
 
 
 def gather_layer_hessians(
@@ -137,23 +191,21 @@ def layer_hessians(
         got = session.run(exposed, {**batch, **values}) if session is not None else []
         known = {**batch, **values, **dict(zip(exposed, got))}
         for i, use in enumerate(uses):
-            parts = _rows(use, np.asarray(known[use.x], np.float32))
-            if len(parts[0]) > max_rows:
-                pick = np.random.default_rng([seed, step, i]).choice(
-                    len(parts[0]), max_rows, replace=False
-                )
-                parts = [rows[pick] for rows in parts]
-            for g, rows in enumerate(parts):
-                blocks = _products(rows, cap)
-                if i not in sums:  # (setdefault would allocate the zeros on every batch)
-                    sums[i] = [np.zeros((_groups(use), *b.shape)) for b in blocks]
-                acc = sums[i]
-                for a, b in zip(acc, blocks):
-                    a[g] += b
-                if i not in firsts:
-                    firsts[i] = np.zeros((_groups(use), rows.shape[1]))
-                firsts[i][g] += rows.sum(axis=0, dtype=np.float64)
-            counts[i] += len(parts[0])
+
+            def pick(total: int, i: int = i, step: int = step) -> np.ndarray | None:
+                if total <= max_rows:
+                    return None
+                return np.random.default_rng([seed, step, i]).choice(total, max_rows, replace=False)
+
+            rows = _rows(use, np.asarray(known[use.x], np.float32), pick)  # (G, positions, d)
+            blocks = _products(rows, cap)
+            if i not in sums:  # (setdefault would allocate the zeros on every batch)
+                sums[i] = [np.zeros(b.shape) for b in blocks]
+                firsts[i] = np.zeros((rows.shape[0], rows.shape[2]))
+            for a, b in zip(sums[i], blocks):
+                a += b
+            firsts[i] += rows.sum(axis=1, dtype=np.float64)
+            counts[i] += rows.shape[1]
         if progress is not None:
             progress(step + 1, runs)
     out: dict[str, LayerHessian] = {}
@@ -214,35 +266,52 @@ def _alpha(use: Use) -> float:
     return float(use.attr("alpha", 1.0)) if use.node.op_type == "Gemm" else 1.0
 
 
-def _rows(use: Use, x: np.ndarray) -> list[np.ndarray]:
-    """Per group, the (positions, d) matrix whose rows the weight's view multiplies."""
+def _rows(use: Use, x: np.ndarray, pick: Callable[[int], np.ndarray | None]) -> np.ndarray:
+    """(G, positions, d): per group, the rows the weight's view multiplies; ``pick(positions)``
+    gives the subset of rows to keep (None: all), chosen before a Conv's patches are built."""
     op = use.node.op_type
     if op == "Conv":
-        return _im2col(use, x)
+        return _im2col(use, x, pick)
     if op == "Gemm":
         trans = use.attr("transA" if use.slot == 1 else "transB", 0)
         x = x.T if trans else x
-        return [x if use.slot == 1 else x.T]  # activation A (M, K), or B (K, N) by columns
-    if use.slot == 1:
-        return [x.reshape(-1, x.shape[-1])]
-    x = x[:, None] if x.ndim == 1 else np.moveaxis(x, -2, -1)  # W (M, K) @ x (..., K, N)
-    return [x.reshape(-1, x.shape[-1])]
+        rows = x if use.slot == 1 else x.T  # activation A (M, K), or B (K, N) by columns
+    elif use.slot == 1:
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        x = x[:, None] if x.ndim == 1 else np.moveaxis(x, -2, -1)  # W (M, K) @ x (..., K, N)
+        rows = x.reshape(-1, x.shape[-1])
+    chosen = pick(len(rows))
+    return (rows if chosen is None else rows[chosen])[None]
 
 
-def _im2col(use: Use, x: np.ndarray) -> list[np.ndarray]:
-    """Per group: (samples * output positions, C/G * prod(kernel)) patches, weight order."""
-    patches = [reads for _, reads in conv_windows(use, x)]
-    cols = np.stack(patches, axis=-1)  # (N, C, *out, K)
-    cols = np.moveaxis(cols, 1, -2)  # (N, *out, C, K)
+def _im2col(use: Use, x: np.ndarray, pick: Callable[[int], np.ndarray | None]) -> np.ndarray:
+    """(G, samples * output positions, C/G * prod(kernel)) patches in the weight's column
+    order, only the rows ``pick`` keeps gathered, each kernel offset copied once into place."""
+    reads = [r for _, r in conv_windows(use, x)]  # (N, C, *out) views, one per kernel offset
+    n, c, out = x.shape[0], x.shape[1], reads[0].shape[2:]
     groups = _groups(use)
-    per = x.shape[1] // groups
-    flat = cols.reshape(-1, x.shape[1], cols.shape[-1])
-    return [flat[:, g * per : (g + 1) * per].reshape(len(flat), -1) for g in range(groups)]
+    chosen = pick(n * math.prod(out))
+    per = c // groups
+    if chosen is None:  # every position: (N, C, *out) -> (G, N, *out, C/G), views until the copy
+        cols = np.empty((groups, n, *out, per, len(reads)), x.dtype)
+        for k, r in enumerate(reads):
+            cols[..., k] = np.moveaxis(r.reshape(n, groups, per, *out), (1, 2), (0, -1))
+        return cols.reshape(groups, n * math.prod(out), -1)
+    at = np.unravel_index(chosen, (n, *out))
+    cols = np.empty((groups, len(chosen), per, len(reads)), x.dtype)
+    index: tuple = (at[0], slice(None), *at[1:])  # each drawn row's (sample, *position)
+    for k, r in enumerate(reads):  # (m, C) -> (G, m, C/G)
+        cols[..., k] = r[index].reshape(-1, groups, per).transpose(1, 0, 2)
+    return cols.reshape(groups, len(chosen), -1)
 
 
 def _products(rows: np.ndarray, cap: int) -> list[np.ndarray]:
-    """``rows^T rows`` as diagonal blocks of at most ``cap`` columns."""
-    d = rows.shape[1]
-    return [
-        (rows[:, s : s + cap].T @ rows[:, s : s + cap]).astype(np.float64) for s in range(0, d, cap)
-    ]
+    """``rows^T rows`` per group (``rows`` (G, n, d)) as diagonal blocks of at most ``cap``
+    columns, (G, b, b) float64 each."""
+    d = rows.shape[2]
+    out = []
+    for s in range(0, d, cap):
+        part = rows[:, :, s : s + cap]
+        out.append(np.matmul(part.transpose(0, 2, 1), part).astype(np.float64))
+    return out

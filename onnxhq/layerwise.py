@@ -74,51 +74,76 @@ def from_view(m: np.ndarray, shape: tuple[int, ...], lh: LayerHessian) -> np.nda
 def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper ``U`` with ``U^T U = (H + damp * mean(diag H) I)^-1``; dead inputs get ``H_cc = 1``.
 
-    ``h``: (d, d) symmetric positive semi-definite. Raises DataError if not positive definite
-    after dampening.
+    ``h``: (..., d, d) symmetric positive semi-definite, one or a stack (Conv groups: each
+    matrix on its own). ``U`` is the inverse of the upper factor ``V`` of ``H = V V^T`` (the
+    Cholesky factor of ``H`` with rows and columns reversed), so no ``H^-1`` is formed: one
+    Cholesky and one triangular inverse. Raises DataError if not positive definite after
+    dampening.
     """
     h = np.array(h, dtype=np.float64)
-    diag = np.diagonal(h).copy()
+    d = h.shape[-1]
+    diag = np.diagonal(h, axis1=-2, axis2=-1).copy()
     dead = diag <= 0
-    h[dead, dead] = 1.0
-    mean = float(np.mean(diag[~dead])) if np.any(~dead) else 1.0
-    h[np.diag_indices_from(h)] += damp * mean
+    alive = np.count_nonzero(~dead, axis=-1)
+    mean = np.where(
+        alive > 0, np.sum(np.where(dead, 0.0, diag), axis=-1) / np.maximum(alive, 1), 1.0
+    )
+    at = np.arange(d)
+    h[..., at, at] = np.where(dead, 1.0, diag) + damp * mean[..., None]
     try:
-        lower = np.linalg.cholesky(h)
-        inv_lower = np.linalg.solve(lower, np.eye(len(h)))
-        return np.linalg.cholesky(inv_lower.T @ inv_lower).T
+        lower = np.linalg.cholesky(h[..., ::-1, ::-1])
     except np.linalg.LinAlgError:
-        raise DataError(f"a layer Hessian of {len(h)} inputs is not positive definite with "
+        raise DataError(f"a layer Hessian of {d} inputs is not positive definite with "
                         f"damp={damp:g}; raise the dampening") from None  # fmt: skip
+    return _upper_inverse(np.ascontiguousarray(lower[..., ::-1, ::-1]))
+
+
+def _upper_inverse(v: np.ndarray) -> np.ndarray:
+    """Inverse of upper triangular ``v`` (..., d, d), by halves (matrix products, ``d^3 / 3``)."""
+    d = v.shape[-1]
+    if d <= 64:
+        return np.triu(np.linalg.inv(v))
+    m = d // 2
+    top, bottom = _upper_inverse(v[..., :m, :m]), _upper_inverse(v[..., m:, m:])
+    out = np.zeros_like(v)
+    out[..., :m, :m], out[..., m:, m:] = top, bottom
+    out[..., :m, m:] = -(top @ v[..., :m, m:]) @ bottom
+    return out
 
 
 def column_order(diag: np.ndarray, order: str) -> np.ndarray:
-    """Processing order of the columns: by decreasing ``H_cc`` (ties by position), or natural."""
+    """Processing order of the columns (along the last axis of ``diag``, ``H_cc``; one order per
+    row of a stack): by decreasing ``H_cc`` (ties by position), or natural."""
     if order == "natural":
-        return np.arange(diag.size)
-    return np.argsort(-diag, kind="stable")
+        return np.broadcast_to(np.arange(diag.shape[-1]), diag.shape).copy()
+    return np.argsort(-diag, axis=-1, kind="stable")
 
 
 def gptq_columns(w, u, choose, *, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """GPTQ over the columns of ``w`` (R, d), already in processing order.
+    """GPTQ over the columns of ``w`` (..., R, d), already in processing order.
 
-    ``u``: (d, d) upper Cholesky factor of the (dampened) ``H^-1`` in that order. ``choose(c, w_c,
-    u_cc)`` returns ``(indices, values)`` (R,) for column ``c``. Returns the indices and values,
-    (R, d) each. ``w`` is not changed.
+    ``u``: (..., d, d) upper Cholesky factor of the (dampened) ``H^-1`` in that order (a stack:
+    Conv groups, each with its own ``H`` and order, walked together). ``choose(c, w_c, u_cc)``
+    gets column ``c`` (..., R) and ``U_cc`` (a scalar, or (...,) for a stack) and returns
+    ``(indices, values)`` shaped like ``w_c``. Each lazy batch of ``block`` columns is walked
+    one column at a time inside the batch, then moved onto the columns after it with one matrix
+    product. Returns the indices and values, shaped like ``w``. ``w`` is not changed.
     """
     w = np.array(w, dtype=np.float64)
-    rows, d = w.shape
-    q, idx = np.empty_like(w), np.empty((rows, d), np.int64)
+    u = np.asarray(u, dtype=np.float64)
+    d = w.shape[-1]
+    q, idx = np.empty_like(w), np.empty(w.shape, np.int64)
+    diag = np.diagonal(u, axis1=-2, axis2=-1)[..., None]  # (..., d, 1)
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
-        err = np.empty((rows, i2 - i1))
+        err = np.empty((*w.shape[:-1], i2 - i1))
         for j in range(i2 - i1):
             c = i1 + j
-            idx[:, c], q[:, c] = choose(c, w[:, c], u[c, c])
-            e = (w[:, c] - q[:, c]) / u[c, c]
-            w[:, c:i2] -= np.outer(e, u[c, c:i2])
-            err[:, j] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+            idx[..., c], q[..., c] = choose(c, w[..., c], u[..., c, c])
+            e = (w[..., c] - q[..., c]) / diag[..., c, :]
+            w[..., c:i2] -= e[..., None] * u[..., None, c, c:i2]
+            err[..., j] = e
+        w[..., i2:] -= err @ u[..., i1:i2, i2:]
     return idx, q
 
 

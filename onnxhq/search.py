@@ -52,9 +52,11 @@ LADDER = {
     ),
     "bits": (1, 2, 3, 4, 5, 6, 7, 8),
 }
-#: The compensated pass (GPTQ-style, minutes on millions of weights on a small CPU) is tried on
-#: models with at most this many quantized weights; `--compensate` compensates every point.
-COMPENSATE_MAX = 2**21
+#: The compensated pass is tried when gathering the layer statistics and one compensated point
+#: are estimated at most this many multiply-adds (`onnxhq.layer_inputs.compensation_cost`: the
+#: OCR recognizer with 64 calibration lines 5.3e11, 35 s a compensated point on a loaded 2-core
+#: CPU; the MiniLM encoder 3.3e11, 1-2 min); `--compensate` compensates every point.
+COMPENSATE_BUDGET = 1e12
 #: Output channels per codebook row of the channel-group scope the search tries.
 GROUP_SIZE = 16
 
@@ -101,15 +103,24 @@ def search_target(
     ladder = LADDER[name]
     scopes = _scopes(proto, options.scope)
     run = _Run(model, proto, options, statistics, data, reference, target, progress)
-    run.most = (len(scopes) + 1) * math.ceil(math.log2(len(ladder) + 1))
+    run.most = (len(scopes) + 2) * math.ceil(math.log2(len(ladder) + 1))
     top = len(ladder) - 1  # a later scope tries no rate above the best one met so far
     for scope in scopes:
         top = run.bisect(scope, ladder, name, top, compensate=options.compensate)
-    if run.best is not None and top > 0 and _compensation_pays(options, statistics):
-        # error compensation at the chosen scope, at the rates below the chosen one, for at most
-        # as long as the plain points took
+    if top > 0 and _compensation_pays(options, statistics):
+        # error compensation at the chosen scope, at the rates below the chosen one, then at
+        # network scope when another won (at the scope that came closest, all rates, when none
+        # met the target); each pass for at most as long as the plain points took
         run.budget = time.perf_counter() - run.start
-        run.bisect(run.best_scope, ladder, name, top - 1, compensate=True)
+        if run.best is not None:
+            chosen = run.best_scope
+            best = run.bisect(chosen, ladder, name, top - 1, compensate=True)
+            if chosen.kind != "network" and any(s.kind == "network" for s in scopes):
+                # one network codebook, compensated, often beats the per-layer winner: it
+                # stores one codebook, and compensation recovers what sharing it loses
+                run.bisect(Scope("network"), ladder, name, min(top, best), compensate=True)
+        else:
+            run.bisect(_closest_scope(target, run.points), ladder, name, top, compensate=True)
     if run.best is None:
         raise DataError(_unreachable(target, run.points))
     run.best.report = run.best.report.with_search(_target_text(target), run.points)
@@ -121,15 +132,24 @@ def statistics_options(
 ) -> CompressOptions:
     """The options `compress` estimates a search's statistics with: ``compensate`` on (each
     layer's input statistics gathered too) when the search will add a compensated pass, that is
-    with a target, data, and at most `COMPENSATE_MAX` quantized weights (one log line if more)."""
+    with a target, data, and an estimated cost within `COMPENSATE_BUDGET` (one log line if
+    not)."""
     if options.target is None or data is None or options.compensate:
         return options
-    from .importances import initializer_shape, weight_names
+    from .data import sample_count
+    from .importances import weight_names
+    from .layer_inputs import SAMPLES, compensation_cost
 
-    size = sum(math.prod(initializer_shape(proto, n)) for n in weight_names(proto, options))
-    if size > COMPENSATE_MAX:
-        log.info("the search skips error compensation: %d weights, above %d (--compensate "
-                 "compensates every point)", size, COMPENSATE_MAX)  # fmt: skip
+    n = SAMPLES
+    if isinstance(data, Dataset):
+        n = len(data)
+    elif isinstance(data, (str, os.PathLike, Mapping)):
+        n = sample_count(data, proto)  # from the .npy headers
+    cost = compensation_cost(proto, weight_names(proto, options), samples=min(n, SAMPLES))
+    if cost > COMPENSATE_BUDGET:
+        log.info("the search skips error compensation: an estimated %.2g multiply-adds, "
+                 "above %.2g (--compensate compensates every point)", cost,
+                 COMPENSATE_BUDGET)  # fmt: skip
         return options
     return replace(options, compensate=True)
 
@@ -243,6 +263,13 @@ def _scopes(proto: onnx.ModelProto, given: Scope) -> list[Scope]:
     else:
         log.info("the search skips channel groups: the model's opset is below %d", need)
     return scopes
+
+
+def _closest_scope(target: Target, points: list[SearchPoint]) -> Scope:
+    """The scope of the point whose metric came closest to ``target``."""
+    sign = 1.0 if target.upper else -1.0
+    top = min(points, key=lambda p: sign * p.metric if not math.isnan(p.metric) else math.inf)
+    return Scope(top.scope, top.group_size)
 
 
 def _scope_label(scope: Scope) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 from onnxhq.compensate import compensate
 from onnxhq.errors import ConfigError
-from onnxhq.layerwise import LayerHessian, gptq_columns, inverse_cholesky, matrix_view
+from onnxhq.layerwise import LayerHessian, from_view, gptq_columns, inverse_cholesky, matrix_view
 from onnxhq.quantize import quantize_weights
 
 
@@ -301,3 +301,95 @@ def _cut(model, output, feeds):
 
     inferred = onnx.shape_inference.infer_shapes(model)
     return onnx.utils.Extractor(inferred).extract_model(list(feeds), [output])
+
+
+def _reference_codes(plain, w, lh, lam, pruned, order="descending", damp=0.01):
+    """GPTQ written out plainly: group by group, column by column, every codeword costed, ``U``
+    from ``inv(H)`` directly; the codes `compensate` must give (``refit=False``)."""
+    t = plain.tensors["w"]
+    k = plain.codebooks["w"].shape[-1]
+    book = plain.codebooks["w"].astype(np.float64).reshape(-1, k)
+    rows = np.broadcast_to((np.arange(w.shape[0]) // t.group_size)[:, None], w.shape)
+    counts = np.bincount(t.indices.ravel(), minlength=k)
+    live = np.zeros(book.shape, bool)
+    live[rows[~pruned], t.indices[~pruned]] = True
+    with np.errstate(divide="ignore"):
+        pen = np.where(live, lam * -np.log2(counts / counts.sum()), np.inf)
+    h = lh.blocks[0]
+    scale = w.size / float(
+        np.sum(np.broadcast_to(lh.diagonal()[:, None], matrix_view(w, lh).shape))
+    )
+    views = [matrix_view(m, lh) for m in (w, rows, pruned, t.indices)]
+    out = np.empty(views[0].shape, np.int64)
+    for g in range(lh.groups):
+        o = np.argsort(-np.diagonal(h[g]), kind="stable") if order == "descending" else None
+        hd = h[g][np.ix_(o, o)] + damp * np.mean(np.diagonal(h[g])) * np.eye(len(o))
+        u = np.linalg.cholesky(np.linalg.inv(hd)).T
+        wv, r, f, old = (v[g][:, o] for v in views)
+
+        def choose(c, wc, ucc, r=r, f=f, old=old):
+            cost = (scale / (ucc * ucc)) * np.square(wc[:, None] - book[r[:, c]]) + pen[r[:, c]]
+            j = np.where(f[:, c], old[:, c], np.argmin(cost, axis=1))
+            return j, book[r[:, c], j]
+
+        out[g][:, o] = gptq_columns(wv, u, choose)[0]
+    return from_view(out, w.shape, lh)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.02, 0.3])
+def test_the_fast_walk_gives_the_codes_of_the_plain_reference(lam):
+    """Conv groups walked together, codebook rows per 8 channels, large codebooks searched by
+    window, pruned entries: the same codes as the plain column-by-column walk."""
+    rng = np.random.default_rng(11)
+    groups, per, d = 3, 48, 7
+    x = rng.standard_normal((groups, 300, d)) @ (np.eye(d) + 0.5 * rng.standard_normal((d, d)))
+    h = np.einsum("gni,gnj->gij", x, x) / 300
+    lh = LayerHessian(False, groups, (h,), 300)
+    w = rng.standard_normal((groups * per, d))
+    pruned = rng.random(w.shape) < 0.1
+    w[pruned] = 0.0
+    plain = quantize_weights({"w": w}, scope="channel-group", group_size=8, method="uniform",
+                             k=200, pruned={"w": pruned})  # fmt: skip
+    assert groups * per * 200 > 8192  # the windowed search, not the full one
+    done, _ = compensate(plain, {"w": w}, {"w": lh}, pruned={"w": pruned}, lam=lam, refit=False)
+    np.testing.assert_array_equal(
+        done.tensors["w"].indices, _reference_codes(plain, w, lh, lam, pruned)
+    )
+
+
+def test_sorted_cells_pick_what_the_full_argmin_picks():
+    """Duplicate codeword values, dead codewords, several rows and rate terms, ties."""
+    from onnxhq.cells import SortedCells
+
+    rng = np.random.default_rng(12)
+    for trial in range(30):
+        nb, k = int(rng.integers(1, 4)), int(rng.integers(2, 300))
+        book = np.round(rng.standard_normal((nb, k)), 1)  # many equal values
+        live = rng.random((nb, k)) < 0.8
+        live[:, 0] = True
+        ell = np.round(rng.uniform(1, 12, (nb, k)))  # equal costs happen
+        pen = np.where(live, (trial % 3) * 0.05 * ell, np.inf)
+        cells = SortedCells(book, live)
+        n = 4000
+        x = np.round(rng.standard_normal(n) * 1.5, 2)
+        a = rng.choice([0.0, 0.5, 3.0, 40.0], n)
+        rows = rng.integers(0, nb, n)
+        want = np.argmin(a[:, None] * np.square(x[:, None] - book[rows]) + pen[rows], axis=1)
+        np.testing.assert_array_equal(cells.best(x, a, rows, cells.penalties(pen)), want)
+
+
+def test_inverse_cholesky_of_a_stack_is_each_matrix_own():
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((4, 200, 90))
+    h = np.einsum("gni,gnj->gij", x, x) / 200
+    h[2, 5, :] = h[2, :, 5] = 0.0  # a dead input
+    u = inverse_cholesky(h, damp=0.01)
+    for g in range(4):
+        hd = h[g].copy()
+        dead = np.diagonal(hd) <= 0
+        mean = np.mean(np.diagonal(hd)[~dead])
+        hd[dead, dead] = 1.0
+        hd += 0.01 * mean * np.eye(90)
+        np.testing.assert_allclose(u[g], np.linalg.cholesky(np.linalg.inv(hd)).T, atol=1e-9)
+        np.testing.assert_array_equal(u[g], inverse_cholesky(h[g], damp=0.01))
+        assert np.all(np.tril(u[g], -1) == 0)

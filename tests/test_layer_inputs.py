@@ -121,3 +121,22 @@ def test_weights_of_other_ops_are_left_out():
 def test_bad_cap_is_refused():
     with pytest.raises(ConfigError, match="cap=0 must be an integer >= 1"):
         layer_hessians(onnx.ModelProto(), {}, [], cap=0)
+
+
+def test_a_conv_subsample_is_the_rows_drawn_from_the_full_im2col():
+    """With more output positions than ``max_rows``, only the drawn rows are gathered: ``H`` is
+    that subset's, the subset the full im2col would give (same seed, same draw)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 6, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((6, 2, 3, 3)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=3, pads=[1, 1, 1, 1], strides=[2, 2])
+    model = _model([node], [("x", [None, 6, 9, 8])], ["y"], {"w": w})
+    got = layer_hessians(model, {"x": x}, ["w"], batch_size=3, max_rows=50, seed=7)["w"]
+    order = np.random.default_rng(7).permutation(3)  # the samples' draw, then the rows'
+    ref = _naive_patches(x[order].astype(np.float64), 3, 3, 2, [1, 1, 1, 1], 1, 3)
+    pick = np.random.default_rng([7, 0, 0]).choice(len(ref[0]), 50, replace=False)
+    assert got.samples == 50
+    for g in range(3):
+        rows = ref[g][pick]
+        np.testing.assert_allclose(got.blocks[0][g], rows.T @ rows / 50, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.mean[g], rows.mean(axis=0), rtol=1e-5, atol=1e-6)

@@ -343,19 +343,81 @@ def test_the_search_on_the_ocr_orientation_classifier_meets_its_target():
     assert {p.scope for p in report.search} == {"network", "layer"}  # opset 11: no channel groups
 
 
-def test_a_model_above_the_compensation_bound_is_searched_without_it(data, monkeypatch, caplog):
-    monkeypatch.setattr(search, "COMPENSATE_MAX", 10)
+def test_a_model_above_the_compensation_budget_is_searched_without_it(data, monkeypatch, caplog):
+    from onnxhq.layer_inputs import compensation_cost
+
+    model = small_convnet()
+    names = onnxhq.importances.weight_names(model, CompressOptions.from_keywords(**FAST))
+    cost = compensation_cost(model, names, samples=len(data))
+    monkeypatch.setattr(search, "COMPENSATE_BUDGET", cost * 0.99)
     caplog.set_level("INFO", logger="onnxhq.search")
     report = onnxhq.compress(
-        small_convnet(), data, eval_data=data, min_fidelity="agreement=0.97", **FAST
+        model, data, eval_data=data, min_fidelity="agreement=0.97", **FAST
     ).report
     assert not any(p.rate.endswith(", compensated") for p in report.search)
     assert not report.settings["compensate"]
     said = [r.getMessage() for r in caplog.records if "skips error compensation" in r.getMessage()]
     assert said == [
-        "the search skips error compensation: 219 weights, above 10 (--compensate compensates "
-        "every point)"
+        f"the search skips error compensation: an estimated {cost:.2g} multiply-adds, above "
+        f"{cost * 0.99:.2g} (--compensate compensates every point)"
     ]
+    monkeypatch.setattr(search, "COMPENSATE_BUDGET", cost)  # within the budget: compensated
+    report = onnxhq.compress(
+        model, data, eval_data=data, min_fidelity="agreement=0.97", **FAST
+    ).report
+    assert any(p.rate.endswith(", compensated") for p in report.search)
+
+
+def test_the_budget_counts_the_samples_of_a_data_file(data, tmp_path, monkeypatch):
+    """A data file (the CLI's --data) is costed at its own sample count, read from its headers."""
+    from onnxhq.layer_inputs import SAMPLES, compensation_cost
+
+    model = small_convnet()
+    options = CompressOptions.from_keywords(min_fidelity="agreement=0.97", **FAST)
+    names = onnxhq.importances.weight_names(model, options)
+    path = tmp_path / "x.npz"
+    np.savez(path, input=data.inputs["input"])
+    monkeypatch.setattr(search, "COMPENSATE_BUDGET", compensation_cost(model, names, samples=200))
+    assert compensation_cost(model, names, samples=SAMPLES) > search.COMPENSATE_BUDGET
+    for given in (data, str(path), {"input": data.inputs["input"]}):
+        assert search.statistics_options(options, model, given).compensate
+
+
+def test_compensation_is_tried_at_the_closest_scope_when_no_plain_point_meets(
+    data, caplog, monkeypatch
+):
+    monkeypatch.setitem(search.LADDER, "target_bits", (1.0, 1.5, 2.0))  # none meets kl <= 1e-12
+    caplog.set_level("INFO", logger="onnxhq.search")
+    with pytest.raises(DataError, match="no compression tried reaches kl <= 1e-12"):
+        onnxhq.compress(small_convnet(), data, eval_data=data, min_fidelity="kl=1e-12", **FAST)
+    tried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("search ")]
+    plain = [m for m in tried if "compensated" not in m]
+    compensated = [m for m in tried if "compensated" in m]
+    assert plain and compensated and tried == plain + compensated
+    kl = {m: float(re.search(r"kl ([0-9.e+-]+)", m).group(1)) for m in plain}
+    closest = min(kl, key=kl.__getitem__).split()[1]  # "search SCOPE RATE: ..."
+    assert {m.split()[1] for m in compensated} == {closest}
+
+
+def test_the_compensation_cost_grows_with_the_layer_shapes():
+    """Per weight a MatMul / Gemm / Conv reads: groups * (b^3 + ROUNDS * outputs * b^2 +
+    runs * rows * b^2) + ROUNDS * COLUMN_COST * b; other readers cost nothing."""
+    from onnxhq.layer_inputs import COLUMN_COST, ROUNDS, compensation_cost
+
+    def model(k, n, op="MatMul"):
+        w = numpy_helper.from_array(np.ones((k, n), np.float32), "w")
+        node = (helper.make_node("MatMul", ["x", "w"], ["y"]) if op == "MatMul" else
+                helper.make_node("Gather", ["w", "i"], ["y"]))  # fmt: skip
+        graph = helper.make_graph([node], "g", [], [], [w])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    def want(b, outputs, runs=2):  # 32 samples in batches of 16, a row per sample
+        return b**3 + ROUNDS * outputs * b**2 + runs * 16 * b**2 + ROUNDS * COLUMN_COST * b
+
+    assert compensation_cost(model(64, 10), ["w"], samples=32) == want(64, 10)
+    assert compensation_cost(model(128, 10), ["w"], samples=32) == want(128, 10)
+    assert compensation_cost(model(64, 10), ["w"], samples=32, cap=32) == 2 * want(32, 10)
+    assert compensation_cost(model(64, 10, "Gather"), ["w"], samples=32) == 0
 
 
 def test_compensate_with_a_target_compensates_every_point(data):
@@ -365,3 +427,33 @@ def test_compensate_with_a_target_compensates_every_point(data):
     ).report  # fmt: skip
     assert report.search and all(p.rate.endswith(", compensated") for p in report.search)
     assert report.settings["compensate"] and report.fidelity["logits"]["agreement"] >= 0.97
+
+
+@pytest.mark.parametrize("winner, network_pass", [("layer", True), ("network", False)])
+def test_a_per_layer_winner_is_followed_by_a_compensated_network_pass(
+    winner, network_pass, monkeypatch
+):
+    """When per-layer codebooks win the plain passes, the compensated passes try the winning
+    scope and then one network codebook (which stores one codebook and often wins once
+    compensated); a network winner gets one compensated pass."""
+    passes = []
+
+    class Found:
+        class report:  # stands in for a Report
+            @staticmethod
+            def with_search(text, points):
+                return Found.report
+
+    def bisect(run, scope, ladder, name, top, *, compensate):
+        passes.append((scope.kind, top, compensate))
+        if scope.kind == winner and not compensate:
+            run.best, run.best_scope = Found, scope
+            return 3
+        return top
+
+    monkeypatch.setattr(search._Run, "bisect", bisect)
+    options = CompressOptions.from_keywords(min_fidelity="agreement=0.97")
+    result = search.search_target(small_convnet(), small_convnet(), options, ({}, {}), None, None)
+    assert result is Found
+    compensated = [(kind, top) for kind, top, c in passes if c]
+    assert compensated == ([(winner, 2), ("network", 2)] if network_pass else [(winner, 2)])
