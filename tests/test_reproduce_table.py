@@ -57,3 +57,57 @@ def test_a_killed_polish_resumes_to_the_same_weights(tmp_path, monkeypatch, bund
     assert whole.keys() == resumed.keys()
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name], err_msg=name)
+
+
+def test_compensated_rows_pair_the_curve_points_and_resume(tmp_path, monkeypatch, bundled_model):
+    """The compensate stage runs every curve rate with and without --compensate (same rate and
+    scope), the report pairs them row by row, and a rerun computes nothing."""
+    import tools.table_compensate as comp
+    from tools.table_report import compensation_rows
+
+    net = smoke_net()
+    train, test = net.train(), net.test()
+    calib, test = train.subset(np.arange(64)), test.subset(np.arange(200))
+    cache = table.Cache("lenet5", tmp_path)
+    models, diags = {"dense": net.model()}, {"dense": {}}
+    data = (calib, test)
+    comp.compensate_stage(net, cache, models, diags, data, ["k-means"], "layer", lambda _: None)
+    rates = [f"{r[0]}={r[1]}" for r in net.rates("k-means", "dense")]
+    for rate in rates:
+        plain = cache.get(f"curve/dense@layer/k-means/{rate}")
+        compensated = cache.get(f"compensated/dense@layer/k-means/{rate}")
+        assert (plain["compensate"], compensated["compensate"]) == (False, True)
+        assert 0 <= compensated["accuracy"] <= 1 and compensated["ratio"] > 1
+    rows = compensation_rows(cache)
+    assert [r.split(" | ")[2] for r in rows[2:]] == rates  # one row per rate, in rate order
+    assert all(r.count("%") == 2 for r in rows[2:])  # both accuracies on each row
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a cached point was computed again")
+
+    monkeypatch.setattr(comp, "point", fail)
+    monkeypatch.setattr(comp, "layer_statistics", fail)
+    comp.compensate_stage(net, cache, models, diags, data, ["k-means"], "layer", lambda _: None)
+
+
+def test_layer_statistics_round_trip(tmp_path, bundled_model):
+    """save_layers / load_layers give back every field of each LayerHessian exactly."""
+    from onnxhq.importances import quantized_names
+    from onnxhq.layer_inputs import layer_hessians
+    from onnxhq.model import load_model
+    from tools.table_compensate import load_layers, save_layers
+
+    model = load_model(bundled_model)
+    names = quantized_names(model, include_biases=True)
+    layers = layer_hessians(model, smoke_net().train().inputs, names, samples=16)
+    assert layers and all(lh.mean is not None for lh in layers.values())
+    save_layers(tmp_path / "layers.npz", layers)
+    back = load_layers(tmp_path / "layers.npz")
+    assert back.keys() == layers.keys()
+    for name, lh in layers.items():
+        got = back[name]
+        assert (got.transpose, got.groups, got.samples) == (lh.transpose, lh.groups, lh.samples)
+        assert len(got.blocks) == len(lh.blocks)
+        for a, b in zip(got.blocks, lh.blocks):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(got.mean, lh.mean)

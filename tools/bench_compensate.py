@@ -12,7 +12,9 @@ the bias correction of `onnxhq.biascorrect`), and evaluated on
 the test set (all of it unless ``--eval-limit``): coded bits per weight, compression ratio (every
 byte of graph + sidecar), top-1 accuracy. No retraining, no fine-tuning. ``--prune S`` adds
 one-shot pruning to sparsity S (per layer, no retraining) by magnitude and by ``obs``
-(SparseGPT, `onnxhq.prune.obs_prune`), with the pruned models' accuracies.
+(SparseGPT, `onnxhq.prune.obs_prune`), with the pruned models' accuracies, and quantizes the
+obs-pruned model at every (scope, rate) with and without compensation (pruned weights keep the
+0.0 codeword; importances and layer statistics gathered again on the pruned model).
 
 Nets: ``lenet5`` (``models/lenet5_mnist.onnx``, MNIST from ``$ONNXHQ_SHARED``), ``resnet32``
 (``$ONNXHQ_SHARED/models/resnet32_cifar10.npz``, BatchNorm folded, CIFAR-10) and ``rec`` (the
@@ -76,6 +78,7 @@ def bench_net(name: str, args) -> list[str]:
     print(f"{name}: float {float_acc:.4f}; importances {t1 - t0:.0f} s, layer inputs "
           f"{t2 - t1:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
     rows = [f"| {name} | float | | | | | {100 * float_acc:.2f} % | |"]
+    obs = None
     for criterion in ("magnitude", "obs") if args.prune is not None else ():
         start = time.perf_counter()
         pruned, masks = prune_model(model, train, sparsity=args.prune, criterion=criterion,
@@ -85,12 +88,25 @@ def bench_net(name: str, args) -> list[str]:
         rows.append(f"| {name} | pruned {100 * sparsity_of(masks):.0f} %, {criterion} | | | | | "
                     f"{100 * accuracy(pruned, test):.2f} % | {seconds:.0f} s |")  # fmt: skip
         print(rows[-1], file=sys.stderr, flush=True)
+        obs = pruned if criterion == "obs" else obs
+    rows += quantized_rows(name, model, importances, layers, test, args)
+    if obs is not None:  # the obs-pruned model quantized the same ways (its own statistics)
+        label = f"{name} pruned {100 * args.prune:g} % obs"
+        importances = estimate_importances(obs, train, base, None)
+        layers = gather_layer_hessians(obs, train, base)
+        rows += quantized_rows(label, obs, importances, layers, test, args)
+    return rows
+
+
+def quantized_rows(label: str, model, importances, layers, test, args) -> list[str]:
+    """Every (scope, rate) with and without compensation on ``model``, as markdown rows."""
+    rows = []
     for scope in args.scopes:
         for rate in args.rates:
             for comp in (False, True):
                 options = CompressOptions.from_keywords(
                     method=args.method, target_bits=rate, scope=scope, compensate=comp,
-                    hessian_samples=args.hessian_samples, name=name,
+                    hessian_samples=args.hessian_samples, name=label.split()[0],
                 )  # fmt: skip
                 start = time.perf_counter()
                 result = compress_with(
@@ -100,7 +116,7 @@ def bench_net(name: str, args) -> list[str]:
                 acc = accuracy(result.model(), test)
                 r = result.report
                 rows.append(
-                    f"| {name} | {scope} | {rate:g} | {'yes' if comp else 'no'} | "
+                    f"| {label} | {scope} | {rate:g} | {'yes' if comp else 'no'} | "
                     f"{r.bits_per_weight:.3f} | {r.compression_ratio:.2f}x | {100 * acc:.2f} % | "
                     f"{seconds:.0f} s |"
                 )

@@ -1,10 +1,12 @@
 """Reproduce Choi et al.'s Table 1 with onnxhq: prune, quantize 5 ways, fine-tune, Huffman-code.
 
     python -m tools.reproduce_table [--nets lenet5 lenet300 resnet32]
-                                    [--stages prune curves table report] [--smoke]
+                                    [--stages prune curves compensate table report]
+                                    [--compensate-methods uniform] [--smoke]
 
 For each network: the float model's accuracy; a pruned model (Hessian-saliency, iterative, masked
 retraining); rate-accuracy curves without fine-tuning for each method, with and without pruning;
+the same points again with error compensation (``--compensate``, tools/table_compensate.py);
 then, per method, the lowest rate whose *fine-tuned* accuracy stays within 0.1 point of the float
 model, its accuracy and its compression ratio counting every byte. The best artifacts go to
 models/compressed/<net>/, the curves to tools/curves_<net>.png. Every step is cached in
@@ -48,10 +50,11 @@ from onnxhq.training.train import (
     start_training,
     train_steps,
 )
+from tools.table_compensate import compensate_stage
 from tools.table_nets import METHODS, NAMES, Net, nets
 from tools.table_report import Cache, Where, report_stage
 
-STAGES = ("prune", "curves", "table", "report")
+STAGES = ("prune", "curves", "compensate", "table", "report")
 TAGS = ("dense", "pruned")
 
 
@@ -129,11 +132,12 @@ def polish(net: Net, cache: Cache, pruned, train: Dataset, test: Dataset):
         for key in [
             k
             for k in cache.data
-            if k.startswith(("curve/pruned", "table/", "best/", "extra/"))
+            if k.startswith(("curve/pruned", "compensated/pruned", "table/", "best/", "extra/"))
             or k in ("threshold", "best")
         ]:  # everything made from the pruned model ("extra@dense/" is not)
             cache.drop(key)
         (cache.dir / "fisher_pruned.npz").unlink(missing_ok=True)
+        (cache.dir / "layers_pruned.npz").unlink(missing_ok=True)
         cache.put(
             "polished",
             {
@@ -362,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", type=int, default=1000, help="training images for the Fisher")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument(
+        "--compensate-methods",
+        nargs="+",
+        default=["uniform"],
+        choices=list(METHODS),
+        help="methods whose curve points the compensate stage runs again with --compensate",
+    )
+    ap.add_argument(
         "--scope",
         default=None,
         choices=["network", "layer"],
@@ -409,6 +420,11 @@ def run_nets(args: argparse.Namespace, table: dict[str, Net], where: Where) -> i
             chosen = {t: m for t, m in models.items() if t in args.tags}
             scope = args.scope or net.scope
             curves_stage(net, cache, chosen, diags, test, args.methods, scope)
+        if "compensate" in args.stages:
+            chosen = {t: m for t, m in models.items() if t in args.tags}
+            methods = args.compensate_methods
+            scope = args.scope or net.scope
+            compensate_stage(net, cache, chosen, diags, (calib, test), methods, scope, log)
         for tag in args.table_tags if "table" in args.stages else ():
             if tag in models:
                 table_stage(

@@ -89,6 +89,10 @@ def report_stage(net: Net, cache: Cache, plots: Path) -> None:
                 f"the {threshold['relative_to']} model)\n"
             )
             print("\n".join(table_rows(net, cache, suffix)))
+    paired = compensation_rows(cache)
+    if paired:
+        print("\nWith and without --compensate, same settings, no fine-tuning\n")
+        print("\n".join(paired))
     plot_curves(net, cache, plots)
 
 
@@ -149,6 +153,14 @@ def plot_curves(net: Net, cache: Cache, plots: Path) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
                 shown += [b for b, a in pts if a >= low]
+            comp = sorted(
+                (row["bits_per_weight"], row["accuracy"])
+                for key, row in cache.data.items()
+                if key.startswith(f"compensated/{tag}/{label}/") and "accuracy" in row
+            )
+            if comp:
+                ax.plot(*zip(*comp), marker="x", ls="--", label=f"{label}, compensated")
+                shown += [b for b, a in comp if a >= low]
         # the rates whose accuracy is on the chart, with room for the lines falling off it
         if shown:
             ax.set_xlim(min(shown) / 1.3, max(shown) * 1.1)
@@ -169,3 +181,26 @@ def plot_curves(net: Net, cache: Cache, plots: Path) -> None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     print(f"\n![{net.name} rate-accuracy]({out.name})")
+
+
+def compensation_rows(cache: Cache) -> list[str]:
+    """Markdown rows pairing each compensated point with the curve point of the same settings."""
+    rows = [
+        "| model | method | rate | plain: accuracy | bits/weight | ratio "
+        "| compensated: accuracy | bits/weight | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = [k.split("/") for k in cache.data if k.startswith("compensated/")]
+    keys.sort(key=lambda k: (k[1], k[2], float(k[3].split("=")[1])))  # rates by value
+    for _, where, label, rate in keys:
+        key = f"{where}/{label}/{rate}"
+        comp, plain = cache.get(f"compensated/{key}"), cache.get(f"curve/{key}")
+        cells = [_cells(plain), _cells(comp)]
+        rows.append(f"| {where} | {label} | {rate} | {cells[0]} | {cells[1]} |")
+    return rows if len(rows) > 2 else []
+
+
+def _cells(row: dict | None) -> str:
+    if not row or "accuracy" not in row:
+        return " | ".join([(row or {}).get("error", "not run")[:40], "", ""])
+    return f"{row['accuracy']:.2%} | {row['bits_per_weight']:.3f} | {row['ratio']:.2f}x"
