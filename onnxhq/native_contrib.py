@@ -8,7 +8,9 @@
     ``Gather(E, ids)`` of an embedding table E (V, D) stored as 4- or 8-bit levels in blocks along
     D: only the gathered rows are dequantized, at each run.
 
-Both take a weight on a grid of levels (`onnxhq.native` ``_Levels``): one scale for the tensor, or
+`matmul_nbits_blocks` and `gather_block_quantized_blocks` write the same operators from block
+grids (`onnxhq.blockgrid`, a scale and zero point per block and row: `onnxhq.lowbit`). The two
+above take a weight on a grid of levels (`onnxhq.native` ``_Levels``): one scale for the tensor, or
 one per group of rows (axis 0). Groups of rows are blocks along K for MatMulNBits of a MatMul
 (a block must lie in one group, so the group size must be a multiple of 16), output columns for
 MatMulNBits of a Gemm, and rows of the table for GatherBlockQuantized. Which weights qualify is
@@ -21,13 +23,16 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import naming
+
+if TYPE_CHECKING:
+    from .blockgrid import BlockGrid
 
 log = logging.getLogger(__name__)
 
@@ -242,3 +247,51 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     if v.shape[-1] % 2:
         v = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), np.uint8)], axis=-1)
     return v[..., 0::2] | (v[..., 1::2] << 4)
+
+
+def _blocked(grid: BlockGrid) -> np.ndarray:
+    """(R, blocks, block) levels, the last block padded with its zero point (value 0)."""
+    rows, k = grid.levels.shape
+    blocks = grid.scales.shape[1]
+    padded = np.repeat(grid.zeros, grid.block, axis=1)
+    padded[:, :k] = grid.levels
+    return padded.reshape(rows, blocks, grid.block)
+
+
+def matmul_nbits_blocks(node: onnx.NodeProto, grid: BlockGrid, accuracy: int = 0):
+    """``MatMulNBits`` computing ``node`` (MatMul or plain Gemm) with its weight on ``grid`` (the
+    view ``(N, K)``), and its initializers (named after the weight: shared by its readers)."""
+    n, k = grid.levels.shape
+    base = naming.index_tensor(node.input[1])
+    packed = _pack(_blocked(grid), grid.bits)
+    tensors = [
+        numpy_helper.from_array(packed, f"{base}.nbits"),
+        numpy_helper.from_array(grid.scales.reshape(-1), f"{base}.scales"),
+        numpy_helper.from_array(_pack(grid.zeros, grid.bits).reshape(-1),
+                                f"{base}.zero_points"),
+    ]  # fmt: skip
+    inputs = [node.input[0]] + [t.name for t in tensors]
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        inputs += ["", node.input[2]]  # bias is input 5
+    attrs = {"K": k, "N": n, "bits": grid.bits, "block_size": grid.block}
+    if accuracy:
+        attrs["accuracy_level"] = accuracy
+    new = helper.make_node(NBITS, inputs, list(node.output), name=node.name,
+                           domain=MS_DOMAIN, **attrs)  # fmt: skip
+    return new, tensors
+
+
+def gather_block_quantized_blocks(node: onnx.NodeProto, grid: BlockGrid, _accuracy: int = 0):
+    """``GatherBlockQuantized`` in place of ``Gather(E, ids)`` with E on ``grid`` (blocks along
+    the embedding, which they divide), and its initializers."""
+    base = naming.index_tensor(node.input[0])
+    tensors = [
+        numpy_helper.from_array(_pack(grid.levels, grid.bits), f"{base}.blocks"),
+        numpy_helper.from_array(grid.scales, f"{base}.scales"),
+        numpy_helper.from_array(_pack(grid.zeros, grid.bits), f"{base}.zero_points"),
+    ]
+    inputs = [tensors[0].name, node.input[1], tensors[1].name, tensors[2].name]
+    new = helper.make_node(GATHER, inputs, list(node.output), name=node.name,
+                           domain=MS_DOMAIN, bits=grid.bits, block_size=grid.block,
+                           gather_axis=0, quantize_axis=1)  # fmt: skip
+    return new, tensors

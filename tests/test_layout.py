@@ -26,6 +26,8 @@ PROTOBUF_MODULES = frozenset(
         "graphfile.py",  # model files: parse, tensors, external data, checks, opset/IR
         "lazy.py",  # external-data weights read one tensor at a time
         "normalize.py",  # load-time clean-up: hidden constant weights made initializers
+        "fold.py",  # BatchNormalization folded into the Conv/ConvTranspose/Gemm before it
+        "compact.py",  # the written graph: short names, no doc strings or default attributes
         "rewrite.py",  # quantized weights -> dequantize nodes
         "encode.py",  # rewritten model -> graph + sidecar artifacts
         "decode.py",  # artifacts -> runnable model
@@ -41,6 +43,8 @@ PROTOBUF_MODULES = frozenset(
         "layer_inputs.py",  # layer inputs captured as extra graph outputs (X X^T per weight)
         "native.py",  # dequantize nodes -> DequantizeLinear (onnxruntime's low-bit forms)
         "native_contrib.py",  # MatMulNBits / GatherBlockQuantized nodes (com.microsoft)
+        "lowbit.py",  # a float model lowered to MatMulNBits / GatherBlockQuantized block grids
+        "training/shapes.py",  # symbolic dims the gradient builder would wrongly take as equal
     }
 )
 MAX_MODULE_LINES = 450

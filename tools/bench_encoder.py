@@ -2,6 +2,7 @@
 the float model and onnxruntime's own quantizers.
 
     python -m tools.bench_encoder [--dir DIR] [--hessian fisher] [--json out.json]
+        [--stats DIR] [--lowbit-only]
     python -m tools.bench_encoder --smoke      # checks the export only; skips without the model
 
 The model and its inputs come from `tools.export_encoder` (run once in ``.venv-export``; this
@@ -10,7 +11,9 @@ N x 384 embedding), ``encoder_data.npz`` (128 sentences, calibration) and ``enco
 (256 other sentences), 32 tokens each, in ``--dir`` (default ``$ONNXHQ_BENCH_MODELS``, else
 ``~/.cache/onnxhq-bench``). Without them it prints one line saying how to make them and skips.
 
-One Hessian (``--hessian``, default ``fisher``) serves every onnxhq form. Per form:
+One Hessian (``--hessian``, default ``fisher``) serves every onnxhq form; the ``onnxhq lowbit``
+forms (`LOWBIT_FORMS`, `onnxhq.lowbit`) also use the MatMul weights' layer Hessians (both kept
+in ``--stats`` when given). Per form:
 
 - ``ratio``: the float file's bytes over the stored artifacts' (graph + sidecar) for onnxhq,
   over the runnable file for onnxruntime's quantizers, which have no other artifact;
@@ -33,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +50,17 @@ ONNXHQ_FORMS = {  # label -> (compress keywords beside the Hessian, decode targe
         {"cell_value": "grid", "bits": 8, "scope": "channel-group", "group_size": 16}, "int8"),
     "onnxhq grid 4 bits, per channel -> int4": (
         {"cell_value": "grid", "bits": 4, "scope": "channel-group", "group_size": 1}, "int4"),
+}  # fmt: skip
+#: label -> (`onnxhq.lowbit.LowbitOptions` keywords, GPTQ): ``onnxhq lowbit`` forms, straight
+#: from the float model; the same grids at another accuracy_level are not fitted again.
+LOWBIT_FORMS = {
+    "onnxhq lowbit 4-bit/32, nearest": ({}, False),
+    "onnxhq lowbit 4-bit/32, GPTQ": ({}, True),
+    "onnxhq lowbit 4-bit/32, GPTQ, accuracy 4": ({"accuracy_level": 4}, True),
+    "onnxhq lowbit 4/8-bit <= 15 MB, GPTQ, accuracy 4": (
+        {"protect_bits": 8, "max_bytes": 15_000_000, "accuracy_level": 4}, True),
+    "onnxhq lowbit 4/8-bit <= 20 MB, GPTQ, accuracy 4": (
+        {"protect_bits": 8, "max_bytes": 20_000_000, "accuracy_level": 4}, True),
 }  # fmt: skip
 KEYS = ("cosine", "cosine_min", "sqnr_db")
 NBITS_FORMS = (  # label, ops, note
@@ -150,6 +165,72 @@ def onnxhq_forms(path: Path, data: dict, hessian, work: Path) -> dict[str, dict]
     return forms
 
 
+def statistics_cached(path: Path, calib, hessian: str, stats: Path | None):
+    """(importances, layer Hessians of the MatMul weights, seconds) of the encoder, read from
+    ``stats`` (``importances.npz``, ``layers.npz``) when there, else estimated (and written there
+    when ``stats`` is given)."""
+    import onnx
+
+    import onnxhq
+    from onnxhq.layer_inputs import SAMPLES, layer_hessians
+    from onnxhq.layerwise import LayerHessian
+    from onnxhq.lowbit import candidates
+
+    files = (stats / "importances.npz", stats / "layers.npz") if stats else None
+    if files and all(f.is_file() for f in files):
+        imp = load(files[0])
+        raw = load(files[1])
+        lh = {k[2:]: LayerHessian(bool(raw["t/" + k[2:]]), 1, (v,), int(raw["n/" + k[2:]]))
+              for k, v in raw.items() if k.startswith("h/")}  # fmt: skip
+        return imp, lh, 0.0
+    t = time.perf_counter()
+    imp = dict(onnxhq.estimate_hessian(path, calib, method=hessian, fallback=True))
+    model = onnx.load(str(path))
+    names = [n for n, op in candidates(model).items() if op == "MatMulNBits" and n in imp]
+    lh = layer_hessians(model, calib.inputs, names, samples=SAMPLES)
+    seconds = time.perf_counter() - t
+    if files:
+        stats.mkdir(parents=True, exist_ok=True)
+        np.savez(files[0], **imp)
+        one = {k: v for k, v in lh.items() if v.groups == 1 and len(v.blocks) == 1}
+        arrays = {f"h/{k}": v.blocks[0] for k, v in one.items()}
+        arrays.update({f"t/{k}": np.array(v.transpose) for k, v in one.items()})
+        arrays.update({f"n/{k}": np.array(v.samples) for k, v in one.items()})
+        np.savez(files[1], **arrays)
+    return imp, lh, seconds
+
+
+def lowbit_forms(path: Path, imp, lh, work: Path) -> dict[str, dict]:
+    """Each of `LOWBIT_FORMS` written by `onnxhq.lowbit.lower_lowbit`: label -> {file, stored,
+    note}. Forms of the same bits, block sizes and rounding are fitted once (`fit_forms`)."""
+    import onnx
+
+    from onnxhq.lowbit import LowbitOptions, fit_forms, lower_lowbit
+
+    model = onnx.load(str(path))
+    fits: dict[tuple, Any] = {}
+    forms: dict[str, dict[str, Any]] = {}
+    for i, (label, (kw, gptq)) in enumerate(LOWBIT_FORMS.items()):
+        t = time.perf_counter()
+        options = LowbitOptions(**kw)
+        key = (options.bits, options.protect_bits, options.block_sizes, gptq)
+        if key not in fits:
+            fits[key] = fit_forms(model, imp, options, layer_hessians=lh if gptq else None)
+        lowered = lower_lowbit(model, imp, options, fitted=fits[key])
+        file = work / f"lowbit{i}.onnx"
+        onnx.save(lowered.model, str(file))
+        counts: dict[str, int] = {}
+        for c in lowered.choices.values():
+            counts[c.label] = counts.get(c.label, 0) + 1
+        forms[label] = {
+            "file": file,
+            "stored": file.stat().st_size,
+            "note": ", ".join(f"{n} x {lb}" for lb, n in sorted(counts.items()))
+            + f", {time.perf_counter() - t:.0f} s",
+        }
+    return forms
+
+
 def ort_forms(path: Path, work: Path) -> dict[str, dict]:
     """onnxruntime's ``quantize_dynamic`` (int8 weights, per tensor: MatMul and the Gather
     tables) and its 4-bit weight-only quantizer (blocks of 32, symmetric) on the MatMul weights
@@ -206,13 +287,13 @@ def bench(folder: Path, args, work: Path) -> list[dict]:
     data = {"calib": load(folder / FILES[1]), "eval": load(folder / FILES[2])}
     calib = onnxhq.Dataset(inputs=data["calib"])
     original = embed(str(path), data["eval"])
-    t = time.perf_counter()
-    hessian = onnxhq.estimate_hessian(path, calib, method=args.hessian, fallback=True)
-    hessian_s = time.perf_counter() - t
+    hessian, layers, hessian_s = statistics_cached(path, calib, args.hessian, args.stats)
     size = path.stat().st_size
-    note = f"original file; Hessian {args.hessian}: {hessian_s:.0f} s"
+    note = f"original file; Hessian {args.hessian} and layer Hessians: {hessian_s:.0f} s"
     forms = {"float": {"file": path, "stored": size, "note": note}}
-    forms.update(onnxhq_forms(path, {"calib": calib, "eval": data["eval"]}, hessian, work))
+    if not args.lowbit_only:
+        forms.update(onnxhq_forms(path, {"calib": calib, "eval": data["eval"]}, hessian, work))
+    forms.update(lowbit_forms(path, hessian, layers, work))
     forms.update(ort_forms(path, work))
     runnable = {k: f["file"] for k, f in forms.items() if f["file"] is not None}
     lat1 = latencies(runnable, data["eval"], 1, args.rounds)
@@ -265,6 +346,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per session measure")
     ap.add_argument("--rounds", type=int, default=20, help="latency runs per form")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--stats", type=Path, help="a folder to keep the importances and layer "
+                    "Hessians in and read them back from")  # fmt: skip
+    ap.add_argument("--lowbit-only", action="store_true", help="leave out the compress forms "
+                    "(float, onnxhq lowbit and onnxruntime's quantizers only)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="check the export only (seconds)")
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "FEEDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

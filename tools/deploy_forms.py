@@ -12,6 +12,13 @@ of its grid. Session costs are measured in a fresh child process per run (start 
 ``--repeats``; latency is the median of ``--rounds`` single-input runs, every form's session in
 this process taking turns.
 `native_forms` gives `tools.bench_real` the same decoded files for its table.
+
+    python -m tools.deploy_forms --lowbit [--models rec lenet5] [--hessian fisher]
+
+compares instead the float model with ``onnxhq lowbit`` files (`LOWBIT_FORMS`: MatMul / Gemm
+weights as MatMulNBits, embedding tables as GatherBlockQuantized, straight from the float model;
+other weights stay float) by fidelity to the float model on the evaluation inputs
+(`tools.bench_real.KEYS`), size, session costs and latency.
 """
 
 from __future__ import annotations
@@ -24,12 +31,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 MODELS = ("lenet5", "resnet32", "rec", "det", "cls")
 #: Grid cells per layer (``--bits``) -> the targets decoded from them: 256 cells fit int8, 16 int4.
 GRIDS = {8: ("gather", "int8"), 4: ("gather", "gather-unpacked", "int4")}
+#: label -> (`onnxhq.lowbit.LowbitOptions` keywords, GPTQ) for ``--lowbit``.
+LOWBIT_FORMS = {
+    "onnxhq lowbit 4-bit/32, nearest": ({}, False),
+    "onnxhq lowbit 4-bit/32, GPTQ": ({}, True),
+    "onnxhq lowbit 4-bit/32, GPTQ, accuracy 4": ({"accuracy_level": 4}, True),
+    "onnxhq lowbit 8-bit/32, GPTQ, accuracy 4": ({"bits": 8, "accuracy_level": 4}, True),
+}
 
 
 def native_forms(path, calib, hessian: str, work: Path, original_bytes: int) -> dict[str, dict]:
@@ -137,6 +152,70 @@ def bench(name: str, args, work: Path) -> list[dict]:
     return rows
 
 
+def bench_lowbit(name: str, args, work: Path) -> list[dict]:
+    """The float model and its `LOWBIT_FORMS`: fidelity to the float model, size, session costs
+    and latency (same process, turns)."""
+    import onnx
+
+    from onnxhq.data import Dataset
+    from onnxhq.fidelity import measure
+    from onnxhq.lowbit import LowbitOptions, lowbit_model, with_accuracy_level
+    from tools.bench_real import KEYS, KINDS, latencies, run
+
+    path, feeds, calib = model_and_inputs(name, work)
+    x1 = next(iter(feeds.values()))[:1]
+    forms = {"float": {"file": Path(path), "note": "original file"}}
+    made: dict[tuple, Any] = {}
+    for i, (label, (kw, gptq)) in enumerate(LOWBIT_FORMS.items()):
+        t = time.perf_counter()
+        grids = {k: v for k, v in kw.items() if k != "accuracy_level"}
+        key = (tuple(sorted(grids.items())), gptq)
+        if key not in made:
+            made[key] = lowbit_model(path, Dataset(inputs=calib), LowbitOptions(**grids),
+                                     hessian=args.hessian, gptq=gptq)  # fmt: skip
+        lowered = made[key]
+        file = work / f"lowbit{i}.onnx"
+        model = with_accuracy_level(lowered.model, kw.get("accuracy_level", 0))
+        onnx.save(model, str(file))
+        n = len(lowered.choices)
+        forms[label] = {
+            "file": file,
+            "note": f"{n} weights lowered, {time.perf_counter() - t:.0f} s",
+        }
+    lat = latencies({k: f["file"] for k, f in forms.items()}, x1, args.rounds)
+    original = run(str(path), feeds)
+    rows = []
+    for label, f in forms.items():
+        row = {"model": name, "form": label, "file_bytes": Path(f["file"]).stat().st_size}
+        got = original if label == "float" else run(str(f["file"]), feeds)
+        fid = measure(KINDS[name], original, got)
+        keys = KEYS[name] + (("agreement", "kl") if KINDS[name] == "classes" else ())
+        row["fidelity"] = ", ".join(f"{k} {fid[k]:.4g}" for k in dict.fromkeys(keys))
+        row.update(session_costs(f["file"], x1.shape, args.repeats))
+        row["latency_ms"] = 1000 * lat[label]
+        row["note"] = f["note"]
+        rows.append(row)
+    return rows
+
+
+def lowbit_table(rows: list[dict]) -> str:
+    head = ["model", "form", "file bytes", "fidelity", "start s", "start MB", "run MB"]
+    lines = ["| " + " | ".join([*head, "latency ms", "note"]) + " |", "|---" * 9 + "|"]
+    base = {}
+    for r in rows:
+        if r["form"] == "float":
+            base[r["model"]] = r
+        b = base[r["model"]]
+        cells = [r["model"], r["form"], f"{r['file_bytes']:,}", r["fidelity"],
+                 f"{r['start_s']:.3f} ({r['start_s'] / b['start_s']:.2f}x)",
+                 f"{r['start_mb']:.1f} ({r['start_mb'] - b['start_mb']:+.1f})",
+                 f"{r['run_mb']:.1f} ({r['run_mb'] - b['run_mb']:+.1f})",
+                 f"{r['latency_ms']:.2f} ({r['latency_ms'] / b['latency_ms']:.2f}x)",
+                 r["note"]]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = ["model", "form", "file bytes", "start s", "start MB", "run MB", "latency ms"]
     lines = ["| " + " | ".join([*head, "max diff vs gather"]) + " |", "|---" * 8 + "|"]
@@ -168,6 +247,8 @@ def main(argv=None) -> int:
         action="store_true",
         help="seconds: the bundled LeNet-5 only, one process and two runs per form",
     )
+    ap.add_argument("--lowbit", action="store_true", help="the onnxhq lowbit forms instead")
+    ap.add_argument("--hessian", default="fisher", help="--lowbit's importances (default fisher)")
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
     ap.add_argument("--pair", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -181,10 +262,11 @@ def main(argv=None) -> int:
         for name in args.models:
             work = Path(tmp) / name
             work.mkdir()
-            rows += bench(name, args, work)
-            print(table([r for r in rows if r["model"] == name]), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+            show = lowbit_table if args.lowbit else table
+            rows += (bench_lowbit if args.lowbit else bench)(name, args, work)
+            print(show([r for r in rows if r["model"] == name]), flush=True)
+            if args.json:  # after each model: a cut run keeps what it measured
+                Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
     return 0
 
 

@@ -50,6 +50,10 @@ CELL_VALUES = ("mean", "grid")
 #: codebook; ``gather-unpacked``: a byte per index, no 4-bit packing, for less session memory),
 #: or onnxruntime's int8 / int4 forms (codebooks on a uniform grid).
 DECODE_TARGETS = ("gather", "gather-unpacked", "int8", "int4")
+#: `onnxhq lowbit`: bits per weight of its block grids, and the block sizes (MatMulNBits wants
+#: a power of two of at least 16).
+LOWBIT_BITS = (4, 8)
+LOWBIT_BLOCKS = (16, 32, 64, 128, 256)
 
 #: Defaults, from the measurements in tools/RESULTS.md: at equal coded bits per weight, Hessian-
 #: weighted uniform quantization keeps more accuracy than k-means (as the paper found). 4 bits per
@@ -59,4 +63,7 @@ DEFAULT_METHOD = "uniform"
 DEFAULT_TARGET_BITS = 4.0
 DEFAULT_K = 32
 DEFAULT_HESSIAN_SAMPLES = 1000
+#: Unless told, the Hessian draws fewer samples on a model whose samples are costly
+#: (`onnxhq.hessian.cost`), down to this many.
+MIN_HESSIAN_SAMPLES = 64
 DEFAULT_FINETUNE_LR = 1e-4
