@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -21,6 +22,8 @@ from .model import get_metadata, load_model, save_model
 from .native import check_target, lower
 from .rewrite import PACK_MAX_K, PACKED_OP, attach_functions, dequantize_model, index_dtype, pack4
 from .sidecar import IndexStream, decode_sidecar, read_sidecar
+
+T = TypeVar("T")
 
 
 def sidecar_path(graph_path: str | os.PathLike, graph: onnx.ModelProto) -> Path:
@@ -189,9 +192,7 @@ def load(
     ``target`` picks their form (`onnxhq.native.lower`: ``gather``, ``int8``, ``int4``).
     """
     check_target(target)
-    with reading(Path(path).parent):  # the pair as one write left it (`_io.write_files`)
-        graph = load_model(path)
-        streams = _read_streams(path, graph)
+    graph, streams = read_pair(path, _read_streams)
     model = join_artifacts(graph, streams, in_place=True)
     if dequantize:
         if target != "gather":
@@ -206,15 +207,23 @@ def load_runnable(path: str | os.PathLike) -> onnx.ModelProto:
         model = load_model(path)
         if naming.METADATA_SIDECAR not in get_metadata(model):
             return model
-        streams = _read_streams(path, model)
+        streams = _read_streams(sidecar_path(path, model), sidecar_crc32(model))
     return join_artifacts(model, streams, in_place=True)
 
 
-def _read_streams(graph_path, graph: onnx.ModelProto) -> list[IndexStream]:
-    """The streams of the sidecar beside compressed ``graph`` (read from ``graph_path``), checked
-    to be its own."""
-    streams, _ = read_sidecar(sidecar_path(graph_path, graph), crc32=sidecar_crc32(graph))
-    return streams
+def read_pair(
+    path: str | os.PathLike, read: Callable[[Path, int | None], T]
+) -> tuple[onnx.ModelProto, T]:
+    """The compressed graph at ``path`` and ``read(sidecar path, CRC-32 the graph records)``,
+    both under the folder's shared lock: the pair as one write left it (`_io.write_files`)."""
+    with reading(Path(path).parent):
+        graph = load_model(path)
+        return graph, read(sidecar_path(path, graph), sidecar_crc32(graph))
+
+
+def _read_streams(side: Path, crc32: int | None) -> list[IndexStream]:
+    """The streams of sidecar ``side``, checked against the graph's record ``crc32``."""
+    return read_sidecar(side, crc32=crc32)[0]
 
 
 def load_from_bytes(graph_bytes: bytes, sidecar_bytes: bytes) -> onnx.ModelProto:

@@ -22,9 +22,8 @@ from onnx import helper, numpy_helper
 
 from . import model as model_io
 from . import naming
-from ._io import reading, write_files
-from .decode import _finish, _joinable, _packed_shapes, sidecar_crc32, sidecar_path
-from .model import load_model
+from ._io import write_files
+from .decode import _finish, _joinable, _packed_shapes, read_pair
 from .rewrite import GROUPED_OP, dequantized_value, drop_onnxhq_domain, index_dtype
 from .sidecar import IndexStream
 from .sidecar_io import iter_sidecar_file, sidecar_entries
@@ -41,11 +40,7 @@ def decode_streamed(
 ) -> int:
     """Write the runnable model (gather target, or float weights with ``dequantize``) of the
     compressed graph at ``path`` to ``out``; returns the bytes written."""
-    with reading(Path(path).parent):
-        graph = load_model(path)
-        side = sidecar_path(path, graph)
-        crc = sidecar_crc32(graph)
-        entries = sidecar_entries(side)
+    graph, (side, crc, entries) = read_pair(path, _entries)
     model, _, index_array = _joinable(graph, list(entries), in_place=True)
     _finish(model, set(entries))
     produce: Produce
@@ -76,6 +71,12 @@ def decode_streamed(
 
         return write_files(out.parent, [(out.name, write)])[0]
     return sum(_write_external(model, list(specs.values()), tensors, out))
+
+
+def _entries(side: Path, crc: int | None) -> tuple[Path, int | None, dict]:
+    """The sidecar, its CRC-32 as the graph records it, and its header entries (read now, under
+    the shared lock; the streams are read later, one at a time)."""
+    return side, crc, sidecar_entries(side)
 
 
 def _write_external(model, specs: list[Spec], tensors, out: Path) -> list[int]:

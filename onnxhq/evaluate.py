@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from .outputs import (
     FLOAT_OUTPUT_TYPES,
     OutputSpec,
     class_score_output,
+    output_list,
     parse_output_spec,
     resolve_output,
 )
@@ -91,22 +93,25 @@ def reference_outputs(
     model: onnx.ModelProto,
     data: Dataset,
     *,
-    output: str | OutputSpec | None = None,
+    output: str | OutputSpec | Sequence[str | OutputSpec] | None = None,
     batch_size: int = 500,
 ) -> Reference:
     """Run the original ``model`` on ``data`` once: every float output, and each one's kind.
 
-    ``output`` (``NAME[:KIND]``, `onnxhq.outputs.parse_output_spec`) may name one output's kind;
-    the others are detected (`detect_kind`).
+    ``output`` (``NAME[:KIND]``, `onnxhq.outputs.parse_output_spec`, or a list of them) may
+    name outputs' kinds; the others are detected (`detect_kind`).
     """
     names = float_outputs(model)
-    spec = parse_output_spec(output)
-    told = spec.name or (names[0] if names else None)
-    if told is not None and told not in names:
-        raise ModelError(f"the model has no float output {told!r}; its float outputs are "
-                         f"{', '.join(names)}")  # fmt: skip
+    told: dict[str, str | None] = {}
+    for spec in map(parse_output_spec, output_list(output)):
+        name = spec.name or (names[0] if names else None)
+        if name is not None and name not in names:
+            raise ModelError(f"the model has no float output {name!r}; its float outputs are "
+                             f"{', '.join(names)}")  # fmt: skip
+        if name is not None:
+            told[name] = spec.kind
     values = run_outputs(model, data, names, batch_size=batch_size)
-    kinds = {n: detect_kind(model, n, spec.kind if n == told else None) for n in names}
+    kinds = {n: detect_kind(model, n, told.get(n)) for n in names}
     for n, k in kinds.items():  # a Softmax axis past a reshape: the class axis is the last
         rank = values[n].ndim
         if k.kind == "classes" and not (-rank <= k.axis < rank and k.axis % rank):

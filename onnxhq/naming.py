@@ -35,6 +35,11 @@ def shape_tensor(shape: tuple[int, ...]) -> str:
     return "onnxhq.shape." + "x".join(str(d) for d in shape)
 
 
+def folded_bias(output: str) -> str:
+    """Name of the bias a layer writing ``output`` gets when a BatchNormalization is folded in."""
+    return f"{output}.folded_bias"
+
+
 def dequantize_node(weight: str) -> str:
     return f"{weight}.onnxhq_dequantize"
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -91,6 +92,25 @@ def parse_output_spec(text: str | OutputSpec | None) -> OutputSpec:
     return OutputSpec(text, None)
 
 
+#: One output as the caller names it (``NAME[:KIND]``), or None: detect.
+Named = str | OutputSpec | None
+
+
+def output_list(output: Named | Sequence[str | OutputSpec]) -> list[Named]:
+    """The outputs a loss reads, one or several (``["a:classes", "b:real"]``): a list of one
+    ``NAME[:KIND]`` (or None, detect) each; an empty or repeated list is an `OptionError`."""
+    if output is None or isinstance(output, (str, OutputSpec)):
+        return [output]
+    named: list[Named] = list(output)
+    names = [parse_output_spec(o).name for o in named]
+    if not named or len(set(names)) != len(names):
+        raise OptionError(
+            f"output={[str(o) for o in named]!r} must name each output once, at least one",
+            "output",
+        )
+    return named
+
+
 @dataclass(frozen=True)
 class ModelOutput:
     """A resolved output: graph output ``name``, its ``kind``, the ``tensor`` the Fisher
@@ -140,6 +160,37 @@ def resolve_output(
             f" (the Fisher reads {tensor!r})" if tensor != name else "",
         )
     return ModelOutput(name, kind, tensor, axis, flat)
+
+
+def reaching(model: onnx.ModelProto, tensor: str, params: Sequence[str]) -> list[str]:
+    """Those of ``params`` (in their order) that ``tensor`` depends on in the main graph: the
+    weights an output's Fisher can see (a head of another output is not among them)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    seen, todo = set(), [tensor]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = producers.get(name)
+        if node is not None:
+            todo.extend(i for i in (*node.input, *_read_by_subgraphs(node)) if i)
+    return [p for p in params if p in seen]
+
+
+def _read_by_subgraphs(node: onnx.NodeProto) -> list[str]:
+    """The names the subgraphs of ``node`` (If branches, Loop and Scan bodies) read, their own
+    and those of the enclosing scopes alike."""
+    names: list[str] = []
+    graphs = [g for a in node.attribute for g in (*([a.g] if a.HasField("g") else []), *a.graphs)]
+    while graphs:
+        graph = graphs.pop()
+        for inner in graph.node:
+            names.extend(inner.input)
+            graphs.extend(
+                g for a in inner.attribute for g in (*([a.g] if a.HasField("g") else []), *a.graphs)
+            )
+    return names
 
 
 def class_score_output(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +18,14 @@ import numpy as np
 from . import naming
 from ._io import write_files
 from .biascorrect import correct_biases
+from .compact import compact_graph, name_plan, rename_streams, weight_rows
 from .compensate import LayerHessian, compensate
 from .data import Dataset, load_data
 from .decode import load_from_bytes
 from .encode import Artifacts, index_streams_of, split_artifacts
 from .evaluate import Reference, fidelity, reference_outputs
 from .finetune import finetune_codebooks
-from .importances import estimate_importances, weight_names
+from .importances import estimate_importances, settled, weight_names
 from .layer_inputs import gather_layer_hessians
 from .model import (
     count_float_params,
@@ -40,7 +41,7 @@ from .options import (
     require_eval,
     resolve_options,
 )
-from .outputs import parse_output_spec
+from .outputs import output_list, parse_output_spec
 from .quantize import QuantizedWeights, measure_errors, quantize_weights
 from .report import LayerRow, Report, error_rows, layer_rows
 from .rewrite import rewrite
@@ -59,12 +60,15 @@ StageProgress = Callable[[str, int, int], None]
 class Result:
     """A compressed model in memory: the artifacts, the quantized weights and the report.
 
-    `save` updates ``report.files`` to the absolute paths it wrote.
+    `save` updates ``report.files`` to the absolute paths it wrote. ``quantized`` and ``report``
+    name the weights as the model does; the artifacts (and `model`) as ``names`` says: each
+    quantized weight's name there, where short names (``compact_names``) changed it.
     """
 
     artifacts: Artifacts
     quantized: QuantizedWeights
     report: Report
+    names: dict[str, str] = field(default_factory=dict)
 
     def model(self) -> onnx.ModelProto:
         """The runnable decoded model (uint indices + dequantize nodes)."""
@@ -118,7 +122,8 @@ def compress(
         ``eval_data`` (`onnxhq.search`), the search in ``report.search``.
 
     Every option is checked before the model is read: a misconfigured call raises `OptionError`
-    at once. ``report.settings`` is ``options.to_dict()``, so
+    at once. ``report.settings`` is ``options.to_dict()`` with the Hessian that ran (estimator
+    and samples: `onnxhq.importances.settled`), so
     ``compress(model, data, options=CompressOptions.from_dict(report.settings))`` runs it again.
     """
     options = resolve_options(options, keywords, caller="compress")
@@ -138,9 +143,15 @@ def compress(
             check_target(options.target, reference, test)
     from .search import statistics_options
 
+    path = model if lazy and isinstance(model, (str, os.PathLike)) else None
+    folded = fold_layers(options, proto, path)  # after the reference: compared with the model
     estimated = options.hessian is not None and options.hessian.method != SUPPLIED
+    source = proto
+    if lazy and options.weighted and estimated:
+        source = load_model(model)
+        fold_layers(options, source)
     statistics = estimate_statistics(
-        load_model(model) if lazy and options.weighted and estimated else proto,
+        source,
         data,
         statistics_options(options, proto, data),  # a search's layer statistics too
         progress,
@@ -149,15 +160,36 @@ def compress(
         from .search import search_target
 
         assert test is not None and reference is not None
-        return search_target(model, proto, options, statistics, test, reference, progress)
+        result = search_target(model, proto, options, statistics, test, reference, progress)
+        result.report = replace(result.report, folded_batchnorms=folded)
+        return result
     importances, layers = statistics
     result = compress_with(
         model, proto, options, importances, layer_hessians=layers, progress=progress, release=True
     )
+    result.report = replace(result.report, folded_batchnorms=folded)
     if test is not None and reference is not None:
         result.report = measured(result, reference, test, options.output)
         _tell(progress, "evaluate", 1, 1)
     return result
+
+
+def fold_layers(
+    options: CompressOptions, proto: onnx.ModelProto, path: str | os.PathLike | None = None
+) -> int:
+    """With ``options.fold_batchnorm``, fold ``proto``'s BatchNormalization nodes into the layers
+    before them, in place (`onnxhq.fold`; ``path``: the file a lazy ``proto`` came from);
+    returns how many were folded. A supplied Hessian or Adam state is of the unfolded weights:
+    with one nothing is folded."""
+    if not options.fold_batchnorm:
+        return 0
+    if options.hessian is not None and options.hessian.method in (SUPPLIED, "adam"):
+        log.info("BatchNormalization left unfolded: the supplied Hessian or Adam state belongs "
+                 "to the weights of the model as given")  # fmt: skip
+        return 0
+    from .fold import fold_batchnorms
+
+    return fold_batchnorms(proto, path=path)
 
 
 def estimate_statistics(
@@ -165,7 +197,7 @@ def estimate_statistics(
     data: str | os.PathLike | Dataset | None,
     options: CompressOptions,
     progress: StageProgress | None = None,
-) -> tuple[dict[str, np.ndarray] | None, dict[str, LayerHessian] | None]:
+) -> tuple[Mapping[str, np.ndarray] | None, dict[str, LayerHessian] | None]:
     """What every compression of ``proto`` with ``options`` reads from ``data``, estimated once
     (a sweep or a search then compresses at many rates with it): the importances, and with
     ``options.compensate`` each layer's input statistics (the data file read once for both)."""
@@ -201,11 +233,13 @@ def compress_point(
     return result
 
 
-def measured(result: Result, reference: Reference, test: Dataset, output: str | None) -> Report:
+def measured(
+    result: Result, reference: Reference, test: Dataset, output: str | tuple[str, ...] | None
+) -> Report:
     """``result``'s report with its fidelity to the original on ``test``, and the accuracies of
     the class-score output (``output``, or the first output the labels fit) where labels exist."""
     fid = fidelity(reference, result.model(), test)
-    name = parse_output_spec(output).name
+    name = parse_output_spec(output_list(output)[0]).name
     if name not in fid:
         name = next((n for n, m in fid.items() if "accuracy" in m), None)
     report = result.report.with_fidelity(fid)
@@ -262,9 +296,10 @@ def compress_with(
                                  release=release, original_bytes=original_bytes,
                                  progress=progress)  # fmt: skip
         report = _report(stem, proto, done.rewritten, done.quantized, done.artifacts,
-                         original_bytes, settings=options.to_dict(), rows=done.rows,
-                         names=done.names)  # fmt: skip
-        return Result(done.artifacts, done.quantized, report)
+                         original_bytes, settings=settled(options, importances).to_dict(),
+                         rows=done.rows, names=done.names)  # fmt: skip
+        renamed = name_plan(proto) if options.compact_names else None
+        return Result(done.artifacts, done.quantized, report, _names(done.names, renamed))
     flat = {n: w.astype(np.float32) for n, w in read_initializers(proto, names).items()}
     pruned = {n: w == 0 for n, w in flat.items() if np.any(w == 0)}
     _tell(progress, "quantize", 0, 1)
@@ -301,7 +336,7 @@ def compress_with(
             train,
             epochs=tune.epochs,
             lr=tune.lr,
-            output=options.output,
+            output=options.output if isinstance(options.output, str) else None,  # one: check_output
             seed=options.seed,
             progress=progress,
         )
@@ -317,11 +352,22 @@ def compress_with(
         )
         quantized = replace(quantized, errors=measure_errors(flat, quantized))  # tuned values
     streams = index_streams_of(quantized.tensors, quantized.codebooks)
-    artifacts = split_artifacts(rewritten, stem, streams=streams, original_bytes=original_bytes)
-    report = _report(
-        stem, proto, rewritten, quantized, artifacts, original_bytes, settings=options.to_dict()
-    )
-    return Result(artifacts, quantized, report)
+    plan = name_plan(proto) if options.compact_names else None
+    written = rewritten if plan is None else compact_graph(rewritten, plan)
+    streams = streams if plan is None else rename_streams(streams, plan)
+    artifacts = split_artifacts(written, stem, streams=streams, original_bytes=original_bytes)
+    rows = None
+    if plan is not None:  # the report names weights as the model does
+        indices = {n: codes.indices for n, codes in quantized.tensors.items()}
+        rows = weight_rows(indices, artifacts.layouts, plan)
+    report = _report(stem, proto, rewritten, quantized, artifacts, original_bytes,
+                     settings=settled(options, importances).to_dict(), rows=rows)  # fmt: skip
+    return Result(artifacts, quantized, report, _names(quantized.tensors, plan))
+
+
+def _names(weights, plan) -> dict[str, str]:
+    """Each quantized weight's name in the artifacts under ``plan`` (None: its own)."""
+    return {w: w if plan is None else plan.value(w) for w in weights}
 
 
 def _tell(progress: StageProgress | None, stage: str, done: int, total: int) -> None:

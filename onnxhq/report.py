@@ -107,6 +107,7 @@ class Report:
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     target: str | None = None
     search: tuple[SearchPoint, ...] = ()
+    folded_batchnorms: int = 0
 
     @property
     def compressed_bytes(self) -> int:
@@ -169,6 +170,7 @@ class Report:
             "codebook_bytes": self.codebook_bytes,
             "quantized_params": self.quantized_params,
             "unquantized_params": self.unquantized_params,
+            "folded_batchnorms": self.folded_batchnorms,
             "settings": dict(self.settings),
             "layers": [asdict(r) for r in self.layers],
         }
@@ -200,9 +202,15 @@ class Report:
         original = "original model" if self.original_source == "input" else "float model (decoded)"
         lines += [
             "",
+            *_hessian_line(self.settings),
             f"codebooks             {self.codebook_bytes:>10,} bytes",
             f"unquantized params    {self.unquantized_params:>10,} "
             "(kept as they were, in the graph)",
+            *(
+                [f"batchnorms folded     {self.folded_batchnorms:>10,} (into the layers before)"]
+                if self.folded_batchnorms
+                else []
+            ),
             f"graph file            {self.graph_bytes:>10,} bytes "
             "(structure, codebooks, unquantized tensors)",
             f"sidecar file          {self.sidecar_bytes:>10,} bytes (Huffman-coded indices)",
@@ -226,6 +234,16 @@ class Report:
             lines += fidelity_lines(self.fidelity)
             lines += [] if self.target is None else search_lines(self.target, self.search)
         return "\n".join(lines)
+
+
+def _hessian_line(settings: Mapping) -> list[str]:
+    """The Hessian that weighed the errors as the settings record it: the estimator that ran
+    (after a fallback, the one fallen back to) and its samples; none for an unweighted run."""
+    method = settings.get("hessian")
+    if method in (None, "none"):
+        return []
+    samples = settings.get("hessian_samples")
+    return [f"hessian               {method:>10}" + (f" ({samples} samples)" if samples else "")]
 
 
 def _finite_values(d: Mapping) -> dict:

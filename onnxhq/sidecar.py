@@ -39,8 +39,10 @@ MAGIC: Final = b"ONNXHQSC"
 #: The sidecar format this onnxhq writes and reads (the u32 after the magic). 1: onnxhq 0.1.
 SIDECAR_FORMAT_VERSION: Final[int] = 2
 MAX_HEADER = 16 << 20  # bytes of the stored header, and of its JSON once inflated
-_PREFIX = struct.Struct("<8sIIQ")
-_META = "__metadata__"
+#: The fixed prefix: magic, format version, CRC-32 of the stored header, its length.
+PREFIX = struct.Struct("<8sIIQ")
+#: The header key of the metadata object (no stream may have this name).
+METADATA_KEY = "__metadata__"
 _FIELDS = tuple(sorted([*layout.FIELDS, "data_offsets", "crc32"]))  # of every stream's entry
 
 
@@ -69,9 +71,9 @@ class IndexStream:
 
     def __post_init__(self) -> None:
         name, k = self.name, self.alphabet_size
-        if not isinstance(name, str) or not name or name == _META:
+        if not isinstance(name, str) or not name or name == METADATA_KEY:
             raise ConfigError(
-                f"stream name {name!r} must be a non-empty string other than {_META!r}"
+                f"stream name {name!r} must be a non-empty string other than {METADATA_KEY!r}"
             )
         shape = tuple(self.shape) if isinstance(self.shape, (tuple, list)) else None
         if shape is None or not all(is_int(d) and d >= 0 for d in shape):
@@ -146,7 +148,7 @@ def _encode(
     if len(set(names)) != len(names):
         twice = sorted({a for a, b in itertools.pairwise(names) if a == b})
         raise ConfigError(f"duplicate stream names: {twice}")
-    header: dict[str, object] = {_META: metadata} if metadata else {}
+    header: dict[str, object] = {METADATA_KEY: metadata} if metadata else {}
     entries, blobs, offset = [], [], 0
     for stream in sorted(streams, key=lambda s: s.name):
         entry, blob = layout.encode_stream(stream.name, stream.indices, stream.alphabet_size)
@@ -163,17 +165,18 @@ def _encode(
 def pack_header(header: Mapping[str, object]) -> tuple[bytes, int]:
     """The prefix and zlib-compressed JSON header of a sidecar (what precedes the streams'
     bytes), and the stored header's length; a header past `MAX_HEADER` is refused."""
-    text = _dump(header)
+    text = dump_header(header)
     if len(text) > MAX_HEADER:
         raise ConfigError(
             f"sidecar header of {len(text)} bytes exceeds {MAX_HEADER}; use fewer streams"
         )
     packed = zlib.compress(text, 9)
-    prefix = _PREFIX.pack(MAGIC, SIDECAR_FORMAT_VERSION, zlib.crc32(packed), len(packed))
+    prefix = PREFIX.pack(MAGIC, SIDECAR_FORMAT_VERSION, zlib.crc32(packed), len(packed))
     return prefix + packed, len(packed)
 
 
-def _dump(obj: object) -> bytes:
+def dump_header(obj: object) -> bytes:
+    """The header's JSON text (sorted keys, compact, ASCII): what `pack_header` compresses."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
@@ -198,39 +201,55 @@ def decode_sidecar(
 def _parse(data: bytes) -> tuple[list[tuple[str, Entry]], dict[str, str], memoryview, int]:
     """Validated ``(entries, metadata, buffer, stored header length)``; entries sorted by offset."""
     data = bytes(data)
-    if len(data) < _PREFIX.size:
+    crc, size = check_prefix(data)
+    header = unpack_header(data[PREFIX.size : PREFIX.size + size], crc)
+    metadata = header.pop(METADATA_KEY, {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SidecarError("__metadata__ must be an object of strings")
+    buffer = memoryview(data)[PREFIX.size + size :]  # not a copy: the payloads are most of it
+    return check_streams(header, len(buffer), buffer=buffer), metadata, buffer, size
+
+
+def check_prefix(data: bytes) -> tuple[int, int]:
+    """The stored header's CRC-32 and length from the prefix at the start of ``data`` (the whole
+    file, or at least its prefix and header); SidecarError naming the first problem."""
+    if len(data) < PREFIX.size:
         raise SidecarError(
-            f"sidecar of {len(data)} bytes is shorter than its {_PREFIX.size}-byte prefix"
+            f"sidecar of {len(data)} bytes is shorter than its {PREFIX.size}-byte prefix"
         )
-    magic, version, crc, size = _PREFIX.unpack_from(data)
+    magic, version, crc, size = PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise SidecarError(f"not an onnxhq sidecar: magic {magic!r}, expected {MAGIC!r}")
     if version != SIDECAR_FORMAT_VERSION:
-        hint = ""
-        if version == 1:
-            hint = (
-                "; it was written by onnxhq 0.1: decode it with onnxhq 0.1, or compress the "
-                "model again"
-            )
+        hint = ("; it was written by onnxhq 0.1: decode it with onnxhq 0.1, or compress the "
+                "model again") if version == 1 else ""  # fmt: skip
         raise SidecarError(
             f"sidecar format version {version} is not supported (this reader knows "
             f"{SIDECAR_FORMAT_VERSION}){hint}"
         )
-    if size > MAX_HEADER or _PREFIX.size + size > len(data):
+    if size > MAX_HEADER or PREFIX.size + size > len(data):
         raise SidecarError(
             f"header length {size} exceeds {MAX_HEADER} or the {len(data)}-byte file"
         )
-    packed = data[_PREFIX.size : _PREFIX.size + size]
+    return crc, size
+
+
+def unpack_header(packed: bytes, crc: int) -> dict:
+    """The header object of the stored header ``packed``, checked against its CRC-32 ``crc``."""
     if zlib.crc32(packed) != crc:
         raise SidecarError(
             f"header CRC32 mismatch: stored {crc:#010x}, computed {zlib.crc32(packed):#010x}"
         )
-    header = _load_header(packed)
-    metadata = header.pop(_META, {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise SidecarError("__metadata__ must be an object of strings")
-    buffer = memoryview(data)[_PREFIX.size + size :]  # not a copy: the payloads are most of it
-    checked = ((name, _check_entry(name, entry)) for name, entry in header.items())
+    return load_header(packed)
+
+
+def check_streams(
+    header: Mapping[str, object], size: int, *, buffer: memoryview | None = None
+) -> list[tuple[str, Entry]]:
+    """The checked entries of ``header`` (metadata removed), sorted by offset, whose offsets
+    must tile a ``size``-byte buffer exactly; each stream's CRC-32 too when ``buffer`` is given
+    (checked stream by stream, so the first problem in buffer order is the one reported)."""
+    checked = ((name, check_entry(name, entry)) for name, entry in header.items())
     entries = sorted(checked, key=lambda x: x[1]["data_offsets"])
     end = 0
     for name, entry in entries:
@@ -239,19 +258,17 @@ def _parse(data: bytes) -> tuple[list[tuple[str, Entry]], dict[str, str], memory
             raise SidecarError(
                 f"stream {name!r} starts at {begin}, expected {end}: hole or overlap in the buffer"
             )
-        if stop > len(buffer):
-            raise SidecarError(
-                f"stream {name!r} ends at {stop}, beyond the {len(buffer)}-byte buffer"
-            )
-        if zlib.crc32(buffer[begin:stop]) != entry["crc32"]:
+        if stop > size:
+            raise SidecarError(f"stream {name!r} ends at {stop}, beyond the {size}-byte buffer")
+        if buffer is not None and zlib.crc32(buffer[begin:stop]) != entry["crc32"]:
             raise SidecarError(f"stream {name!r}: CRC32 mismatch")
         end = stop
-    if end != len(buffer):
-        raise SidecarError(f"{len(buffer) - end} trailing bytes after the last stream")
-    return entries, metadata, buffer, size
+    if end != size:
+        raise SidecarError(f"{size - end} trailing bytes after the last stream")
+    return entries
 
 
-def _load_header(packed: bytes) -> dict:
+def load_header(packed: bytes) -> dict:
     """The header object from its zlib stream, inflating at most MAX_HEADER bytes."""
     inflate = zlib.decompressobj()
     try:
@@ -271,7 +288,7 @@ def _load_header(packed: bytes) -> dict:
     return header
 
 
-def _check_entry(name: str, entry: object) -> Entry:
+def check_entry(name: str, entry: object) -> Entry:
     """The header entry of one stream, with every field type- and range-checked."""
     if not name:
         raise SidecarError("a stream has an empty name")
@@ -328,13 +345,20 @@ def _describe(
 ) -> list[StreamLayout]:
     """`layout.describe` of every stream, with the prefix and the ``stored``-byte header shared
     out in proportion to the streams' JSON entries."""
-    weights = np.array([len(_dump({name: entry})) for name, entry in entries], dtype=np.int64)
-    total = max(int(weights.sum()), 1)
-    shares = np.diff(np.concatenate(([0], (np.cumsum(weights) * (_PREFIX.size + stored)) // total)))
+    shares = header_shares(entries, PREFIX.size + stored)
     return [
-        layout.describe(name, entry, part, int(share))
+        layout.describe(name, entry, part, share)
         for (name, entry), part, share in zip(entries, indices, shares)
     ]
+
+
+def header_shares(entries: Sequence[tuple[str, Entry]], head: int) -> list[int]:
+    """The ``head`` bytes of prefix and header shared out among the streams in proportion to
+    their JSON entries (what `describe_sidecar` counts as each stream's)."""
+    weights = np.array([len(dump_header({name: entry})) for name, entry in entries], dtype=np.int64)
+    total = max(int(weights.sum()), 1)
+    shares = np.diff(np.concatenate(([0], (np.cumsum(weights) * head) // total)))
+    return [int(x) for x in shares]
 
 
 # ---------------------------------------------------------------- files

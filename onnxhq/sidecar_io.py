@@ -10,23 +10,21 @@ import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 
-import numpy as np
-
 from .coding import unpack
 from .coding.layout import Entry
 from .errors import SidecarError
 from .sidecar import (
-    _META,
-    _PREFIX,
     MAGIC,
     MAX_HEADER,
+    METADATA_KEY,
+    PREFIX,
     SIDECAR_FORMAT_VERSION,
     IndexStream,
-    _check_entry,
-    _dump,
-    _load_header,
-    _parse,
+    check_prefix,
+    check_streams,
+    header_shares,
     pack_header,
+    unpack_header,
 )
 
 
@@ -37,14 +35,10 @@ def sidecar_head(
     plus ``data_offsets`` and ``crc32``) are given in name order, for a writer that puts the
     streams' bytes after it itself; and each stream's share of those bytes, as
     `describe_sidecar` counts it. `encode_sidecar` of the same streams starts with these bytes."""
-    header: dict[str, object] = {_META: dict(metadata)} if metadata else {}
+    header: dict[str, object] = {METADATA_KEY: dict(metadata)} if metadata else {}
     header.update(entries)
     prefix_and_header, _ = pack_header(header)
-    weights = np.array([len(_dump({name: entry})) for name, entry in entries], dtype=np.int64)
-    total = max(int(weights.sum()), 1)
-    head = len(prefix_and_header)
-    shares = np.diff(np.concatenate(([0], (np.cumsum(weights) * head) // total)))
-    return prefix_and_header, [int(x) for x in shares]
+    return prefix_and_header, header_shares(entries, len(prefix_and_header))
 
 
 def iter_sidecar_file(
@@ -96,40 +90,21 @@ def sidecar_entries(path: str | os.PathLike) -> dict[str, Entry]:
 
 def _read_head(f) -> bytes:
     """The prefix and stored header at the start of open sidecar file ``f``."""
-    first = f.read(_PREFIX.size)
-    if len(first) < _PREFIX.size:
+    first = f.read(PREFIX.size)
+    if len(first) < PREFIX.size:
         raise SidecarError(f"sidecar of {len(first)} bytes is shorter than its prefix")
-    return first + f.read(min(_PREFIX.unpack_from(first)[3], MAX_HEADER + 1))
+    return first + f.read(min(PREFIX.unpack_from(first)[3], MAX_HEADER + 1))
 
 
 def _parse_head(head: bytes, size: int) -> list[tuple[str, Entry]]:
     """The checked entries, in buffer order, of a ``size``-byte sidecar whose prefix and header
     are ``head``; the streams' offsets must tile the rest of the file (their CRCs are the
     reader's)."""
-    magic, version, crc, stored = _PREFIX.unpack_from(head)
+    magic, version, crc, stored = PREFIX.unpack_from(head)
     if magic != MAGIC or version != SIDECAR_FORMAT_VERSION or stored > MAX_HEADER:
-        _parse(head)  # raises the message of the first problem
-    if _PREFIX.size + stored > len(head):
+        check_prefix(head)  # raises the message of the first problem
+    if PREFIX.size + stored > len(head):
         raise SidecarError(f"header length {stored} exceeds {MAX_HEADER} or the {size}-byte file")
-    packed = head[_PREFIX.size :]
-    if zlib.crc32(packed) != crc:
-        raise SidecarError(
-            f"header CRC32 mismatch: stored {crc:#010x}, computed {zlib.crc32(packed):#010x}"
-        )
-    header = _load_header(packed)
-    header.pop(_META, None)
-    checked = ((name, _check_entry(name, entry)) for name, entry in header.items())
-    entries = sorted(checked, key=lambda x: x[1]["data_offsets"])
-    end, buffer = 0, size - len(head)
-    for name, entry in entries:
-        begin, stop = entry["data_offsets"]
-        if begin != end:
-            raise SidecarError(
-                f"stream {name!r} starts at {begin}, expected {end}: hole or overlap in the buffer"
-            )
-        if stop > buffer:
-            raise SidecarError(f"stream {name!r} ends at {stop}, beyond the {buffer}-byte buffer")
-        end = stop
-    if end != buffer:
-        raise SidecarError(f"{buffer - end} trailing bytes after the last stream")
-    return entries
+    header = unpack_header(head[PREFIX.size :], crc)
+    header.pop(METADATA_KEY, None)
+    return check_streams(header, size - len(head))

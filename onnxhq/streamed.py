@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import naming
+from .compact import compact_graph, name_plan, stream_name
 from .encode import Artifacts, SidecarWriter, graph_artifact
 from .model import drop_weight, load_external, read_weight
 from .numeric import entropy_bits
@@ -129,7 +130,8 @@ def compress_streamed(
     codes: dict[str, TensorCodes] = {}
     errors, rows, flagged, guarded = {}, {}, [], []
     done = 0
-    for name in sorted(order, key=naming.index_tensor):  # the sidecar's order
+    plan = name_plan(proto) if options.compact_names else None  # the names the graph gets
+    for name in sorted(order, key=lambda n: stream_name(plan, n)):  # the sidecar's order
         _tell(progress, done, len(order))
         w, h = read(name, last=True)
         if shared is not None:
@@ -157,7 +159,7 @@ def compress_streamed(
             flagged += qw.flagged
             guarded += qw.guarded
         k = int(np.shape(books[key])[-1])
-        lay = writer.add(IndexStream(naming.index_tensor(name), tuple(idx.shape), k, idx))
+        lay = writer.add(IndexStream(stream_name(plan, name), tuple(idx.shape), k, idx))
         rows[name], errors[name] = layer_row(name, idx, lay), error
         codes[name] = TensorCodes(key, idx if keep else _placeholder(idx.shape), group)
         del w, h, idx
@@ -171,8 +173,9 @@ def compress_streamed(
     graph_name, sidecar_name = naming.artifact_names(stem)
     sidecar, layouts = writer.finish({"graph": graph_name})
     crc = zlib.crc32(sidecar) if isinstance(sidecar, bytes) else sidecar.crc32
-    moved = {naming.index_tensor(n) for n in order}
-    graph_bytes, data = graph_artifact(rewritten, stem, moved, crc, original_bytes=original_bytes)
+    moved = {stream_name(plan, n) for n in order}
+    written = rewritten if plan is None else compact_graph(rewritten, plan)
+    graph_bytes, data = graph_artifact(written, stem, moved, crc, original_bytes=original_bytes)
     artifacts = Artifacts(
         graph_name,
         graph_bytes,

@@ -129,13 +129,14 @@ def sweep(
     from .data import Dataset, load_data  # the heavy modules, once the options are known good
     from .evaluate import reference_outputs
     from .model import load_model
-    from .pipeline import check_scope_opset, compress_point, estimate_statistics
+    from .pipeline import check_scope_opset, compress_point, estimate_statistics, fold_layers
 
     proto = load_model(model)
     proto = check_scope_opset(base, proto)
     test = eval_data if isinstance(eval_data, Dataset) else load_data(eval_data, proto)
     dataset = data if isinstance(data, Dataset) or data is None else load_data(data, proto)
     reference = reference_outputs(proto, test, output=base.output)
+    fold_layers(base, proto)  # after the reference: compared with the model as given
     statistics = estimate_statistics(proto, dataset, base, progress)
     points = []
     for i, point in enumerate(settings):

@@ -15,11 +15,15 @@ import onnx.parser
 import pytest
 from onnx import numpy_helper
 
+import onnxhq
 from onnxhq import hessian
+from onnxhq.cli import main as cli_main
 from onnxhq.data import Dataset
-from onnxhq.errors import DataError
+from onnxhq.errors import DataError, ModelError
 from onnxhq.hessian.output_fisher import output_fisher, residual
 from onnxhq.importances import estimate_hessian
+from onnxhq.options import CompressOptions, OptionError
+from onnxhq.outputs import reaching
 from onnxhq.training.engine import GradientEngine, ProjectionEngine
 from onnxhq.training.output_engine import OutputEngine
 
@@ -136,3 +140,72 @@ def test_the_default_fisher_runs_on_an_skl2onnx_style_classifier():
     old = hessian.fisher(GradientEngine(model, params=["w1", "w2"]), data, samples=40)
     for name in diag:
         np.testing.assert_allclose(diag[name], old[name], rtol=1e-4)
+
+
+def two_heads() -> tuple[onnx.ModelProto, Dataset]:
+    """A shared layer, then class probabilities (N, T, 4) and a real embedding (N, T, 2)."""
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T, 3] x) => (float probabilities, float embedding) {
+      h = MatMul(x, w)
+      a = Tanh(h)
+      z = MatMul(a, wc)
+      probabilities = Softmax <axis = -1> (z)
+      embedding = MatMul(a, we)
+    }""")
+    rng = np.random.default_rng(6)
+    shapes = {"w": (3, 5), "wc": (5, 4), "we": (5, 2)}
+    model.graph.initializer.extend(
+        numpy_helper.from_array(rng.normal(size=s).astype(np.float32), k) for k, s in shapes.items()
+    )
+    return model, Dataset({"x": rng.normal(size=(10, 6, 3)).astype(np.float32)})
+
+
+def test_several_outputs_sum_their_fishers():
+    model, data = two_heads()
+    draws = {"samples": 24, "seed": 4}
+    both = estimate_hessian(model, data, output=["probabilities", "embedding:real"], **draws)
+    # each output sees the shared layer and its own head only
+    classes = estimate_hessian(model, data, params=["w", "wc"], output="probabilities", **draws)
+    real = estimate_hessian(model, data, params=["w", "we"], output="embedding:real", **draws)
+    assert set(both) == {"w", "wc", "we"}
+    np.testing.assert_allclose(both["w"], classes["w"] + real["w"], rtol=1e-5)
+    np.testing.assert_allclose(both["wc"], classes["wc"], rtol=1e-5)
+    np.testing.assert_allclose(both["we"], real["we"], rtol=1e-5)
+    assert reaching(model, "z", ["we", "wc", "w"]) == ["wc", "w"]
+    with pytest.raises(ModelError, match="'we' as it's unreachable"):  # the builder's word
+        estimate_hessian(model, data, method="fisher", output="probabilities", **draws)
+
+
+def test_several_outputs_are_refused_by_a_single_output_hessian():
+    model, data = two_heads()
+    with pytest.raises(OptionError, match="reads one output, and 2 were named"):
+        estimate_hessian(model, data, method="gauss-newton", output=["probabilities", "embedding"])
+    with pytest.raises(OptionError, match="must name each output once"):
+        estimate_hessian(model, data, output=["embedding", "embedding:real"])
+
+
+def test_compress_reads_several_outputs_and_reports_the_fidelity_of_each():
+    model, data = two_heads()
+    outputs = ("probabilities", "embedding:real")
+    result = onnxhq.compress(
+        model, data, hessian="activations", hessian_samples=8, output=outputs, eval_data=data
+    )
+    fidelity = result.report.fidelity
+    assert {"agreement", "kl"} <= set(fidelity["probabilities"])
+    assert {"cosine", "cosine_min", "sqnr_db"} <= set(fidelity["embedding"])
+    settings = result.report.settings
+    assert settings["output"] == list(outputs)
+    assert CompressOptions.from_dict(settings).output == outputs
+    with pytest.raises(OptionError, match="fine-tuning trains on the labels of one"):
+        CompressOptions.from_keywords(output=list(outputs), finetune_epochs=1, train_data="t.npz")
+
+
+def test_the_cli_takes_output_name_once_per_output(tmp_path, capsys):
+    model, data = two_heads()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=data.inputs["x"])
+    argv = ["hessian", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "x.npz"),
+            "--method", "gauss-newton", "--output-name", "probabilities",
+            "--output-name", "embedding:real", "-o", str(tmp_path / "h.npz")]  # fmt: skip
+    assert cli_main(argv) == 2
+    assert "Hessian reads one --output-name, and 2 were named" in capsys.readouterr().err

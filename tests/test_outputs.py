@@ -18,6 +18,7 @@ from onnxhq.outputs import (
     logits_tensor,
     parse_output_spec,
     projection_output,
+    reaching,
     resolve_output,
 )
 
@@ -178,3 +179,15 @@ def test_resolve_refuses_unknown_and_non_float_outputs():
         resolve_output(model, "y")
     with pytest.raises(ModelError, match="no float output among y"):
         resolve_output(model)
+
+
+def test_reaching_follows_inputs_and_the_names_subgraphs_read():
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 2] x, bool c) => (float[N, 2] y, float[N, 2] e) {
+      h = MatMul(x, w1)
+      y = If(c) <then_branch = t () => (float[N, 2] a) { a = MatMul(h, w2) },
+                 else_branch = f () => (float[N, 2] b) { b = Identity(h) }>
+      e = MatMul(x, w3)
+    }""")
+    assert reaching(model, "y", ["w3", "w2", "w1"]) == ["w2", "w1"]
+    assert reaching(model, "e", ["w1", "w2", "w3"]) == ["w3"]

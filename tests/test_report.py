@@ -60,8 +60,9 @@ def data() -> Dataset:
 @pytest.fixture(scope="module", params=["network", "layer"])
 def saved(request, tmp_path_factory, data):
     result = compress(
-        small_convnet(), data, k=4, scope=request.param, hessian_samples=32, name="convnet"
-    )
+        small_convnet(), data, k=4, scope=request.param, hessian_samples=32, name="convnet",
+        compact_names=False,  # the files keep the weights' names (tests/test_compact.py: short)
+    )  # fmt: skip
     paths = result.save(tmp_path_factory.mktemp(request.param))
     return result, paths
 

@@ -2,6 +2,7 @@
 model and onnxruntime's own quantizers.
 
     python -m tools.bench_real [--models rec det cls] [--hessian none] [--json out.json]
+    python -m tools.bench_real --models cls --target [--baseline]   # --baseline: no fold, names
     python -m tools.bench_real --smoke          # the bundled LeNet-5 on its sample, seconds
 
 For each model (the three PaddleOCR models of ``$ONNXHQ_SHARED/models/real``; inputs rendered
@@ -254,7 +255,7 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
         forms["onnxhq target"] = target_form(name, path, calib, feeds, args, work, original_bytes)
     for label, kw in ONNXHQ_FORMS.items():
         t = time.perf_counter()
-        result = onnxhq.compress(path, calib, hessian=args.hessian, **kw)
+        result = onnxhq.compress(path, calib, hessian=args.hessian, **kw, **args.clean_up)
         names = list(result.quantized.tensors)
         a = result.artifacts
         file = work / f"{label.replace(' ', '_').replace(',', '')}.onnx"
@@ -263,7 +264,8 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
         forms[label] = {
             "file": file,
             "ratio": original_bytes / (len(a.graph_bytes) + len(a.sidecar_bytes)),
-            "note": f"k {k[0]}..{k[-1]}, {time.perf_counter() - t:.0f} s",
+            "note": f"k {k[0]}..{k[-1]}, graph {len(a.graph_bytes):,} B, "
+            f"{time.perf_counter() - t:.0f} s",
         }
     for label, (k, target) in GRID_FORMS.items():
         art, gather = grid_model(proto, names, k, name, original_bytes)
@@ -311,7 +313,7 @@ def target_form(name, path, calib, feeds, args, work, original_bytes) -> dict:
     t = time.perf_counter()
     result = onnxhq.compress(path, calib, eval_data=feeds, min_fidelity=TARGETS[name],
                              hessian=args.target_hessian,
-                             hessian_samples=args.target_samples)  # fmt: skip
+                             hessian_samples=args.target_samples, **args.clean_up)  # fmt: skip
     r, a = result.report, result.artifacts
     file = work / "target.onnx"
     save_model(result.model(), file)
@@ -320,8 +322,8 @@ def target_form(name, path, calib, feeds, args, work, original_bytes) -> dict:
     return {
         "file": file,
         "ratio": original_bytes / (len(a.graph_bytes) + len(a.sidecar_bytes)),
-        "note": f"{TARGETS[name]}: {chosen}; {len(r.search)} tried, "
-        f"{time.perf_counter() - t:.0f} s",
+        "note": f"{TARGETS[name]}: {chosen}; graph {len(a.graph_bytes):,} B; {len(r.search)} "
+        f"tried, {time.perf_counter() - t:.0f} s",
         "search": [p.__dict__ for p in r.search],
     }
 
@@ -363,8 +365,11 @@ def main(argv=None) -> int:
     ap.add_argument("--target-hessian", default="fisher", help="its --hessian")
     ap.add_argument("--target-samples", type=int, default=64, help="its --samples")
     ap.add_argument("--smoke", action="store_true", help="the bundled LeNet-5 only, in seconds")
+    ap.add_argument("--baseline", action="store_true", help="onnxhq forms without the graph "
+                    "clean-up (--no-fold-batchnorm --keep-names)")  # fmt: skip
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.clean_up = {"fold_batchnorm": False, "compact_names": False} if args.baseline else {}
     if args.probe:
         probe(*args.probe)
         return 0

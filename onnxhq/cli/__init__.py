@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import OnnxhqError
 from ..options import OptionError
 from ..progress import Progress
-from . import compress, setup, stages
+from . import compress, lowbit, setup, stages
 
 #: `compress` keywords (as `OptionError.fields` names them) -> the flags that set them.
 FLAGS = {
@@ -50,6 +50,8 @@ FLAGS = {
     "min_fidelity": "--min-fidelity",
     "compensate": "--compensate",
     "cell_value": "--cell-value",
+    "fold_batchnorm": "--no-fold-batchnorm",
+    "compact_names": "--keep-names",
 }
 
 
@@ -59,6 +61,7 @@ SUBCOMMANDS = (
     stages.add_prune,
     compress.add_compress,
     stages.add_decode,
+    lowbit.add_lowbit,
     stages.add_report,
     stages.add_eval,
     compress.add_sweep,

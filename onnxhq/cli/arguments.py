@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..options import DEFAULT_HESSIAN_SAMPLES, EXTRA_OPS, HESSIAN_METHODS
+from ..options.vocabulary import MIN_HESSIAN_SAMPLES
 
 Run = Callable[[argparse.Namespace], int]
 
@@ -46,8 +47,19 @@ def add_output(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("-o", "--output", required=True, help=f"the {what} to write")
 
 
-def add_common(p: argparse.ArgumentParser, *, output_name: bool = True, seed: bool = True) -> None:
-    if output_name:
+def add_common(
+    p: argparse.ArgumentParser, *, output_name: bool = True, seed: bool = True, several=False
+) -> None:
+    """``--output-name`` (given once, or with ``several`` once per output) and ``--seed``."""
+    if output_name and several:
+        p.add_argument(
+            "--output-name",
+            action="append",
+            metavar="NAME[:KIND]",
+            help="an output the Hessian reads, and its kind (classes, bernoulli, real); once per "
+            "output: their Fishers are summed (default: the first float output, kind detected)",
+        )
+    elif output_name:
         p.add_argument(
             "--output-name", help="the class-score output to use (default: first of rank 2)"
         )
@@ -87,7 +99,8 @@ def add_hessian_flags(p: argparse.ArgumentParser, *, estimator_flag: str) -> Non
     p.add_argument(
         "--samples",
         type=int,
-        help=f"samples drawn for the Hessian estimate (default {DEFAULT_HESSIAN_SAMPLES})",
+        help="samples drawn for the Hessian estimate (default: as many as a fixed budget of "
+        f"multiply-adds buys on the model, {MIN_HESSIAN_SAMPLES} to {DEFAULT_HESSIAN_SAMPLES})",
     )
     p.add_argument(
         "--batch-size", type=int, help="samples per Hessian gradient (default: the estimator's)"
@@ -106,7 +119,7 @@ def add_hessian_flags(p: argparse.ArgumentParser, *, estimator_flag: str) -> Non
         choices=EXTRA_OPS,
         help=f"also quantize the weights of these op types ({', '.join(EXTRA_OPS)})",
     )
-    add_common(p)
+    add_common(p, several=True)
 
 
 def hessian_keywords(args: argparse.Namespace, *, prefix: str = "") -> dict[str, Any]:
@@ -119,6 +132,13 @@ def hessian_keywords(args: argparse.Namespace, *, prefix: str = "") -> dict[str,
         "adam_state": args.adam_state,
         "include_biases": args.include_biases,
         "extra_ops": tuple(args.extra_ops),
-        "output": args.output_name,
+        "output": _outputs(args.output_name),
         "seed": args.seed,
     }
+
+
+def _outputs(given: list[str] | None) -> str | tuple[str, ...] | None:
+    """``--output-name`` given never (None), once (its text) or more (a tuple)."""
+    if not given:
+        return None
+    return given[0] if len(given) == 1 else tuple(given)

@@ -71,6 +71,21 @@ def add_quantizer_flags(p, *, sweep: bool) -> None:
         "own (requantize, the default), flag it in the report (warn), or do not check (off)",
     )
     add_cell_value(p)
+    p.add_argument(
+        "--no-fold-batchnorm",
+        dest="fold_batchnorm",
+        action="store_false",
+        help="keep BatchNormalization nodes as they are (by default each is folded into the "
+        "Conv, ConvTranspose or Gemm before it where the maths stay the same)",
+    )
+    p.add_argument(
+        "--keep-names",
+        dest="compact_names",
+        action="store_false",
+        help="keep the model's value and node names, doc strings and default attributes in the "
+        "written graph (by default internal names become short counters; inputs and outputs keep "
+        "theirs)",
+    )
 
 
 def option_keywords(args) -> dict:
@@ -82,5 +97,7 @@ def option_keywords(args) -> dict:
         hessian=args.hessian,
         guard=args.guard,
         cell_value=args.cell_value,
+        fold_batchnorm=args.fold_batchnorm,
+        compact_names=args.compact_names,
         **hessian_keywords(args, prefix="hessian_"),
     )

@@ -81,11 +81,13 @@ def _run_hessian(args) -> int:
     seconds = time.perf_counter() - start
     size = save_hessian(args.output, diag)
     print(hessian_table(diag))
-    samples = args.samples or DEFAULT_HESSIAN_SAMPLES
-    source = "" if args.method == "adam" else f" from {samples} samples"
+    samples, distinct = diag.source.samples, diag.distinct
+    source = "" if samples is None else f" from {samples} samples"
+    if distinct is not None and samples is not None and distinct < samples:
+        source = f" from {samples} draws of the data's {distinct} samples"
     print(
-        f"wrote {args.output} ({size:,} bytes): {args.method} diagonal of {len(diag)} weights"
-        f"{source}, {seconds:.1f} s"
+        f"wrote {args.output} ({size:,} bytes): {diag.source.method} diagonal of {len(diag)} "
+        f"weights{source}, {seconds:.1f} s"
     )
     return 0
 

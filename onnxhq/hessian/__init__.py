@@ -36,23 +36,24 @@ entry of all tensors, so that no weight is free to move at no cost.
 
 Modules: `common` (the draws and their averaging loop, checks, floor), `estimators` (fisher,
 empirical-fisher, hutchinson, adam), `output_fisher` (the Fisher of each output kind),
-`gauss_newton`, `activations` (with `uses`: which input each weight multiplies), `files`
-(`save_hessian` / `load_hessian` of ``.npz`` diagonals keyed by weight name).
+`gauss_newton`, `activations` (with `uses`: which input each weight multiplies), `cost` (how
+many samples are drawn unless told: a budget of multiply-adds), `files` (`save_hessian` /
+`load_hessian` of ``.npz`` diagonals keyed by weight name).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data import Dataset
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ModelError
 from ..options.vocabulary import BATCHED_HESSIANS
 from ..options.vocabulary import HESSIAN_METHODS as METHODS
-from ..outputs import OutputSpec, resolve_output
+from ..outputs import OutputSpec, output_list, reaching, resolve_output
 from ..training.engine import GradientEngine, ProjectionEngine
 from ..training.graph import parameter_shapes
 from ..training.output_engine import OutputEngine
@@ -101,7 +102,7 @@ NEEDS_LABELS = ("empirical-fisher", "hutchinson")
 
 def estimate(
     method: str,
-    engine: GradientEngine | OutputEngine | None,
+    engine: GradientEngine | OutputEngine | Sequence[OutputEngine] | None,
     data: Dataset | None,
     *,
     params: list[str],
@@ -112,14 +113,16 @@ def estimate(
     rel_step: float | None = None,
     adam_state: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     model: onnx.ModelProto | None = None,
-    output: str | OutputSpec | None = None,
+    output: str | OutputSpec | Sequence[str | OutputSpec] | None = None,
 ) -> Diag | None:
     """Dispatch to the estimator called ``method``; ``none`` returns None (plain, unweighted).
 
     ``engine``: a `GradientEngine` serves fisher (rank-2 class scores), empirical-fisher and
     hutchinson; an `OutputEngine` (or None, then one is built on ``model`` and ``output``, a
-    ``NAME[:KIND]``) serves fisher of any output kind. ``gauss-newton`` builds its own projection
-    view of ``model`` (or of ``engine.model``) and ``output``; ``activations`` runs ``model``
+    ``NAME[:KIND]``) serves fisher of any output kind; several (a list, or ``output`` a list
+    of ``NAME[:KIND]``) sum their outputs' Fishers (``activations`` watches them all).
+    ``gauss-newton`` builds its own projection view of ``model`` (or of ``engine.model``) and
+    ``output``; ``activations`` runs ``model``
     forward (``output``: the one its calibration watches; default every float output); ``adam``
     needs only ``adam_state`` and the parameters' shapes (from ``engine`` or ``model``). Options
     a method does not use must be left at None.
@@ -142,6 +145,12 @@ def estimate(
             "data file, or use 'fisher', which samples labels from the model"
         )
     batch = DEFAULT_BATCH if batch_size is None else batch_size
+    outputs = output_list(output)
+    if len(outputs) > 1 and method not in ("fisher", "activations"):
+        raise ConfigError(
+            f"the {method!r} Hessian reads one output, and {len(outputs)} were named; name one, "
+            "or use 'fisher' or 'activations', which sum several"
+        )
     source = model if model is not None else getattr(engine, "model", None)
     by_model = method in ("gauss-newton", "activations") or (method == "fisher" and engine is None)
     if by_model and source is None:
@@ -157,7 +166,7 @@ def estimate(
         )
     elif method == "activations":
         assert source is not None
-        watched = None if output is None else [resolve_output(source, output).name]
+        watched = None if output is None else [resolve_output(source, o).name for o in outputs]
         diag = activation_hessian(
             source,
             data,
@@ -172,7 +181,7 @@ def estimate(
         if engine is None:
             assert source is not None
             shapes = input_shapes(data)
-            engine = OutputEngine(source, list(params), output=output, input_shapes=shapes)
+            engine = output_engines(source, params, outputs, input_shapes=shapes)
         diag = output_fisher(
             engine, data, samples=samples, batch_size=batch, seed=seed, progress=progress
         )
@@ -205,6 +214,34 @@ def estimate(
     return {p: diag[p] for p in params}
 
 
+def output_engines(
+    model: onnx.ModelProto,
+    params: Sequence[str],
+    outputs: Sequence[str | OutputSpec | None],
+    *,
+    input_shapes: Mapping[str, tuple[int | None, ...]] | None = None,
+) -> list[OutputEngine]:
+    """One `OutputEngine` per output (``NAME[:KIND]``); of several, each differentiates the
+    ``params`` its output depends on (`onnxhq.outputs.reaching`), and a weight no output depends
+    on is a ModelError."""
+    found = [resolve_output(model, o) for o in outputs]
+    if len(found) == 1:  # the gradient builder says what one output cannot reach
+        return [OutputEngine(model, list(params), output=found[0], input_shapes=input_shapes)]
+    reached = [reaching(model, o.tensor, params) for o in found]
+    unseen = [p for p in params if not any(p in r for r in reached)]
+    if unseen:
+        names = ", ".join(repr(o.name) for o in found)
+        raise ModelError(
+            f"weight {unseen[0]!r} does not affect the output {names} the Hessian reads; name the "
+            "outputs it feeds too (--output-name, once per output)"
+        )
+    return [
+        OutputEngine(model, r, output=o, input_shapes=input_shapes)
+        for o, r in zip(found, reached)
+        if r
+    ]
+
+
 def input_shapes(data: Dataset) -> dict[str, tuple[int | None, ...]]:
     """The dims a gradient view pins: each input's shape in ``data``, the batch axis left free."""
     return {name: (None, *np.shape(array)[1:]) for name, array in data.inputs.items()}
@@ -229,8 +266,12 @@ def _check_options(method: str, *, batch_size, rel_step, adam_state) -> None:
 
 
 def _shapes(
-    engine: GradientEngine | OutputEngine | None, model: onnx.ModelProto | None, params: list[str]
+    engine: GradientEngine | OutputEngine | Sequence[OutputEngine] | None,
+    model: onnx.ModelProto | None,
+    params: list[str],
 ) -> dict[str, tuple[int, ...]]:
+    if isinstance(engine, Sequence):
+        engine = engine[0] if engine else None
     if engine is not None and all(p in engine.values for p in params):
         return {p: engine.values[p].shape for p in params}
     if model is None:

@@ -34,7 +34,7 @@ shaped like the weights, finite and positive.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -99,13 +99,12 @@ def activation_hessian(
     watched = list(outputs) if outputs is not None else _float_outputs(graph_model)
     exposed = sorted({u.x for u in uses} - set(feeds) - set(values))
     expose(graph_model, [*exposed, *watched])
-    session = make_session(graph_model)
     calib = at[: min(calibration_samples, len(at))] if scaled else at[:0]
     stat_runs = -(-len(at) // batch_size)
     total_runs = stat_runs + -(-len(calib) // batch_size) * (len(params) + 1)
-    counter = _Counter(progress, total_runs)
+    runs = _Runs(make_session(graph_model), feeds, values, batch_size, progress, total_runs)
 
-    means = _mean_moments(session, uses, feeds, values, at, exposed, batch_size, counter)
+    means = _mean_moments(runs, uses, at, exposed)
     shapes = {p: v.shape for p, v in values.items()}
 
     def diagonal(p: str) -> np.ndarray:
@@ -118,42 +117,21 @@ def activation_hessian(
 
     if not scaled:
         return finalize({p: diagonal(p).astype(np.float32) for p in params})
-    scales = _calibrate(
-        session,
-        diagonal,
-        values,
-        feeds,
-        calib,
-        watched,
-        batch_size=batch_size,
-        rel_noise=rel_noise,
-        seed=seed,
-        counter=counter,
-    )
+    scales = _calibrate(runs, diagonal, calib, watched, rel_noise=rel_noise, seed=seed)
     values.clear()  # our copy of the weights: gone before the result takes its place
     return finalize({p: (diagonal(p) * scales[p]).astype(np.float32) for p in params})
 
 
 def _mean_moments(
-    session,
-    uses: list[Use],
-    feeds: Mapping[str, np.ndarray],
-    values: Mapping[str, np.ndarray],
-    at: np.ndarray,
-    exposed: list[str],
-    batch_size: int,
-    counter: _Counter,
+    runs: _Runs, uses: list[Use], at: np.ndarray, exposed: list[str]
 ) -> list[np.ndarray]:
     """Per use, the mean of x^2 per input feature over the positions of the samples at ``at``
     (`_moment_sums`), one batch of activations at a time."""
     sums: list[tuple[np.ndarray, float]] = []
-    for start in range(0, len(at), batch_size):
-        batch = {k: v[at[start : start + batch_size]] for k, v in feeds.items()}
-        got = dict(zip(exposed, session.run(exposed, {**batch, **values}) if exposed else []))
-        known = {**batch, **values, **got}
+    for batch in runs.batches(at):
+        known = {**batch, **runs.values, **dict(zip(exposed, runs.run(exposed, batch)))}
         step = [_moment_sums(use, np.asarray(known[use.x])) for use in uses]
         sums = step if not sums else [(s + t, c + d) for (s, c), (t, d) in zip(sums, step)]
-        counter.step()
     return [s / max(c, 1.0) for s, c in sums]
 
 
@@ -230,52 +208,53 @@ def _broadcast(use: Use, mean: np.ndarray) -> np.ndarray:
 
 
 def _calibrate(
-    session,
+    runs: _Runs,
     diagonal: Callable[[str], np.ndarray],
-    values: Mapping[str, np.ndarray],
-    feeds: Mapping[str, np.ndarray],
     calib: np.ndarray,
     watched: list[str],
     *,
-    batch_size: int,
     rel_noise: float,
     seed: int,
-    counter: _Counter,
 ) -> dict[str, float]:
     """The scale of each layer's diagonal that makes sum(h d^2) predict the output change d
     causes. One weight's perturbation lives at a time; the unperturbed outputs of the
     calibration batches are kept (``len(calib)`` samples of the watched outputs)."""
     rng = np.random.default_rng([seed, 1])  # the perturbations, drawn weight after weight
-    batches = [
-        {k: v[calib[start : start + batch_size]] for k, v in feeds.items()}
-        for start in range(0, len(calib), batch_size)
-    ]
-    base = []
-    for batch in batches:
-        base.append(session.run(watched, {**batch, **values}))
-        counter.step()
+    batches = list(runs.batches(calib))
+    base = [runs.run(watched, batch) for batch in batches]
     scales = {}
-    for p, w in values.items():
+    for p, w in runs.values.items():
         rms = float(np.sqrt(np.mean(np.square(w, dtype=np.float64)))) or 1.0
         noise = (rel_noise * rms * rng.standard_normal(w.shape)).astype(w.dtype)
         change = 0.0
         for batch, before in zip(batches, base):
-            moved = session.run(watched, {**batch, **values, p: w + noise})
+            moved = runs.run(watched, batch, {p: w + noise})
             change += sum(
                 float(np.sum(np.square(a - b, dtype=np.float64))) for a, b in zip(moved, before)
             )
-            counter.step()
         predicted = float(np.sum(diagonal(p) * np.square(noise, dtype=np.float64)))
         scales[p] = change / len(calib) / predicted if predicted > 0 else 0.0
         log.debug("activation Hessian: %s scaled by %.4g", p, scales[p])
     return scales
 
 
-class _Counter:
-    def __init__(self, progress: Callable[[int, int], None] | None, total: int) -> None:
-        self.progress, self.total, self.done = progress, total, 0
+class _Runs:
+    """The weights-as-inputs model's session with its runtime inputs ``feeds`` and weights
+    ``values``, run ``batch_size`` samples at a time; each run counted for ``progress``."""
 
-    def step(self) -> None:
+    def __init__(self, session, feeds, values, batch_size: int, progress, total: int) -> None:
+        self.session, self.feeds, self.values = session, feeds, values
+        self.batch_size, self.progress, self.total, self.done = batch_size, progress, total, 0
+
+    def batches(self, at: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+        """The feeds of the samples at positions ``at``, a batch at a time, in order."""
+        for start in range(0, len(at), self.batch_size):
+            yield {k: v[at[start : start + self.batch_size]] for k, v in self.feeds.items()}
+
+    def run(self, names: list[str], batch: Mapping[str, np.ndarray], weights=None) -> list:
+        """Outputs ``names`` on ``batch`` (none run for no names), ``weights`` replacing some."""
+        got = self.session.run(names, {**batch, **self.values, **(weights or {})}) if names else []
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
+        return got

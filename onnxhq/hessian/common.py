@@ -156,6 +156,15 @@ def _whole(value: object) -> bool:
     )
 
 
+def squares(grads: Mapping[str, np.ndarray], what: str, *, scale: float = 1.0) -> Diag:
+    """``scale * g^2`` (float64) of every gradient ``g`` in ``grads``, once all are checked
+    finite (`check_finite`, ``what`` naming them): one batch's contribution to a diagonal."""
+    check_finite(grads, what)
+    if scale == 1:
+        return {p: np.square(g, dtype=np.float64) for p, g in grads.items()}
+    return {p: scale * np.square(g, dtype=np.float64) for p, g in grads.items()}
+
+
 def check_finite(arrays: Mapping[str, np.ndarray], what: str) -> None:
     """Raise `NumericalError` naming the first tensor with a non-finite entry, and where."""
     for name, a in arrays.items():

@@ -16,7 +16,16 @@ import numpy as np
 
 from ..data import Dataset
 from ..errors import ConfigError, DataError
-from .common import DEFAULT_BATCH, DEFAULT_REL_STEP, Diag, Draws, Progress, check_finite, finalize
+from .common import (
+    DEFAULT_BATCH,
+    DEFAULT_REL_STEP,
+    Diag,
+    Draws,
+    Progress,
+    check_finite,
+    finalize,
+    squares,
+)
 from .files import read_second_moment
 
 if TYPE_CHECKING:
@@ -50,9 +59,7 @@ def fisher(
         b = len(batch)
         labels = engine.sample_labels(batch.inputs, rng)
         _, grads = engine.loss_and_gradients(batch.inputs, labels)
-        check_finite(grads, "gradient")
-        # b samples, each contributing b g^2
-        return {p: (b * b) * np.square(g, dtype=np.float64) for p, g in grads.items()}
+        return squares(grads, "gradient", scale=b * b)  # b samples, each contributing b g^2
 
     return finalize(draws.mean(data, step, progress=progress, method="fisher"))
 
@@ -85,9 +92,8 @@ def empirical_fisher(
             one = batch.subset(np.array([i]))
             assert one.labels is not None  # check_labels
             _, grads = engine.loss_and_gradients(one.inputs, one.labels)
-            check_finite(grads, "gradient")
-            for p, g in grads.items():
-                total[p] = total.get(p, 0.0) + np.square(g, dtype=np.float64)
+            for p, sq in squares(grads, "gradient").items():
+                total[p] = total.get(p, 0.0) + sq
         return total
 
     return finalize(draws.mean(data, step, progress=progress, method="empirical-fisher"))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..data import Dataset
-from .common import DEFAULT_BATCH, Diag, Draws, Progress, check_finite, finalize
+from .common import DEFAULT_BATCH, Diag, Draws, Progress, finalize, squares
 
 if TYPE_CHECKING:
     from ..training.engine import ProjectionEngine
@@ -42,7 +42,6 @@ def gauss_newton(
         shape, dtype = engine.output_shape(batch.inputs)
         r = (rng.integers(0, 2, size=shape) * 2 - 1).astype(dtype)
         grads = engine.projected_gradients(batch.inputs, r)
-        check_finite(grads, "projected gradient")
-        return {p: np.square(g, dtype=np.float64) for p, g in grads.items()}
+        return squares(grads, "projected gradient")
 
     return finalize(draws.mean(data, step, progress=progress, method="gauss-newton"))

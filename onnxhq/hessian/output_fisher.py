@@ -18,17 +18,22 @@ the ``real`` kind the Gauss-Newton diagonal of `onnxhq.hessian.gauss_newton`). P
 sample are independent draws, so their cross terms vanish in expectation, and likewise across
 the samples of a batch: one projected gradient per batch estimates the batch's sum without bias.
 For class scores of rank 2 the labels are drawn exactly as `onnxhq.hessian.fisher` draws them.
+
+Several outputs (one engine each) count together: the model's distribution is their product,
+so its Fisher is the sum of theirs; each is estimated over the same draws of inputs, with the
+draws its single estimate would make, and the sum floored once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data import Dataset
 from ..errors import DataError
-from .common import DEFAULT_BATCH, Diag, Draws, Progress, check_finite, finalize
+from .common import DEFAULT_BATCH, Diag, Draws, Progress, finalize, squares
 
 if TYPE_CHECKING:
     from ..outputs import ModelOutput
@@ -36,7 +41,7 @@ if TYPE_CHECKING:
 
 
 def output_fisher(
-    engine: OutputEngine,
+    engine: OutputEngine | Sequence[OutputEngine],
     data: Dataset,
     *,
     samples: int = 1000,
@@ -44,11 +49,25 @@ def output_fisher(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> Diag:
-    """Diagonal Fisher ``E_x E_{y~p(y|x)} (J^T r)^2`` of ``engine``'s output (see the module doc).
+    """Diagonal Fisher ``E_x E_{y~p(y|x)} (J^T r)^2`` of ``engine``'s output (see the module
+    doc); of several engines (one per output, the same parameters), the sum of their Fishers.
 
     Returns float32 arrays keyed by parameter, shaped like the parameters, finite and floored.
     """
+    engines = list(engine) if isinstance(engine, Sequence) else [engine]
     draws = Draws(samples, batch_size, seed)
+    total: Diag = {}
+    for i, one in enumerate(engines):
+        tell = None if progress is None else _offset(progress, i * samples, len(engines) * samples)
+        for p, v in _fisher_sums(one, data, draws, tell).items():
+            total[p] = total[p] + v if p in total else v
+    return finalize(total)
+
+
+def _fisher_sums(
+    engine: OutputEngine, data: Dataset, draws: Draws, progress: Progress | None
+) -> Diag:
+    """The mean over ``draws`` of one output's ``(J^T r)^2`` (float64, not floored)."""
     out = engine.output
     check_scores(out, engine.forward(data.head(min(len(data), 64)).inputs))
     axis = out.axis if out.axis is not None else -1
@@ -57,10 +76,13 @@ def output_fisher(
         t = engine.forward(batch.inputs)
         r = residual(out.kind, t, rng, axis=axis, flat=out.flat)
         grads = engine.projected_gradients(batch.inputs, r.astype(t.dtype))
-        check_finite(grads, "projected gradient")
-        return {p: np.square(g, dtype=np.float64) for p, g in grads.items()}
+        return squares(grads, "projected gradient")
 
-    return finalize(draws.mean(data, step, progress=progress, method="fisher"))
+    return draws.mean(data, step, progress=progress, method="fisher")
+
+
+def _offset(progress: Progress, before: int, total: int) -> Progress:
+    return lambda done, _: progress(before + done, total)
 
 
 def residual(

@@ -16,6 +16,7 @@ from .parts import (
     Rate,
     Scope,
     check_choice,
+    check_output,
     default_rate,
     is_int,
     serial,
@@ -43,6 +44,7 @@ KEYWORDS = (
     "method", *RATES, "scope", "group_size", "hessian", "hessian_samples", "hessian_batch_size",
     "adam_state", "include_biases", "extra_ops", "finetune_epochs", "train_data", "finetune_lr",
     "output", "name", "seed", "guard", "max_drop", "min_fidelity", "compensate", "cell_value",
+    "fold_batchnorm", "compact_names",
 )  # fmt: skip
 _UNWEIGHTED = "drop it or choose a weighted method (hkmeans, uniform, ecsq)"
 
@@ -61,7 +63,8 @@ class CompressOptions:
     include_biases : quantize the biases of the quantized layers too.
     extra_ops : op types of `EXTRA_OPS` whose weights are quantized too.
     finetune : `FineTune` or None.
-    output : the class-score output the loss reads (None: the first of rank 2).
+    output : ``NAME[:KIND]`` of the output the Hessian reads (None: detect), or several (a
+        tuple: their Fishers summed; not with fine-tuning, which reads one).
     name : stem of the artifacts' file names (None: the model file's stem or graph name).
     seed : integer >= 0 for every random draw.
     guard : one of `GUARDS`: what happens to a tensor a shared codebook leaves far worse off
@@ -73,6 +76,11 @@ class CompressOptions:
     cell_value : one of `CELL_VALUES`, method ``uniform`` only: each cell's codebook value is the
         importance-weighted mean of its weights (``mean``) or its grid point (``grid``: the
         codebooks are ``step * levels``, which ``decode --target int8|int4`` writes natively).
+    fold_batchnorm : fold inference BatchNormalization into the Conv, ConvTranspose or Gemm
+        before it when the maths stay the same (`onnxhq.fold`), before the weights are picked.
+    compact_names : give the written graph's internal values and nodes short names and drop its
+        doc strings and default attributes (`onnxhq.compact`); graph inputs and outputs keep
+        their names, ``Result.names`` says the quantized weights'.
     """
 
     method: str = DEFAULT_METHOD
@@ -82,13 +90,15 @@ class CompressOptions:
     include_biases: bool = False
     extra_ops: tuple[str, ...] = ()
     finetune: FineTune | None = None
-    output: str | None = None
+    output: str | tuple[str, ...] | None = None
     name: str | None = None
     seed: int = 0
     guard: str = "requantize"
     target: Target | None = None
     compensate: bool = False
     cell_value: str = "mean"
+    fold_batchnorm: bool = True
+    compact_names: bool = True
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -125,16 +135,20 @@ class CompressOptions:
         if not isinstance(self.compensate, bool):
             raise OptionError(f"{show('compensate', self.compensate)} must be a bool", "compensate")
         _check_cell_value(self)
+        for label in ("fold_batchnorm", "compact_names"):
+            if not isinstance(getattr(self, label), bool):
+                raise OptionError(f"{show(label, getattr(self, label))} must be a bool", label)
         if not isinstance(self.include_biases, bool):
             raise OptionError(f"{show('include_biases', self.include_biases)} must be a bool",
                               "include_biases")  # fmt: skip
-        for label in ("output", "name"):
-            value = getattr(self, label)
-            if value is not None and not (isinstance(value, str) and value):
-                raise OptionError(f"{show(label, value)} must be a non-empty string or None", label)
+        output = check_output(self.output, self.finetune)
+        name = self.name
+        if name is not None and not (isinstance(name, str) and name):
+            raise OptionError(f"{show('name', name)} must be a non-empty string or None", "name")
         if not (is_int(self.seed) and self.seed >= 0):
             raise OptionError(f"{show('seed', self.seed)} must be an integer >= 0", "seed")
-        fixed = (("rate", rate), ("scope", scope), ("hessian", hessian), ("extra_ops", extra_ops))
+        fixed = (("rate", rate), ("scope", scope), ("hessian", hessian), ("extra_ops", extra_ops),
+                 ("output", output))  # fmt: skip
         for label, normal in (*fixed, ("seed", int(self.seed))):
             object.__setattr__(self, label, normal)
 
@@ -175,6 +189,8 @@ class CompressOptions:
         min_fidelity: str | None = None,
         compensate: bool = False,
         cell_value: str = "mean",
+        fold_batchnorm: bool = True,
+        compact_names: bool = True,
     ) -> CompressOptions:
         """Options from `compress`'s keywords, the flat form `to_dict` writes.
 
@@ -208,7 +224,8 @@ class CompressOptions:
                    hessian=source, include_biases=include_biases, extra_ops=tuple(extra_ops),
                    finetune=finetune, output=output, name=name, seed=seed, guard=guard,
                    target=Target.of(max_drop, min_fidelity),
-                   compensate=compensate, cell_value=cell_value)  # fmt: skip
+                   compensate=compensate, cell_value=cell_value, fold_batchnorm=fold_batchnorm,
+                   compact_names=compact_names)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """The keyword form, JSON-safe: `from_dict` (or ``compress(**d)``) rebuilds the options.
@@ -231,7 +248,7 @@ class CompressOptions:
             "finetune_epochs": 0 if tune is None else tune.epochs,
             "train_data": None if tune is None else serial(tune.data),
             "finetune_lr": None if tune is None else tune.lr,
-            "output": self.output,
+            "output": list(self.output) if isinstance(self.output, tuple) else self.output,
             "name": self.name,
             "seed": self.seed,
             "guard": self.guard,
@@ -243,6 +260,8 @@ class CompressOptions:
             ),
             "compensate": self.compensate,
             "cell_value": self.cell_value,
+            "fold_batchnorm": self.fold_batchnorm,
+            "compact_names": self.compact_names,
         }
 
     @classmethod

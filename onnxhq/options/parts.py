@@ -216,8 +216,10 @@ class HessianSource:
     by weight name, or the path of an .npz written by ``onnxhq hessian``); ``none`` (unweighted).
     ``activations`` draws samples too but needs no gradients (`onnxhq.hessian.activations`).
     ``fallback`` (set when `compress` chose ``fisher`` itself) lets a model without a gradient
-    graph fall back to ``activations``. Equality compares paths as text and in-memory mappings
-    by identity, and ignores ``fallback``.
+    graph fall back to ``activations``. ``by_cost`` (set when ``samples`` is not given) lets the
+    estimate draw fewer than ``samples`` on a model whose samples are costly
+    (`onnxhq.hessian.cost`). Equality compares paths as text and in-memory mappings by
+    identity, and ignores ``fallback`` and ``by_cost``.
     """
 
     method: str = "fisher"
@@ -226,6 +228,7 @@ class HessianSource:
     state: PathLike | Mapping[str, Any] | None = None
     arrays: PathLike | Mapping[str, Any] | None = None
     fallback: bool = False
+    by_cost: bool = False
 
     def __post_init__(self) -> None:
         method = self.method
@@ -251,6 +254,7 @@ class HessianSource:
                 )
         if method in SAMPLING_HESSIANS and self.samples is None:
             object.__setattr__(self, "samples", DEFAULT_HESSIAN_SAMPLES)
+            object.__setattr__(self, "by_cost", True)
         inputs: tuple[tuple[str, str, object], ...] = (
             ("adam_state", "adam", self.state),
             ("arrays", SUPPLIED, self.arrays),
@@ -330,3 +334,21 @@ class FineTune:
 
 #: What `compress` does with a tensor a shared codebook wrecks (`onnxhq.quantize.guard`).
 GUARDS = ("requantize", "warn", "off")
+
+
+def check_output(output: object, finetune: object) -> str | tuple[str, ...] | None:
+    """``output`` checked: None, ``NAME[:KIND]``, or several of them (a tuple; a list of one is
+    its string). Several are refused with fine-tuning (``finetune`` not None), which reads the
+    labels of one output."""
+    several = isinstance(output, (list, tuple))
+    items = list(output) if isinstance(output, (list, tuple)) else [output]
+    if output is not None and not (items and all(isinstance(o, str) and o for o in items)):
+        raise OptionError(f"{show('output', output)} must be a non-empty string (NAME[:KIND]), a "
+                          "list of them, or None", "output")  # fmt: skip
+    if not several or len(items) == 1:
+        return items[0] if several else output  # type: ignore[return-value]
+    if finetune is not None:
+        raise OptionError(f"fine-tuning trains on the labels of one class-score output, and "
+                          f"{len(items)} outputs were named: name one", "output",
+                          "finetune_epochs")  # fmt: skip
+    return tuple(items)  # type: ignore[arg-type]
