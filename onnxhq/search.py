@@ -114,11 +114,12 @@ def search_target(
         run.budget = time.perf_counter() - run.start
         if run.best is not None:
             chosen = run.best_scope
-            best = run.bisect(chosen, ladder, name, top - 1, compensate=True)
+            run.bisect(chosen, ladder, name, top - 1, compensate=True)
             if chosen.kind != "network" and any(s.kind == "network" for s in scopes):
                 # one network codebook, compensated, often beats the per-layer winner: it
-                # stores one codebook, and compensation recovers what sharing it loses
-                run.bisect(Scope("network"), ladder, name, min(top, best), compensate=True)
+                # stores one codebook (fewer bytes at the same rate), and compensation
+                # recovers what sharing it loses; so up to the plain winner's rate
+                run.bisect(Scope("network"), ladder, name, top, compensate=True)
         else:
             run.bisect(_closest_scope(target, run.points), ladder, name, top, compensate=True)
     if run.best is None:
@@ -160,6 +161,10 @@ def _compensation_pays(options: CompressOptions, statistics) -> bool:
     return not options.compensate and statistics[1] is not None
 
 
+#: Points a pass tries before its time budget can stop it (a bisection of the ladder takes ~4).
+PASS_POINTS = 3
+
+
 class _Run:
     """One search's state: the points tried and the smallest result meeting the target."""
 
@@ -180,12 +185,12 @@ class _Run:
         from .pipeline import compress_point
 
         lo, hi = 0, top
-        began = time.perf_counter()
+        began, tried = time.perf_counter(), 0
         while lo <= hi:
-            if time.perf_counter() - began > self.budget:
+            if tried >= PASS_POINTS and time.perf_counter() - began > self.budget:
                 log.info("the search stops its %s pass: over its %.0f s", scope.kind, self.budget)
                 break
-            mid = (lo + hi) // 2
+            mid, tried = (lo + hi) // 2, tried + 1
             point = replace(self.options, scope=scope, target=None, compensate=compensate,
                             rate=Rate.named(name, ladder[mid]))  # fmt: skip
             assert point.rate is not None

@@ -456,4 +456,22 @@ def test_a_per_layer_winner_is_followed_by_a_compensated_network_pass(
     result = search.search_target(small_convnet(), small_convnet(), options, ({}, {}), None, None)
     assert result is Found
     compensated = [(kind, top) for kind, top, c in passes if c]
-    assert compensated == ([(winner, 2), ("network", 2)] if network_pass else [(winner, 2)])
+    assert compensated == ([(winner, 2), ("network", 3)] if network_pass else [(winner, 2)])
+
+
+def test_a_pass_over_its_time_budget_still_tries_its_first_points(data, monkeypatch):
+    """The budget (as long as the plain points took) stops a pass only after `PASS_POINTS`
+    points: a compensated point may take longer than all the plain ones together."""
+    measured = onnxhq.compress(small_convnet(), data, eval_data=data, **FAST)
+    calls = []
+
+    def point(*args, **kwargs):
+        calls.append(kwargs["label"])
+        return measured
+
+    monkeypatch.setattr(pipeline, "compress_point", point)
+    options = CompressOptions.from_keywords(min_fidelity="kl=1e-12", **FAST)
+    run = search._Run(None, None, options, ({}, None), data, None, Target.parse("kl=1e-12"), None)
+    run.budget = 0.0
+    run.bisect(search.Scope("network"), tuple(range(1, 9)), "target_bits", 7, compensate=False)
+    assert len(calls) == search.PASS_POINTS == 3  # then stopped: a full bisection takes 4
