@@ -105,7 +105,7 @@ format: $(DEV_STAMP)
 
 # Each tool with --smoke (module:argument where it takes one), its output in out/bench-smoke/;
 # a tool with a main and no entry here fails the target, so a new tool cannot miss its smoke run.
-SMOKE_RUNS := bench_coding bench_large deploy_forms bench_e2e bench_encoder export_encoder bench_hessian bench_quantize bench_compensate bench_real bench_worker dump_index_streams \
+SMOKE_RUNS := bench_coding bench_large deploy_forms bench_e2e bench_encoder export_encoder bench_hessian bench_quantize bench_compensate bench_points bench_real bench_worker dump_index_streams \
 	make_mnist_sample reproduce_table train_mnist:lenet5 train_mnist:lenet300
 bench-smoke: $(BENCH_STAMP) $(TRAINING_STAMP)
 	@for f in tools/*.py; do \

@@ -3,6 +3,7 @@
 
     python -m tools.bench_points --model cls --out /tmp/fold/cls.jsonl \
         --points network:4 network:4:c layer:4 --modes after before
+    python -m tools.bench_points --smoke    # the bundled LeNet-5, two points, both modes
 
 Per mode (``after``: `compress`'s defaults, fold and short names; ``before``: both off, the
 graph as onnxhq wrote it until 2026-12-05), the Hessian and each layer's input statistics are
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -106,14 +108,19 @@ def table(out: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=tuple(FILES), required=True)
+    ap.add_argument("--model", choices=tuple(FILES))
     ap.add_argument("--points", nargs="+", default=["network:4"], help="SCOPE:BITS[:c][b]")
     ap.add_argument("--modes", nargs="+", choices=tuple(MODES), default=list(MODES))
     ap.add_argument("--hessian", default="fisher")
     ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--out", required=True, help="JSON lines, appended (resumable)")
+    ap.add_argument("--out", help="JSON lines, appended (resumable)")
     ap.add_argument("--table", action="store_true", help="only print the table of --out")
+    ap.add_argument("--smoke", action="store_true", help="the bundled LeNet-5 only, in seconds")
     args = ap.parse_args(argv)
+    if args.smoke:
+        return smoke(args)
+    if args.model is None or args.out is None:
+        ap.error("--model and --out are needed (or --smoke)")
     out = Path(args.out)
     if not args.table:
         from tools.datasets import shared_file
@@ -122,6 +129,19 @@ def main(argv=None) -> int:
         for mode in args.modes:
             bench_mode(args.model, path, mode, args.points, args, out)
     print(table(out))
+    return 0
+
+
+def smoke(args) -> int:
+    """Both modes, a plain and a compensated point, on the bundled LeNet-5 and its sample."""
+    repo = Path(__file__).resolve().parents[1]
+    args.points, args.samples = ["network:4", "network:4:c"], 32
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "points.jsonl"
+        for mode in MODES:
+            bench_mode("lenet5", repo / "models" / "lenet5_mnist.onnx", mode, args.points, args,
+                       out)  # fmt: skip
+        print(table(out))
     return 0
 
 
