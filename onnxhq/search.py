@@ -161,8 +161,8 @@ def _compensation_pays(options: CompressOptions, statistics) -> bool:
     return not options.compensate and statistics[1] is not None
 
 
-#: Points a pass tries before its time budget can stop it (a bisection of the ladder takes ~4).
-PASS_POINTS = 3
+#: Points a pass tries before its time budget can stop it (a bisection of the ladder takes 4-5).
+PASS_POINTS = 4
 
 
 class _Run:

@@ -473,5 +473,5 @@ def test_a_pass_over_its_time_budget_still_tries_its_first_points(data, monkeypa
     options = CompressOptions.from_keywords(min_fidelity="kl=1e-12", **FAST)
     run = search._Run(None, None, options, ({}, None), data, None, Target.parse("kl=1e-12"), None)
     run.budget = 0.0
-    run.bisect(search.Scope("network"), tuple(range(1, 9)), "target_bits", 7, compensate=False)
-    assert len(calls) == search.PASS_POINTS == 3  # then stopped: a full bisection takes 4
+    run.bisect(search.Scope("network"), tuple(range(1, 17)), "target_bits", 15, compensate=False)
+    assert len(calls) == search.PASS_POINTS == 4  # then stopped: a full bisection takes 5
