@@ -122,10 +122,7 @@ class Lowered:
 def candidates(model: onnx.ModelProto) -> dict[str, str]:
     """Weight name -> the contrib op it can become (2-D initializers read only by MatMul /
     plain Gemm as their weight, or only by Gather on axis 0), whatever their importances."""
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for n in model.graph.node:
-        for pos, name in enumerate(n.input):
-            readers.setdefault(name, []).append((n, pos))
+    readers = contrib.readers_of(model)
     outputs = {o.name for o in model.graph.output}
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     found = {}

@@ -48,6 +48,15 @@ NBITS_BITS = (4,)
 GATHER = "GatherBlockQuantized"
 
 
+def readers_of(model: onnx.ModelProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """Value name -> the (node, input position) pairs of the main graph that read it."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in model.graph.node:
+        for pos, name in enumerate(n.input):
+            readers.setdefault(name, []).append((n, pos))
+    return readers
+
+
 def contrib_forms(model: onnx.ModelProto, levels: Mapping[str, Any], bits: int) -> dict[str, str]:
     """Weight name -> `NBITS` or `GATHER` for each weight of ``levels`` that one of them takes:
 
@@ -60,10 +69,7 @@ def contrib_forms(model: onnx.ModelProto, levels: Mapping[str, Any], bits: int) 
 
     A weight that is a graph output, or a form the installed onnxruntime does not run, stays out.
     """
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for n in model.graph.node:
-        for pos, name in enumerate(n.input):
-            readers.setdefault(name, []).append((n, pos))
+    readers = readers_of(model)
     outputs = {o.name for o in model.graph.output}
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     forms = {}
