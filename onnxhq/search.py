@@ -108,20 +108,18 @@ def search_target(
     for scope in scopes:
         top = run.bisect(scope, ladder, name, top, compensate=options.compensate)
     if top > 0 and _compensation_pays(options, statistics):
-        # error compensation at the chosen scope, at the rates below the chosen one, then at
-        # network scope when another won (at the scope that came closest, all rates, when none
-        # met the target); each pass for at most as long as the plain points took
+        # error compensation at the chosen scope, at the rates below the chosen one (at the
+        # scope that came closest, all rates, when none met the target), then at network scope
+        # when another was chosen; each pass for at most as long as the plain points took
         run.budget = time.perf_counter() - run.start
-        if run.best is not None:
-            chosen = run.best_scope
-            run.bisect(chosen, ladder, name, top - 1, compensate=True)
-            if chosen.kind != "network" and any(s.kind == "network" for s in scopes):
-                # one network codebook, compensated, often beats the per-layer winner: it
-                # stores one codebook (fewer bytes at the same rate), and compensation
-                # recovers what sharing it loses; so up to the plain winner's rate
-                run.bisect(Scope("network"), ladder, name, top, compensate=True)
-        else:
-            run.bisect(_closest_scope(target, run.points), ladder, name, top, compensate=True)
+        met = run.best is not None
+        chosen = run.best_scope if met else _closest_scope(target, run.points)
+        run.bisect(chosen, ladder, name, top - 1 if met else top, compensate=True)
+        if chosen.kind != "network" and any(s.kind == "network" for s in scopes):
+            # one network codebook, compensated, often beats the per-layer winner: it stores
+            # one codebook (fewer bytes at the same rate), and compensation recovers what
+            # sharing it loses; so up to the plain winner's rate
+            run.bisect(Scope("network"), ladder, name, top, compensate=True)
     if run.best is None:
         raise DataError(_unreachable(target, run.points))
     run.best.report = run.best.report.with_search(_target_text(target), run.points)
