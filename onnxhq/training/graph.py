@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import naming
 from ..differentiable import make_differentiable, parse_builder_error, unsupported_ops
 from ..errors import ModelError
+from ..fold import batchnorm_affine
 from ..model import FLOAT_TYPES, initializer_map, value_info_map
 from ..outputs import logits_tensor, projection_output
 from .shapes import forget_unproven_dims
@@ -270,11 +271,8 @@ def frozen_batchnorm_as_affine(model: onnx.ModelProto) -> int:
             nodes.append(node)
             continue
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        scale, bias, mean, var = (
-            numpy_helper.to_array(inits[i]).astype(np.float64) for i in node.input[1:5]
-        )
-        s = scale / np.sqrt(var + eps)
-        t = bias - mean * s
+        scale, bias, mean, var = (numpy_helper.to_array(inits[i]) for i in node.input[1:5])
+        s, t = batchnorm_affine(scale, bias, mean, var, eps)
         tail = (1,) * max(ranks.get(node.input[0], 4) - 2, 0)
         out = node.output[0]
         s_name, t_name = f"{out}__onnxhq_bn_scale", f"{out}__onnxhq_bn_shift"
