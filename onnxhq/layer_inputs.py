@@ -39,6 +39,7 @@ import onnx
 
 from .data import Dataset, load_data
 from .errors import ConfigError
+from .hessian.cost import weight_matrix
 from .hessian.uses import Use, conv_windows, expose, find_uses, runtime_feeds, weights_as_inputs
 from .layerwise import LayerHessian
 from .runtime import make_session
@@ -99,12 +100,10 @@ def compensation_cost(
             if node.domain not in ("", "ai.onnx") or slot not in _SUPPORTED.get(node.op_type, ()):
                 continue
             shape = tuple(int(d) for d in inits[name].dims)
-            view = _view(Use(name, node, slot, "", shape))
-            if view is None:
-                continue
+            if node.op_type != "Conv" and len(shape) != 2:
+                continue  # no layer Hessian (`_view`)
             seen.add(name)
-            transpose, groups = view
-            rows, width = (shape[1], shape[0]) if transpose else (shape[0], math.prod(shape[1:]))
+            rows, width, groups = weight_matrix(Use(name, node, slot, "", shape))
             batch_rows = max_rows if node.op_type == "Conv" else min(batch_size, max_rows)
             for start in range(0, width, cap):
                 b = min(cap, width - start)

@@ -326,34 +326,11 @@ def _rewrite(model: onnx.ModelProto, grids: Mapping[str, BlockGrid], ops, accura
     """Replace the readers of each weight of ``grids`` by its contrib node, in place."""
     if not grids:
         return
-    nodes: list[onnx.NodeProto] = []
-    tensors: dict[str, onnx.TensorProto] = {}
-    for node in model.graph.node:
-        weight = _weight_input(node)
-        if weight is None or weight not in grids:
-            nodes.append(node)
-            continue
-        make = (
-            contrib.matmul_nbits_blocks
-            if ops[weight] == contrib.NBITS
-            else contrib.gather_block_quantized_blocks
-        )
-        new, made = make(node, grids[weight], accuracy)
-        nodes.append(new)
-        tensors.update((t.name, t) for t in made)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    makers = {contrib.NBITS: contrib.matmul_nbits_blocks,
+              contrib.GATHER: contrib.gather_block_quantized_blocks}  # fmt: skip
+    tensors = contrib.replace_readers(
+        model, grids, lambda node, weight: makers[ops[weight]](node, grids[weight], accuracy)
+    )
     keep = [t for t in model.graph.initializer if t.name not in grids]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep + list(tensors.values()))
-    if not any(o.domain == contrib.MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(contrib.MS_DOMAIN, 1))
-
-
-def _weight_input(node: onnx.NodeProto) -> str | None:
-    """The weight input of a default-domain MatMul, Gemm or Gather, else None."""
-    if node.domain != "" or len(node.input) < 2:
-        return None
-    return {"MatMul": node.input[1], "Gemm": node.input[1], "Gather": node.input[0]}.get(
-        node.op_type
-    )

@@ -67,7 +67,6 @@ MIN_OPSET = {"int8": (10, 13), "int4": (21, 21)}
 _BITS = {"int8": 8, "int4": 4}
 #: The gather form with a byte per index (no 4-bit packing).
 UNPACKED = "gather-unpacked"
-MS_DOMAIN = contrib.MS_DOMAIN
 #: Grids of finer levels are not looked for (a fine enough grid fits any values).
 MAX_LEVEL = 1 << 16
 _ELEM = {("int8", True): TensorProto.INT8, ("int8", False): TensorProto.UINT8,
@@ -138,29 +137,20 @@ def lower(model: onnx.ModelProto, target: str = "gather") -> onnx.ModelProto:
             out = _convert(out, need, target)
     new_inits: dict[str, onnx.TensorProto] = {}
     nodes = []
-    for node in out.graph.node:
-        if node.domain == naming.DOMAIN:
-            if node.output[0] not in forms:
-                dq, tensors = _dequantize_linear(node.name, node.output[0], levels, target)
-                nodes.append(dq)
-                new_inits.update((t.name, t) for t in tensors)
-            continue
-        weight = _contrib_input(node, forms)
-        if weight is None:
+    for node in out.graph.node:  # each onnxhq node: DequantizeLinear, or gone (read by contrib)
+        if node.domain != naming.DOMAIN:
             nodes.append(node)
-            continue
-        make = (
-            contrib.matmul_nbits
-            if forms[weight] == contrib.NBITS
-            else contrib.gather_block_quantized
-        )
-        new, tensors = make(node, levels[weight], bits)
-        nodes.append(new)
-        new_inits.update((t.name, t) for t in tensors)
+        elif node.output[0] not in forms:
+            dq, tensors = _dequantize_linear(node.name, node.output[0], levels, target)
+            nodes.append(dq)
+            new_inits.update((t.name, t) for t in tensors)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
-    if forms and not any(o.domain == MS_DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    makers = {contrib.NBITS: contrib.matmul_nbits, contrib.GATHER: contrib.gather_block_quantized}
+    made = contrib.replace_readers(
+        out, forms, lambda node, weight: makers[forms[weight]](node, levels[weight], bits)
+    )
+    new_inits.update(made)
     _drop_unused(out, list(new_inits.values()))
     log.info("lowered %d weights to %s (%d as MatMulNBits, %d as GatherBlockQuantized)",
              len(levels), target, sum(f == contrib.NBITS for f in forms.values()),
@@ -233,18 +223,6 @@ def _unpack(model: onnx.ModelProto) -> None:
     detach_functions(model)
     attach_functions(model)
     log.info("unpacked %d 4-bit index tensors", len(packed))
-
-
-def _contrib_input(node: onnx.NodeProto, forms: dict[str, str]) -> str | None:
-    """The weight ``node`` reads that becomes part of a contrib op (the MatMul or Gather that
-    `contrib.contrib_forms` chose), or None."""
-    if node.domain != "":
-        return None
-    if node.op_type in ("MatMul", "Gemm") and node.input[1] in forms:
-        return node.input[1]
-    if node.op_type == "Gather" and node.input[0] in forms:
-        return node.input[0]
-    return None
 
 
 @dataclass(frozen=True)

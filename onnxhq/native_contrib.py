@@ -16,13 +16,14 @@ one per group of rows (axis 0). Groups of rows are blocks along K for MatMulNBit
 MatMulNBits of a Gemm, and rows of the table for GatherBlockQuantized. Which weights qualify is
 decided by `contrib_forms`; the others stay ``DequantizeLinear``. `supported` asks the installed
 onnxruntime once per form whether it runs it (GatherBlockQuantized is absent from older releases).
+`replace_readers` puts the nodes either module makes in place of the weights' readers.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +56,47 @@ def readers_of(model: onnx.ModelProto) -> dict[str, list[tuple[onnx.NodeProto, i
         for pos, name in enumerate(n.input):
             readers.setdefault(name, []).append((n, pos))
     return readers
+
+
+#: Builds the node that replaces a reader of a weight, and the initializers it reads:
+#: ``make(reader, weight) -> (node, tensors)``.
+Maker = Callable[[onnx.NodeProto, str], tuple[onnx.NodeProto, list[onnx.TensorProto]]]
+
+
+def weight_input(node: onnx.NodeProto) -> str | None:
+    """The weight a default-domain MatMul or Gemm (input 1) or Gather (input 0) reads, else None."""
+    if node.domain != "" or len(node.input) < 2:
+        return None
+    return {"MatMul": node.input[1], "Gemm": node.input[1], "Gather": node.input[0]}.get(
+        node.op_type
+    )
+
+
+def replace_readers(
+    model: onnx.ModelProto, weights: Container[str], make: Maker
+) -> dict[str, onnx.TensorProto]:
+    """Replace, in place and in the same order, each node of ``model`` whose `weight_input` is
+    one of ``weights`` by the node ``make(node, weight)`` builds; import the `MS_DOMAIN` opset
+    where one was replaced. Returns the initializers the new nodes read, by name (readers of one
+    weight share theirs), for the caller to add: the graph's initializers are not changed."""
+    nodes: list[onnx.NodeProto] = []
+    tensors: dict[str, onnx.TensorProto] = {}
+    replaced = 0
+    for node in model.graph.node:
+        weight = weight_input(node)
+        if weight is None or weight not in weights:
+            nodes.append(node)
+            continue
+        new, made = make(node, weight)
+        nodes.append(new)
+        tensors.update((t.name, t) for t in made)
+        replaced += 1
+    if replaced:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return tensors
 
 
 def contrib_forms(model: onnx.ModelProto, levels: Mapping[str, Any], bits: int) -> dict[str, str]:

@@ -116,3 +116,54 @@ def test_the_hessian_command_prints_the_samples_it_used(tmp_path, capsys):
 def test_the_settings_keep_an_explicit_count_and_the_default_is_by_cost(samples):
     source = CompressOptions.from_keywords(hessian_samples=samples).hessian
     assert source is not None and source.by_cost == (samples is None)
+
+
+def three_products() -> onnx.ModelProto:
+    """x (1, 4) -> Gemm(x, w1^T) (1, 5) -> MatMul(w2, .) (3, 5) -> Gemm(w3^T, .) (7, 5): weights
+    in each slot and orientation, as ``(outputs, inputs)`` matrices (5, 4), (3, 1) and (7, 3)."""
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[7, 5] y) {
+      a = Gemm <transB = 1> (x, w1)
+      b = MatMul(w2, a)
+      y = Gemm <transA = 1> (w3, b)
+    }""")
+    rng = np.random.default_rng(0)
+    for name, shape in (("w1", (5, 4)), ("w2", (3, 1)), ("w3", (3, 7))):
+        model.graph.initializer.append(
+            numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        )
+    return model
+
+
+def test_each_weights_matrix_is_the_product_its_node_computes():
+    from onnxhq.hessian.cost import weight_matrix
+    from onnxhq.hessian.uses import find_uses, weights_as_inputs
+
+    model = three_products()
+    graph_model, values = weights_as_inputs(model, ["w1", "w2", "w3"])
+    found = {u.param: weight_matrix(u) for u in find_uses(graph_model, ["w1", "w2", "w3"], values)}
+    assert found == {"w1": (5, 4, 1), "w2": (3, 1, 1), "w3": (7, 3, 1)}
+    # one position's products: one row of x through w1, 5 columns of a through w2 and of b
+    # through w3
+    x = {"x": np.ones((1, 4), np.float32)}
+    assert multiply_adds(model, ["w1", "w2", "w3"], x) == 5 * 4 + 3 * 1 * 5 + 7 * 3 * 5
+
+
+@pytest.mark.parametrize(
+    "op, shape, group, want",
+    [
+        ("Conv", (8, 3, 3, 3), 2, (8, 27, 2)),  # 8 outputs of C/G * 3 * 3 inputs
+        ("Conv", (8, 1, 3, 3), 8, (8, 9, 8)),  # depthwise
+        ("ConvTranspose", (6, 4, 3, 3), 2, (72, 3, 2)),  # 3 inputs per group to 4 * 9 each
+        ("Gather", (50, 16), None, (16, 50, 1)),  # a lookup: a one-hot of 50 rows
+    ],
+)
+def test_a_position_costs_the_weights_size(op, shape, group, want):
+    from onnxhq.hessian.cost import weight_matrix
+    from onnxhq.hessian.uses import Use
+
+    attrs = {} if group is None else {"group": group}
+    slot = 0 if op == "Gather" else 1
+    use = Use("w", onnx.helper.make_node(op, ["a", "b"], ["y"], **attrs), slot, "x", shape)
+    outputs, inputs, groups = weight_matrix(use)
+    assert (outputs, inputs, groups) == want and outputs * inputs == np.prod(shape)

@@ -140,3 +140,22 @@ def test_a_conv_subsample_is_the_rows_drawn_from_the_full_im2col():
         rows = ref[g][pick]
         np.testing.assert_allclose(got.blocks[0][g], rows.T @ rows / 50, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got.mean[g], rows.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_the_compensation_cost_reads_each_weight_as_its_nodes_matrix():
+    """Gemm(x, w1^T), MatMul(w2, .) and Gemm(w3^T, .): (outputs, inputs) (5, 4), (3, 1), (7, 3)."""
+    from onnxhq.layer_inputs import COLUMN_COST, ROUNDS, compensation_cost
+
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["a"], transB=1),
+        helper.make_node("MatMul", ["w2", "a"], ["b"]),
+        helper.make_node("Gemm", ["w3", "b"], ["y"], transA=1),
+    ]
+    inits = {"w1": np.ones((5, 4)), "w2": np.ones((3, 1)), "w3": np.ones((3, 7))}
+    model = _model(nodes, [("x", [1, 4])], ["y"], inits)
+
+    def want(outputs, b, runs=2):  # 32 samples in batches of 16, a row per sample
+        return b**3 + ROUNDS * outputs * b**2 + runs * 16 * b**2 + ROUNDS * COLUMN_COST * b
+
+    got = compensation_cost(model, ["w1", "w2", "w3"], samples=32)
+    assert got == want(5, 4) + want(3, 1) + want(7, 3)

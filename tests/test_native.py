@@ -366,3 +366,36 @@ def test_gather_unpacked_stores_a_byte_per_index_and_computes_the_same():
     assert not any(name.startswith("onnxhq.shape") for name in stored)
     x = np.random.default_rng(11).normal(size=(4, 1, 6, 6)).astype(np.float32)
     np.testing.assert_array_equal(outputs(unpacked, x), outputs(gather, x))
+
+
+def test_replace_readers_swaps_only_the_named_weights_readers_in_place():
+    from onnxhq import native_contrib as contrib
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, int64[M] ids) => (float[N, 3] y, float[M, 4] e) {
+      a = MatMul(x, w)
+      b = MatMul(a, v)
+      y = Gemm<transB = 1>(b, w2)
+      e = Gather(table, ids)
+      c = MatMul(x, w)
+    }"""
+    made = []
+
+    def make(node, weight):
+        made.append((node.output[0], weight))
+        tensor = onnx.numpy_helper.from_array(np.zeros(1, np.float32), f"{weight}.new")
+        new = onnx.helper.make_node("Stub", [node.input[0], tensor.name], list(node.output),
+                                    domain=contrib.MS_DOMAIN)  # fmt: skip
+        return new, [tensor]
+
+    untouched = onnx.parser.parse_model(text)
+    assert contrib.replace_readers(untouched, {"x", "nothing"}, make) == {} and not made
+    assert untouched == onnx.parser.parse_model(text)  # no opset import added either
+    model = onnx.parser.parse_model(text)
+    tensors = contrib.replace_readers(model, {"w", "table"}, make)
+    assert made == [("a", "w"), ("e", "table"), ("c", "w")]  # graph order, each reader once
+    assert sorted(tensors) == ["table.new", "w.new"]  # shared by the readers of one weight
+    assert [n.op_type for n in model.graph.node] == ["Stub", "MatMul", "Gemm", "Stub", "Stub"]
+    assert [n.output[0] for n in model.graph.node] == ["a", "b", "y", "e", "c"]
+    assert [o.domain for o in model.opset_import] == ["", contrib.MS_DOMAIN]
+    assert not model.graph.initializer  # the caller's to change

@@ -3,18 +3,20 @@ buys on this model, between a floor and a cap.
 
 One sample's cost is the multiply-adds of the nodes that read the weights (`multiply_adds`):
 each weight's size times the positions it is applied at in one sample (a MatMul's rows, a
-Conv's output pixels, a Gather's lookups per table row), measured with one forward pass of
-plain onnxruntime on one sample. The Fisher costs about three times that per sample (forward and
-backward), the ``activations`` Hessian one forward pass per weight tensor in its calibration;
-both grow with it. The budget is what the cap costs on ResNet-32 (CIFAR-10), so the small
-classifiers the defaults were measured on keep their 1000 samples, and a transformer encoder or
-an OCR model, whose samples cost a hundred times more, draws fewer of them (its samples also
-carry many positions each: tokens, pixels).
+Conv's output pixels, a Gather's lookups per table row; `node_multiply_adds`), measured with one
+forward pass of plain onnxruntime on one sample. `weight_matrix`, the weight as the matrix its
+node multiplies, also sizes `onnxhq.layer_inputs.compensation_cost`. The Fisher costs about
+three times that per sample (forward and backward), the ``activations`` Hessian one forward pass
+per weight tensor in its calibration; both grow with it. The budget is what the cap costs on
+ResNet-32 (CIFAR-10), so the small classifiers the defaults were measured on keep their 1000
+samples, and a transformer encoder or an OCR model, whose samples cost a hundred times more,
+draws fewer of them (its samples also carry many positions each: tokens, pixels).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -67,25 +69,49 @@ def multiply_adds(
     expose(graph_model, seen)
     got = make_session(graph_model).run(seen, {**feeds, **values}) if seen else []
     shapes = {k: np.shape(v) for k, v in {**feeds, **values, **dict(zip(seen, got))}.items()}
-    return sum(sizes[u.param] * _positions(u, shapes[_measured(u)]) for u in uses)
+    return sum(node_multiply_adds(u, shapes[_measured(u)]) for u in uses)
+
+
+def weight_matrix(use: Use) -> tuple[int, int, int]:
+    """``(outputs, inputs, groups)``: the weight as the matrix its node multiplies at one
+    position, ``outputs`` sums of ``inputs`` products each, in ``groups`` groups of
+    ``outputs / groups`` sums (a grouped Conv or ConvTranspose); one position costs
+    ``outputs * inputs`` multiply-adds, the weight's size.
+
+    ``inputs`` is the contracted axis: a MatMul's or Gemm's (by slot, ``transA``/``transB``;
+    ``(K, N)`` read as ``x @ W``: ``K``), a Conv's ``C/G * prod(kernel)`` per output channel, a
+    ConvTranspose's ``C/G`` input channels, a Gather's table rows (a lookup is a one-hot product).
+    """
+    op, shape = use.node.op_type, use.shape
+    size = math.prod(shape)
+    if op == "Conv":
+        groups = int(use.attr("group", 1))
+        return shape[0], size // max(shape[0], 1), groups
+    if op == "ConvTranspose":
+        groups = int(use.attr("group", 1))
+        inputs = shape[0] // groups
+        return size // max(inputs, 1), inputs, groups
+    if op == "Gather":
+        inputs = shape[use.attr("axis", 0)]
+    else:  # MatMul, Gemm
+        trans = use.attr(("transA", "transB")[use.slot], 0) if op == "Gemm" else 0
+        last = (use.slot == 0) != bool(trans)  # A (M, K), B^T stored as (N, K)
+        inputs = shape[-1] if last else shape[-2 if len(shape) > 1 else 0]
+    return size // max(inputs, 1), inputs, 1
+
+
+def node_multiply_adds(use: Use, seen: tuple[int, ...]) -> int:
+    """Multiply-adds of ``use``'s node with its weight in one sample: the weight's size
+    (`weight_matrix`) times the positions it is applied at, read from ``seen``, the shape of
+    `_measured` for one sample (its entries over those of one position: a MatMul's or Gemm's
+    contracted dim, a Conv's output channels, a ConvTranspose's input channels, a Gather's table
+    rows; at least 1)."""
+    outputs, inputs, groups = weight_matrix(use)
+    per = outputs if use.node.op_type == "Conv" else inputs * groups
+    positions = max(1, math.prod(seen) // max(per, 1))
+    return outputs * inputs * positions
 
 
 def _measured(use: Use) -> str:
     """The tensor whose shape gives the use's positions: a Conv's output, else ``use.x``."""
     return use.node.output[0] if use.node.op_type == "Conv" else use.x
-
-
-def _positions(use: Use, seen: tuple[int, ...]) -> int:
-    """How many times each entry of the weight is multiplied in one sample, from the shape of
-    `_measured`: its entries over the contracted dim (MatMul, Gemm), the channels (Conv,
-    ConvTranspose), or the table's rows (Gather)."""
-    op, shape = use.node.op_type, use.shape
-    entries = int(np.prod(seen, dtype=np.int64))
-    if op == "Gather":
-        per = shape[use.attr("axis", 0)]
-    elif op in ("MatMul", "Gemm"):
-        trans = use.attr(("transA", "transB")[use.slot], 0) if op == "Gemm" else 0
-        per = shape[-1] if (use.slot == 0) != bool(trans) else shape[-2 if len(shape) > 1 else 0]
-    else:
-        per = seen[1] if len(seen) > 1 else 1
-    return max(1, entries // max(int(per), 1))
