@@ -110,7 +110,7 @@ def reference_outputs(
                              f"{', '.join(names)}")  # fmt: skip
         if name is not None:
             told[name] = spec.kind
-    values = run_outputs(model, data, names, batch_size=batch_size)
+    values = run_batched(make_session(model), data.inputs, names, batch_size=batch_size)
     kinds = {n: detect_kind(model, n, told.get(n)) for n in names}
     for n, k in kinds.items():  # a Softmax axis past a reshape: the class axis is the last
         rank = values[n].ndim
@@ -129,7 +129,8 @@ def fidelity(
 ) -> dict[str, dict[str, float]]:
     """output name -> {metric: value} of ``model`` against the original (`Reference`) on
     ``data``, by output kind (`onnxhq.fidelity.measure`); ``accuracy`` where labels fit."""
-    values = run_outputs(model, data, list(reference.outputs), batch_size=batch_size)
+    session = make_session(model)
+    values = run_batched(session, data.inputs, list(reference.outputs), batch_size=batch_size)
     out = {}
     for name, original in reference.outputs.items():
         k = reference.kinds[name]
@@ -147,22 +148,6 @@ def float_outputs(model: onnx.ModelProto) -> list[str]:
         for o in model.graph.output
         if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in FLOAT_OUTPUT_TYPES
     ]
-
-
-def run_outputs(
-    model: onnx.ModelProto | str | os.PathLike,
-    data: Dataset,
-    names: list[str],
-    *,
-    batch_size: int = 500,
-) -> dict[str, np.ndarray]:
-    """Outputs ``names`` of ``model`` on every sample of ``data``, concatenated on axis 0."""
-    session = make_session(model)
-    parts: list[list[np.ndarray]] = [[] for _ in names]
-    for inputs, _ in data.batches(batch_size):
-        for part, value in zip(parts, session.run(names, inputs)):
-            part.append(np.asarray(value))
-    return {n: np.concatenate(p, axis=0) for n, p in zip(names, parts)}
 
 
 def detect_kind(model: onnx.ModelProto, name: str, kind: str | None = None) -> OutputKind:

@@ -127,14 +127,12 @@ def candidates(model: onnx.ModelProto) -> dict[str, str]:
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     found = {}
     for name, shape in dims.items():
-        uses = readers.get(name)
-        if len(shape) != 2 or not uses or name in outputs:
+        if len(shape) != 2 or name in outputs:
             continue
-        if all(contrib._plain_matmul(n, p) for n, p in uses) or all(
-            contrib._plain_gemm(n, p, shape[0], dims) for n, p in uses
-        ):
+        reader = contrib.plain_reader(readers.get(name, []), shape[0], dims)
+        if reader in ("MatMul", "Gemm"):
             found[name] = contrib.NBITS
-        elif all(contrib._plain_gather(n, p) for n, p in uses):
+        elif reader == "Gather":
             found[name] = contrib.GATHER
     return found
 

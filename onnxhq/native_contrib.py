@@ -14,8 +14,10 @@ above take a weight on a grid of levels (`onnxhq.native` ``_Levels``): one scale
 one per group of rows (axis 0). Groups of rows are blocks along K for MatMulNBits of a MatMul
 (a block must lie in one group, so the group size must be a multiple of 16), output columns for
 MatMulNBits of a Gemm, and rows of the table for GatherBlockQuantized. Which weights qualify is
-decided by `contrib_forms`; the others stay ``DequantizeLinear``. `supported` asks the installed
-onnxruntime once per form whether it runs it (GatherBlockQuantized is absent from older releases).
+decided by `contrib_forms` (`plain_reader`: whether every reader of a weight is one they
+replace, which `onnxhq.lowbit` asks too); the others stay ``DequantizeLinear``. `supported` asks
+the installed onnxruntime once per form whether it runs it (GatherBlockQuantized is absent from
+older releases).
 `replace_readers` puts the nodes either module makes in place of the weights' readers.
 """
 
@@ -114,24 +116,40 @@ def contrib_forms(model: onnx.ModelProto, levels: Mapping[str, Any], bits: int) 
     readers = readers_of(model)
     outputs = {o.name for o in model.graph.output}
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    nbits = bits in NBITS_BITS
     forms = {}
     for name, lv in levels.items():
-        if lv.q.ndim != 2 or name not in readers or name in outputs:
+        if lv.q.ndim != 2 or name in outputs:
             continue
-        uses = readers[name]
-        if bits not in NBITS_BITS:
-            form = None
-        elif all(_plain_matmul(n, pos) for n, pos in uses):
-            form = NBITS if lv.group is None or lv.group % MIN_BLOCK == 0 else None
-        elif all(_plain_gemm(n, pos, lv.q.shape[0], dims) for n, pos in uses):
+        reader = plain_reader(readers.get(name, []), lv.q.shape[0], dims)
+        groups_fit = reader == "Gemm" or lv.group is None or lv.group % MIN_BLOCK == 0
+        if reader in ("MatMul", "Gemm") and nbits and groups_fit:
             form = NBITS
+        elif reader == "Gather" and lv.q.shape[1] % MIN_BLOCK == 0:
+            form = GATHER
         else:
-            form = None
-        if form is None and all(_plain_gather(n, pos) for n, pos in uses):
-            form = GATHER if lv.q.shape[1] % MIN_BLOCK == 0 else None
-        if form is not None and supported(form, bits):
+            continue
+        if supported(form, bits):
             forms[name] = form
     return forms
+
+
+def plain_reader(
+    uses: list[tuple[onnx.NodeProto, int]], rows: int, dims: Mapping[str, tuple]
+) -> str | None:
+    """The op type every reader in ``uses`` (`readers_of`) is, when each reads a 2-D weight of
+    ``rows`` rows in a form the contrib ops replace: ``"MatMul"`` (input 1), ``"Gemm"`` (input 1
+    of a plain Gemm, `_plain_gemm`; ``dims``: initializer shapes, for its bias) or ``"Gather"``
+    (input 0, axis 0); None for no readers, other readers or a mix."""
+    if not uses:
+        return None
+    if all(_plain_matmul(n, pos) for n, pos in uses):
+        return "MatMul"
+    if all(_plain_gemm(n, pos, rows, dims) for n, pos in uses):
+        return "Gemm"
+    if all(_plain_gather(n, pos) for n, pos in uses):
+        return "Gather"
+    return None
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
@@ -56,23 +56,48 @@ def make_session(
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip()[:300]}") from None
 
 
+@overload
 def run_batched(
     session: onnxruntime.InferenceSession,
     inputs: Mapping[str, np.ndarray],
     output: str,
     *,
-    batch_size: int = 500,
-) -> np.ndarray:
-    """Run ``session`` over the sample axis in batches and concatenate ``output``.
+    batch_size: int = ...,
+) -> np.ndarray: ...
 
-    ``inputs`` are arrays with N samples on axis 0; the result has N rows too.
+
+@overload
+def run_batched(
+    session: onnxruntime.InferenceSession,
+    inputs: Mapping[str, np.ndarray],
+    output: Sequence[str],
+    *,
+    batch_size: int = ...,
+) -> dict[str, np.ndarray]: ...
+
+
+def run_batched(
+    session: onnxruntime.InferenceSession,
+    inputs: Mapping[str, np.ndarray],
+    output: str | Sequence[str],
+    *,
+    batch_size: int = 500,
+) -> np.ndarray | dict[str, np.ndarray]:
+    """Run ``session`` over the sample axis in batches of ``batch_size`` and concatenate outputs.
+
+    ``inputs`` are arrays with N samples on axis 0; each result has N rows too. ``output`` is one
+    output name (its array is returned) or a list of names (name -> array, one run per batch for
+    them all; an empty list runs nothing).
     """
+    names = [output] if isinstance(output, str) else list(output)
     n = len(next(iter(inputs.values())))
-    parts = [
-        session.run([output], {k: v[i : i + batch_size] for k, v in inputs.items()})[0]
-        for i in range(0, n, batch_size)
-    ]
-    return np.concatenate(parts, axis=0)
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for i in range(0, n if names else 0, batch_size):
+        values = session.run(names, {k: v[i : i + batch_size] for k, v in inputs.items()})
+        for part, value in zip(parts, values):
+            part.append(np.asarray(value))
+    arrays = {name: np.concatenate(p, axis=0) for name, p in zip(names, parts)}
+    return arrays[output] if isinstance(output, str) else arrays
 
 
 def compressed_session(

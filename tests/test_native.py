@@ -399,3 +399,29 @@ def test_replace_readers_swaps_only_the_named_weights_readers_in_place():
     assert [n.output[0] for n in model.graph.node] == ["a", "b", "y", "e", "c"]
     assert [o.domain for o in model.opset_import] == ["", contrib.MS_DOMAIN]
     assert not model.graph.initializer  # the caller's to change
+
+
+def test_plain_reader_is_the_op_every_reader_of_a_weight_is_or_none():
+    from onnxhq import native_contrib as contrib
+
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x, int64[M] ids) => (float[N, 3] y) {
+      a = MatMul(x, w)
+      c = MatMul(a, w)
+      d = MatMul(first, x)
+      y = Gemm<transB = 1>(d, g, bias)
+      z = Gemm<transB = 1, alpha = 2.0>(d, scaled)
+      e = Gather(table, ids)
+      f = Gather<axis = 1>(columns, ids)
+      h = MatMul(x, mixed)
+      k = Gather(mixed, ids)
+    }""")
+    readers = contrib.readers_of(model)
+
+    def reader(name, rows=3):
+        return contrib.plain_reader(readers.get(name, []), rows, {"bias": (3,)})
+
+    assert [reader(n) for n in ("w", "g", "table")] == ["MatMul", "Gemm", "Gather"]
+    assert reader("g", rows=4) is None  # the bias must hold one value per row (output)
+    for name in ("first", "scaled", "columns", "mixed", "unread"):
+        assert reader(name) is None, name
