@@ -281,8 +281,8 @@ def _fisher_engine(
     *,
     fallback: bool,
 ) -> list[OutputEngine] | None:
-    """The Fisher's engines, one per output; None (after one warning) when ``fallback`` and no
-    gradient graph."""
+    """The Fisher's engine (a list of one, one gradient session for every output named); None
+    (after one warning) when ``fallback`` and no gradient graph."""
     outputs = output_list(output)
     for o in outputs:
         resolve_output(proto, o)  # a wrong output name is an error, never a fallback

@@ -41,7 +41,10 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class Sweep:
-    """Points of a sweep in the order given, all sharing one model, method and Hessian estimate."""
+    """Points of a sweep in the order given, all sharing one model, method and Hessian estimate.
+
+    ``hessian`` is the estimator that ran (``activations`` where the default ``fisher`` fell
+    back), as each point's report settings say."""
 
     model: str
     method: str
@@ -128,6 +131,7 @@ def sweep(
     require_data(base, data)
     from .data import Dataset, load_data  # the heavy modules, once the options are known good
     from .evaluate import reference_outputs
+    from .importances import settled
     from .model import load_model
     from .pipeline import check_scope_opset, compress_point, estimate_statistics, fold_layers
 
@@ -159,7 +163,7 @@ def sweep(
     return Sweep(
         model=first.model,
         method=base.method,
-        hessian=base.to_dict()["hessian"],
+        hessian=settled(base, statistics[0]).to_dict()["hessian"],  # the one that ran
         original_bytes=first.original_bytes,
         accuracy_original=first.accuracy_original,  # every point measured the same original
         points=tuple(points),

@@ -6,7 +6,8 @@ and nonnegative. Their absolute scale does not matter to the quantizers (only ra
 ``fisher`` (default, label-free)
     ``E_x E_{y~p(y|x)} g(x, y)^2`` with targets drawn from the model itself: the Fisher diagonal
     of the output's kind (`onnxhq.outputs`: class scores of any rank, Bernoulli maps, real
-    values), see `output_fisher`. Given a `GradientEngine` (rank-2 class scores), `fisher`.
+    values), see `output_fisher`; of several outputs, the sum of their Fishers from one engine.
+    Given a `GradientEngine` (rank-2 class scores), `fisher`.
 ``empirical-fisher``
     ``E_x g(x, y_true)^2`` from per-sample gradients with the data's true labels.
 ``hutchinson``
@@ -50,10 +51,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..data import Dataset
-from ..errors import ConfigError, DataError, ModelError
+from ..errors import ConfigError, DataError
 from ..options.vocabulary import BATCHED_HESSIANS
 from ..options.vocabulary import HESSIAN_METHODS as METHODS
-from ..outputs import OutputSpec, output_list, reaching, resolve_output
+from ..outputs import OutputSpec, output_list, resolve_output
 from ..training.engine import GradientEngine, ProjectionEngine
 from ..training.graph import parameter_shapes
 from ..training.output_engine import OutputEngine
@@ -119,8 +120,9 @@ def estimate(
 
     ``engine``: a `GradientEngine` serves fisher (rank-2 class scores), empirical-fisher and
     hutchinson; an `OutputEngine` (or None, then one is built on ``model`` and ``output``, a
-    ``NAME[:KIND]``) serves fisher of any output kind; several (a list, or ``output`` a list
-    of ``NAME[:KIND]``) sum their outputs' Fishers (``activations`` watches them all).
+    ``NAME[:KIND]`` or a list of them: one gradient session for all) serves fisher of any
+    output kind, summing its outputs' Fishers, one backward per output (`output_fisher`);
+    ``activations`` watches every output named.
     ``gauss-newton`` builds its own projection view of ``model`` (or of ``engine.model``) and
     ``output``; ``activations`` runs ``model``
     forward (``output``: the one its calibration watches; default every float output); ``adam``
@@ -221,25 +223,11 @@ def output_engines(
     *,
     input_shapes: Mapping[str, tuple[int | None, ...]] | None = None,
 ) -> list[OutputEngine]:
-    """One `OutputEngine` per output (``NAME[:KIND]``); of several, each differentiates the
-    ``params`` its output depends on (`onnxhq.outputs.reaching`), and a weight no output depends
-    on is a ModelError."""
+    """The engine of the Fisher of ``outputs`` (``NAME[:KIND]`` each): one gradient session for
+    all, whose loss reads every output (a list of one engine; `output_fisher` also sums the
+    Fishers of several). Of several outputs, a weight none depends on is a ModelError."""
     found = [resolve_output(model, o) for o in outputs]
-    if len(found) == 1:  # the gradient builder says what one output cannot reach
-        return [OutputEngine(model, list(params), output=found[0], input_shapes=input_shapes)]
-    reached = [reaching(model, o.tensor, params) for o in found]
-    unseen = [p for p in params if not any(p in r for r in reached)]
-    if unseen:
-        names = ", ".join(repr(o.name) for o in found)
-        raise ModelError(
-            f"weight {unseen[0]!r} does not affect the output {names} the Hessian reads; name the "
-            "outputs it feeds too (--output-name, once per output)"
-        )
-    return [
-        OutputEngine(model, r, output=o, input_shapes=input_shapes)
-        for o, r in zip(found, reached)
-        if r
-    ]
+    return [OutputEngine(model, list(params), output=found, input_shapes=input_shapes)]
 
 
 def input_shapes(data: Dataset) -> dict[str, tuple[int | None, ...]]:

@@ -19,13 +19,26 @@ sample are independent draws, so their cross terms vanish in expectation, and li
 the samples of a batch: one projected gradient per batch estimates the batch's sum without bias.
 For class scores of rank 2 the labels are drawn exactly as `onnxhq.hessian.fisher` draws them.
 
-Several outputs (one engine each) count together: the model's distribution is their product,
-so its Fisher is the sum of theirs; each is estimated over the same draws of inputs, with the
-draws its single estimate would make, and the sum floored once.
+Several outputs count together: the model's distribution is taken as the product of theirs,
+so its Fisher is the sum of theirs. One `OutputEngine` serves them all: one forward pass per
+batch reads every output's tensor, and one gradient session, whose loss is
+``sum_k sum(r_k * t_k)``, gives either estimator:
+
+* exact (default): one backward per output, the others' residuals zero, so each output's
+  ``(J_k^T r_k)^2`` is summed over the outputs; each output draws the residuals its single
+  estimate would (the same generator state), so the sum equals the per-output estimates' sum.
+  Each backward fetches only the weights its output reaches.
+* ``joint``: one backward with every residual at once, ``(sum_k J_k^T r_k)^2``. The cross terms
+  ``2 (J_j^T r_j)(J_k^T r_k)`` have zero expectation (independent zero-mean residuals), so it is
+  unbiased too, with one backward per batch instead of one per output, but noisier on weights
+  that several outputs reach (on a weight one output reaches it is the exact estimate).
+
+A list of engines sums their Fishers, each over the same draws of inputs, floored once.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -48,9 +61,11 @@ def output_fisher(
     batch_size: int = DEFAULT_BATCH,
     seed: int = 0,
     progress: Progress | None = None,
+    joint: bool = False,
 ) -> Diag:
-    """Diagonal Fisher ``E_x E_{y~p(y|x)} (J^T r)^2`` of ``engine``'s output (see the module
-    doc); of several engines (one per output, the same parameters), the sum of their Fishers.
+    """Diagonal Fisher ``E_x E_{y~p(y|x)} (J^T r)^2`` of ``engine``'s outputs (see the module
+    doc): the sum of their Fishers, by one backward per output, or with ``joint`` one backward
+    for all. Of several engines (the same parameters), the sum of their Fishers.
 
     Returns float32 arrays keyed by parameter, shaped like the parameters, finite and floored.
     """
@@ -59,26 +74,44 @@ def output_fisher(
     total: Diag = {}
     for i, one in enumerate(engines):
         tell = None if progress is None else _offset(progress, i * samples, len(engines) * samples)
-        for p, v in _fisher_sums(one, data, draws, tell).items():
+        for p, v in _fisher_sums(one, data, draws, tell, joint=joint).items():
             total[p] = total[p] + v if p in total else v
     return finalize(total)
 
 
 def _fisher_sums(
-    engine: OutputEngine, data: Dataset, draws: Draws, progress: Progress | None
+    engine: OutputEngine, data: Dataset, draws: Draws, progress: Progress | None, *, joint: bool
 ) -> Diag:
-    """The mean over ``draws`` of one output's ``(J^T r)^2`` (float64, not floored)."""
-    out = engine.output
-    check_scores(out, engine.forward(data.head(min(len(data), 64)).inputs))
-    axis = out.axis if out.axis is not None else -1
+    """The mean over ``draws`` of the outputs' summed ``(J_k^T r_k)^2`` (or with ``joint``,
+    ``(sum_k J_k^T r_k)^2``), float64, not floored."""
+    outs = engine.outputs
+    for out, t in zip(outs, engine.forward(data.head(min(len(data), 64)).inputs)):
+        check_scores(out, t)
+    alone = len(outs) > 1 and not joint
+    streams: list[np.random.Generator] = []  # exact: one generator per output, as if alone
 
     def step(batch: Dataset, rng: np.random.Generator) -> Diag:
-        t = engine.forward(batch.inputs)
-        r = residual(out.kind, t, rng, axis=axis, flat=out.flat)
-        grads = engine.projected_gradients(batch.inputs, r.astype(t.dtype))
-        return squares(grads, "projected gradient")
+        ts = engine.forward(batch.inputs)
+        if alone and not streams:  # the state the generator starts from, once per output
+            streams.extend(copy.deepcopy(rng) for _ in outs)
+        gens = streams if alone else [rng] * len(outs)
+        rs = [_draw(o, t, g) for o, t, g in zip(outs, ts, gens)]
+        if not alone:
+            return squares(engine.projected_gradients(batch.inputs, rs), "projected gradient")
+        sums: Diag = {}
+        for k, reached in enumerate(engine.reached):
+            only = [r if j == k else np.zeros_like(r) for j, r in enumerate(rs)]
+            grads = engine.projected_gradients(batch.inputs, only, params=reached)
+            for p, v in squares(grads, "projected gradient").items():
+                sums[p] = sums[p] + v if p in sums else v
+        return sums
 
     return draws.mean(data, step, progress=progress, method="fisher")
+
+
+def _draw(out: ModelOutput, t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    axis = out.axis if out.axis is not None else -1
+    return residual(out.kind, t, rng, axis=axis, flat=out.flat).astype(t.dtype)
 
 
 def _offset(progress: Progress, before: int, total: int) -> Progress:

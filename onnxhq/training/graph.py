@@ -169,7 +169,7 @@ def build_projection_model(
     params: Iterable[str],
     *,
     output: str | None = None,
-    tensor: str | None = None,
+    tensor: str | Sequence[str] | None = None,
     input_shapes: InputShapes | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with ``params`` as inputs, a projection input and loss ``sum(r * y)``.
@@ -177,27 +177,45 @@ def build_projection_model(
     ``y`` is ``tensor`` (any float tensor of the graph, e.g. the logits before a Softmax) if
     given, else `onnxhq.outputs.projection_output` of ``output``; ``r`` is the input
     ``onnxhq_projection`` of ``y``'s shape and type. The gradient of the loss is ``J^T r``.
+    Several tensors ``y_i`` (of one float type) take inputs ``projection_name(i)`` and the loss
+    ``sum_i sum(r_i * y_i)``, whose gradient is ``sum_i J_i^T r_i``.
     """
     m = _differentiable_copy(model, input_shapes)
     if tensor is None:
         chosen, elem = projection_output(m, output)
+        tensors = [chosen]
     else:
-        chosen, elem = tensor, _tensor_type(m, tensor)
+        tensors = [tensor] if isinstance(tensor, str) else list(tensor)
+        elems = {_tensor_type(m, t) for t in tensors}
+        if len(elems) > 1:
+            raise ModelError(f"tensors {tensors} mix float types; project tensors of one type")
+        elem = elems.pop()
     parameters_as_inputs(m, params)
-    m.graph.input.append(helper.make_tensor_value_info(PROJECTION, elem, None))
-    projected = f"{PROJECTION}__product"
-    m.graph.node.extend(
-        [
-            helper.make_node(
-                "Mul", [chosen, PROJECTION], [projected], name="onnxhq_projection_mul"
-            ),
-            helper.make_node(
-                "ReduceSum", [projected], [LOSS], name="onnxhq_projection_sum", keepdims=0
-            ),
-        ]
-    )
+    # the running total after tensor i (Add, not Sum: the builder has no gradient for Sum)
+    totals = [f"{LOSS}__{i}" for i in range(len(tensors) - 1)] + [LOSS]
+    for i, chosen in enumerate(tensors):
+        r = projection_name(i)
+        m.graph.input.append(helper.make_tensor_value_info(r, elem, None))
+        one = totals[i] if i == 0 else f"{r}__sum"
+        m.graph.node.extend(
+            [
+                helper.make_node("Mul", [chosen, r], [f"{r}__product"], name=f"{r}_mul"),
+                helper.make_node(
+                    "ReduceSum", [f"{r}__product"], [one], name=f"{r}_sum", keepdims=0
+                ),
+            ]
+        )
+        if i:
+            m.graph.node.append(
+                helper.make_node("Add", [totals[i - 1], one], [totals[i]], name=f"{r}_add")
+            )
     _loss_as_only_output(m, elem)
     return m
+
+
+def projection_name(i: int) -> str:
+    """The projection input of the ``i``-th projected tensor (`PROJECTION` for the first)."""
+    return PROJECTION if i == 0 else f"{PROJECTION}_{i}"
 
 
 def _tensor_type(model: onnx.ModelProto, tensor: str) -> int:
@@ -214,13 +232,15 @@ def _tensor_type(model: onnx.ModelProto, tensor: str) -> int:
 
 
 def build_forward_model(
-    model: onnx.ModelProto, params: Iterable[str], output: str
+    model: onnx.ModelProto, params: Iterable[str], output: str | Sequence[str]
 ) -> onnx.ModelProto:
-    """A copy of ``model`` with ``params`` as inputs and ``output`` (float) as its only output."""
+    """A copy of ``model`` with ``params`` as inputs and ``output`` (float; one or several, in
+    that order) as its only outputs."""
     m = _copy(model)
     parameters_as_inputs(m, params)
     del m.graph.output[:]
-    m.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, None))
+    for name in [output] if isinstance(output, str) else output:
+        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return m
 
 
