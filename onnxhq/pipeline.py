@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import naming
 from ._io import write_files
-from .biascorrect import correct_biases
+from .biascorrect import absorb_bias_errors, correct_biases, correct_quantized_biases
 from .compact import compact_graph, name_plan, rename_streams, weight_rows
 from .compensate import LayerHessian, compensate
 from .data import Dataset, load_data
@@ -305,28 +306,30 @@ def compress_with(
     _tell(progress, "quantize", 0, 1)
     rate = options.rate
     assert rate is not None
-    quantized = quantize_weights(
+    quantizer = partial(quantize_weights, method=options.method, seed=options.seed, k=rate.k,
+                        bits=rate.bits, lam=rate.lam, target_bits=rate.target_bits,
+                        cell_value=options.cell_value)  # fmt: skip
+    quantized = quantizer(
         flat,
         importances,
         scope=options.scope.kind,
         group_size=options.scope.group_size,
-        method=options.method,
         pruned=pruned or None,
-        seed=options.seed,
-        k=rate.k,
-        bits=rate.bits,
-        lam=rate.lam,
-        target_bits=rate.target_bits,
         guard=options.guard,
-        cell_value=options.cell_value,
     )
     if options.compensate:
         assert layer_hessians is not None
+        # a quantized bias (include_biases): its rounding absorbed by the weights' target, then
+        # corrected in float from the compensated weights and quantized again (onnxhq.biascorrect)
+        target = absorb_bias_errors(proto, quantized, flat, layer_hessians)
         quantized = compensate(
-            quantized, flat, layer_hessians, importances, pruned=pruned or None, lam=rate.lam,
+            quantized, target, layer_hessians, importances, pruned=pruned or None, lam=rate.lam,
             match_bits=rate.target_bits is not None,
         )[0]  # fmt: skip
-        proto = correct_biases(proto, quantized, flat, layer_hessians)[0]
+        proto = correct_biases(proto, quantized, flat, layer_hessians)[0]  # float biases
+        quantized = correct_quantized_biases(
+            proto, quantized, flat, layer_hessians, importances=importances, quantize=quantizer
+        )[0]
     _tell(progress, "quantize", 1, 1)
     rewritten = rewrite(proto, quantized.codebooks, quantized.tensors)
     if tune is not None:

@@ -21,7 +21,7 @@ from .. import __version__
 from ..errors import OnnxhqError
 from ..options import OptionError
 from ..progress import Progress
-from . import compress, lowbit, setup, stages
+from . import compress, lowbit, repack, setup, stages
 
 #: `compress` keywords (as `OptionError.fields` names them) -> the flags that set them.
 FLAGS = {
@@ -61,6 +61,7 @@ SUBCOMMANDS = (
     stages.add_prune,
     compress.add_compress,
     stages.add_decode,
+    repack.add_repack,
     lowbit.add_lowbit,
     stages.add_report,
     stages.add_eval,
