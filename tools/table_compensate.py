@@ -9,9 +9,10 @@ no fine-tuning: keys ``compensated/<tag>[@scope]/<method>/<rate>`` beside the cu
 ``layers_<tag>.npz``. A curve point not yet run is run here too, so every compensated row has
 its plain twin; the report pairs them (`tools.table_report.compensation_rows`).
 
-The table quantizes the biases with the weights (``include_biases``): a bias that is itself
-quantized keeps its plain codes, so on those rows the bias correction of ``--compensate`` does
-not reach the artifact; only the compensated assignment and refit do.
+The table quantizes the biases with the weights (``include_biases``): each quantized bias's
+rounding is absorbed by its layer's weights before compensation, and the bias is corrected and
+quantized again after it (`onnxhq.biascorrect`; since 2026-12-06 — cached compensated rows made
+before that lack both).
 """
 
 from __future__ import annotations
