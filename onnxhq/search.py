@@ -1,8 +1,10 @@
 """A target instead of a rate: the smallest artifacts that keep a fidelity on the eval data.
 
 `search_target` takes the importances (and layer statistics) estimated once and, for each
-codebook scope (network, layer, channel groups of `GROUP_SIZE` where the opset allows; only the
-scope given when it is not the default network), bisects an ordered ladder of rates
+codebook scope (network; for uniform quantization ``allocated``: a codebook per layer, the layers'
+rates set by one Hessian-weighted slope, `onnxhq.quantize.allocate`; layer; channel groups of
+`GROUP_SIZE` where the opset allows; only the scope given when it is not the default network),
+bisects an ordered ladder of rates
 (`LADDER`: target bits per weight for uniform and ECSQ, bits per index for the k-means methods)
 for the lowest that meets the target, assuming more bits never lose fidelity; a later scope
 tries no rate above the best met so far (at equal rates the scopes differ by their codebooks).
@@ -101,7 +103,7 @@ def search_target(
     assert target is not None
     name = "bits" if options.method in ("kmeans", "hkmeans") else "target_bits"
     ladder = LADDER[name]
-    scopes = _scopes(proto, options.scope)
+    scopes = _scopes(proto, options)
     run = _Run(model, proto, options, statistics, data, reference, target, progress)
     run.most = (len(scopes) + 2) * math.ceil(math.log2(len(ladder) + 1))
     top = len(ladder) - 1  # a later scope tries no rate above the best one met so far
@@ -255,11 +257,15 @@ def scope_opset(options: CompressOptions, proto: onnx.ModelProto) -> onnx.ModelP
     return converted
 
 
-def _scopes(proto: onnx.ModelProto, given: Scope) -> list[Scope]:
-    """The scopes to search: ``given`` alone when it is not the default (network), else all."""
-    if given.kind != "network":
-        return [given]
-    scopes = [Scope("network"), Scope("layer")]
+def _scopes(proto: onnx.ModelProto, options: CompressOptions) -> list[Scope]:
+    """The scopes to search: the one given alone when it is not the default (network), else all
+    (``allocated`` for uniform quantization, the method it takes)."""
+    if options.scope.kind != "network":
+        return [options.scope]
+    scopes = [Scope("network")]
+    if options.method == "uniform":
+        scopes.append(Scope("allocated"))
+    scopes.append(Scope("layer"))
     need = MIN_OPSET[naming.GROUPED_OP]
     if default_opset(proto) >= need:
         scopes.append(Scope("channel-group", GROUP_SIZE))

@@ -63,6 +63,7 @@ def streamable(options: CompressOptions) -> bool:
         options.finetune is None
         and not options.compensate
         and options.target is None
+        and options.scope.kind != "allocated"  # its grid steps depend on every tensor
         and (options.scope.kind != "network" or options.method in INTERVAL_METHODS)
     )
 

@@ -122,6 +122,15 @@ class CompressOptions:
                 raise OptionError(f"{label} must be a {kind.__name__}, not {part!r}", label)
         if rate is not None:
             check_rate(self.method, rate)
+        if scope.kind == "allocated" and (self.method != "uniform" or (
+                rate is not None and rate.target_bits is None)):  # fmt: skip
+            raise OptionError(
+                f"scope 'allocated' sets each tensor's grid step from one rate target: it takes "
+                f"method 'uniform' with target_bits, not {self.method!r} with "
+                f"{rate.label() if rate is not None else 'a target'}",
+                "scope",
+                "method",
+            )
         if self.method not in WEIGHTED_METHODS and hessian.weighs:
             raise OptionError(
                 f"method 'kmeans' is unweighted and ignores hessian={hessian.method!r}; drop the "

@@ -6,8 +6,9 @@ from __future__ import annotations
 METHODS = ("kmeans", "hkmeans", "uniform", "ecsq")
 #: Methods whose objective weights each error by a Hessian estimate.
 WEIGHTED_METHODS = ("hkmeans", "uniform", "ecsq")
-#: Codebook scopes: one for the network, one per tensor, one per group of output channels.
-SCOPES = ("network", "layer", "channel-group")
+#: Codebook scopes: one for the network, one per tensor, one per tensor with the rates allocated
+#: by one Hessian slope (uniform at target_bits), one per group of output channels.
+SCOPES = ("network", "layer", "allocated", "channel-group")
 #: Hessian estimators of `onnxhq.hessian.METHODS` (``none``: no weighting).
 HESSIAN_METHODS = (
     "fisher",

@@ -3,6 +3,8 @@
 - ``network``: one codebook (key ``"shared"``) for all tensors, the paper's point: the importances
   already say how much each layer's errors matter, so no per-layer bit allocation is needed.
 - ``layer``: one codebook per tensor (key = tensor name).
+- ``allocated``: one codebook per tensor, uniform at ``target_bits`` over all the weights, each
+  tensor's grid step ``c / sqrt(mean importance)`` (`onnxhq.quantize.allocate`).
 - ``channel-group``: per tensor, one codebook row per ``group_size`` output channels (axis 0);
   the tensor's codebook (key = tensor name) is ``(G, k)`` with ``G = ceil(channels / group_size)``.
   Rows of groups that need fewer codewords repeat their last value up to the widest row.
@@ -35,12 +37,13 @@ from ..errors import ConfigError, DataError
 from ..numeric import entropy_bits
 from ._fits import Task
 from ._quantize import check_arrays, check_task, solve
+from .allocate import allocate_layers
 from .codes import SHARED, QuantizedWeights, TensorCodes
 from .guard import GUARDS, apply_guard, measure_errors
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("network", "layer", "channel-group")
+SCOPES = ("network", "layer", "allocated", "channel-group")
 #: Each tensor's importances are at least this times its mean importance (see the module doc).
 IMPORTANCE_FLOOR = 1e-6
 
@@ -113,6 +116,9 @@ def quantize_weights(
         return QuantizedWeights({}, {})
     if scope == "network":
         books, codes = _network(tensors, task, notes)
+    elif scope == "allocated":
+        books, indices = allocate_layers(tensors, task)
+        codes = {n: TensorCodes(n, idx, None) for n, idx in indices.items()}
     else:
         books, codes = {}, {}
         for name in sorted(tensors):
@@ -127,7 +133,7 @@ def quantize_weights(
     qw = QuantizedWeights(books, codes)
     originals = {name: t[0] for name, t in tensors.items()}
     qw = replace(qw, errors=measure_errors(originals, qw))
-    if scope == "layer" or guard == "off":
+    if scope in ("layer", "allocated") or guard == "off":
         return qw
 
     def solo(name: str, same: Task) -> tuple[np.ndarray, np.ndarray]:
