@@ -3,6 +3,7 @@ model and onnxruntime's own quantizers.
 
     python -m tools.bench_real [--models rec det cls] [--hessian none] [--json out.json]
     python -m tools.bench_real --models cls --target [--baseline]   # --baseline: no fold, names
+    python -m tools.bench_real --models rec --target-only [--eval-lines 200 --calib-lines 64]
     python -m tools.bench_real --smoke          # the bundled LeNet-5 on its sample, seconds
 
 For each model (the three PaddleOCR models of ``$ONNXHQ_SHARED/models/real``; inputs rendered
@@ -12,7 +13,12 @@ from text by `tools.render_text`, deterministic) and each form, one row:
   for onnxhq; over the runnable file for onnxruntime's quantizers, which have no other artifact.
 - fidelity against the original model's own outputs (`onnxhq.fidelity.measure`): the recognizer's
   share of identical greedy-CTC strings, the detector's map IoU at 0.5 and max abs error, the
-  classifier's agreement.
+  classifier's agreement; on the eval inputs (those the target search chooses its point on) and,
+  as ``held-out``, on inputs disjoint from the eval and calibration ones (another seed, no shared
+  text): the search selects on the eval set, the held-out figure says whether the point holds.
+  Sizes per model in `COUNTS` (the recognizer: 200 eval lines, so 0.99 allows 2 differing; 64
+  calibration lines; 200 held-out), changed with ``--eval-lines``, ``--calib-lines``,
+  ``--heldout-lines``.
 - the runnable file (``decode`` output) and its onnxruntime session: file bytes, session start
   and peak memory while starting (``VmHWM`` growth in a fresh subprocess, median of 3), and
   latency (median, one input, one thread), the float model's measured in the same process.
@@ -63,26 +69,57 @@ TARGETS = {"rec": "sequence=0.99", "det": "iou=0.98", "cls": "agreement=0.995"}
 TARGETS["lenet5"] = "agreement=0.99"
 
 
-def inputs(name: str) -> tuple[dict, dict]:
-    """(evaluation inputs, calibration inputs) of model ``name``, keyed by its input name."""
+#: Per model: (eval, calibration, held-out) sizes in lines (pages for det, images for lenet5).
+#: The recognizer's goal (0.99 identical strings) needs >= 100 eval lines to allow one differing
+#: line; 200 allow two. Held-out lines come from another seed and share no text with the others
+#: (`heldout`).
+COUNTS = {"rec": (200, 64, 200), "cls": (128, 32, 128), "det": (6, 4, 6), "lenet5": (200, 64, 200)}
+SEEDS = {"rec": (0, 1, 6), "cls": (2, 3, 7), "det": (4, 5, 8)}  # eval, calibration, held-out
+#: Held-out lines drawn per line kept: the phrases come from one paragraph, about half of them
+#: repeat an eval or calibration line's text and are dropped.
+HELD_DRAWS = 4
+
+
+def inputs(name: str, counts: tuple[int, ...] | None = None) -> tuple[dict, dict]:
+    """(evaluation inputs, calibration inputs) of model ``name``, keyed by its input name;
+    ``counts`` (eval, calibration) overrides `COUNTS`."""
+    return _sets(name, counts or COUNTS[name])[:2]
+
+
+def heldout(name: str, counts: tuple[int, ...] | None = None) -> dict:
+    """Held-out inputs of ``name`` (``counts``: (eval, calibration, held-out), default `COUNTS`):
+    another seed (for lenet5 the test images after the eval ones), and no line whose text the
+    eval or calibration lines hold: the first that many such lines of `HELD_DRAWS` times as many
+    drawn (fewer only if the draws run out)."""
+    return _sets(name, counts or COUNTS[name], held=True)[2]
+
+
+def _sets(name: str, counts: tuple[int, ...], held: bool = False) -> tuple[dict, dict, dict]:
     from tools.render_text import line_batch, page_batch
 
+    n_eval, n_calib = counts[:2]
+    n_held = counts[2] if held else 0
     if name == "lenet5":
         from tools.datasets import mnist
 
-        return mnist("test", smoke=True, limit=200).inputs, mnist(
-            "train", smoke=True, limit=64
-        ).inputs
-    if name == "rec":
-        return {"x": line_batch(48, width=320, seed=0)[0]}, {
-            "x": line_batch(16, width=320, seed=1)[0]
-        }
-    if name == "cls":
-        ev = line_batch(128, width=192, seed=2, flip_every=2)[0]
-        return {"x": ev}, {"x": line_batch(32, width=192, seed=3, flip_every=2)[0]}
-    return {"x": page_batch(6, height=320, width=480, seed=4)}, {
-        "x": page_batch(4, height=320, width=480, seed=5)
-    }
+        test = mnist("test", smoke=True, limit=n_eval + n_held).inputs["input"]
+        calib = mnist("train", smoke=True, limit=n_calib).inputs
+        return {"input": test[:n_eval]}, calib, {"input": test[n_eval:]}
+    seeds = SEEDS[name]
+    if name == "det":
+        sizes = (n_eval, n_calib, n_held)
+        pages = [page_batch(n, height=320, width=480, seed=s) if n else None
+                 for n, s in zip(sizes, seeds)]  # fmt: skip
+        return {"x": pages[0]}, {"x": pages[1]}, {"x": pages[2]}
+    kw = {"width": 320} if name == "rec" else {"width": 192, "flip_every": 2}
+    ev, ev_text = line_batch(n_eval, seed=seeds[0], **kw)
+    cal, cal_text = line_batch(n_calib, seed=seeds[1], **kw)
+    if not n_held:
+        return {"x": ev}, {"x": cal}, {}
+    x, text = line_batch(HELD_DRAWS * n_held, seed=seeds[2], **kw)
+    seen = set(ev_text) | set(cal_text)
+    keep = np.flatnonzero([t not in seen for t in text])[:n_held]
+    return {"x": ev}, {"x": cal}, {"x": x[keep]}
 
 
 def run(model, feeds: dict) -> np.ndarray:
@@ -244,16 +281,19 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
     from onnxhq.runtime import make_session
 
     proto = load_model(path)
-    feeds, calib = inputs(name)
+    counts = counts_of(name, args)
+    feeds, calib = inputs(name, counts)
+    held = heldout(name, counts)
     x1 = {k: v[:1] for k, v in feeds.items()}
     shape = next(iter(x1.values())).shape
-    original = run(proto, feeds)
+    original, original_held = run(proto, feeds), run(proto, held)
     original_bytes = path.stat().st_size
     forms: dict[str, dict] = {"float": {"file": path, "ratio": 1.0, "note": "original file"}}
     names = None
     if args.target:
         forms["onnxhq target"] = target_form(name, path, calib, feeds, args, work, original_bytes)
-    for label, kw in ONNXHQ_FORMS.items():
+    others = {} if args.target_only else ONNXHQ_FORMS
+    for label, kw in others.items():
         t = time.perf_counter()
         result = onnxhq.compress(path, calib, hessian=args.hessian, **kw, **args.clean_up)
         names = list(result.quantized.tensors)
@@ -267,7 +307,7 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
             "note": f"k {k[0]}..{k[-1]}, graph {len(a.graph_bytes):,} B, "
             f"{time.perf_counter() - t:.0f} s",
         }
-    for label, (k, target) in GRID_FORMS.items():
+    for label, (k, target) in ({} if args.target_only else GRID_FORMS).items():
         art, gather = grid_model(proto, names, k, name, original_bytes)
         file = work / f"grid_{target}.onnx"
         save_model(lower(gather, target), file)
@@ -275,8 +315,9 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
         forms[label] = {"file": file, "ratio": ratio, "note": f"--target {target}"}
     from tools.deploy_forms import native_forms  # compress --cell-value grid -> each target
 
-    forms.update(native_forms(path, calib, args.hessian, work, original_bytes))
-    if not args.smoke:
+    if not args.target_only:
+        forms.update(native_forms(path, calib, args.hessian, work, original_bytes))
+    if not (args.smoke or args.target_only):
         for label, (file, note) in ort_forms(proto, work).items():
             ratio = original_bytes / file.stat().st_size if file else None
             forms[label] = {"file": file, "ratio": ratio, "note": note}
@@ -297,6 +338,10 @@ def bench_model(name: str, path: Path, args, work: Path) -> list[dict]:
             got = original if label == "float" else run(str(f["file"]), feeds)
             metrics = measure(KINDS[name], original, got)
             row.update({m: metrics.get(m) for m in KEYS[name]})
+            got = original_held if label == "float" else run(str(f["file"]), held)
+            metrics = measure(KINDS[name], original_held, got)
+            row["heldout"] = {m: metrics.get(m) for m in KEYS[name]}
+            row["lines"] = (len(original), len(original_held))
             row["file_bytes"] = Path(f["file"]).stat().st_size
             row.update(session_costs(Path(f["file"]), shape, args.repeats))
             row["latency_ms"] = 1000 * lat[label]
@@ -328,8 +373,16 @@ def target_form(name, path, calib, feeds, args, work, original_bytes) -> dict:
     }
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return n
+
+
 def table(rows: list[dict]) -> str:
-    cols = ["model", "form", "ratio", "fidelity", "runnable file", "start s", "start MB"]
+    cols = ["model", "form", "ratio", "fidelity", "held-out", "runnable file", "start s"]
+    cols += ["start MB"]
     cols += ["run MB", "latency ms", "note"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base: dict[str, dict] = {}
@@ -337,7 +390,10 @@ def table(rows: list[dict]) -> str:
         if r["form"] == "float":
             base[r["model"]] = r
         fid = ", ".join(f"{k} {r[k]:.4g}" for k in KEYS[r["model"]] if r.get(k) is not None)
+        held = r.get("heldout", {})
+        out = ", ".join(f"{k} {v:.4g}" for k, v in held.items() if v is not None)
         cells = [r["model"], r["form"], f"{r['ratio']:.2f}x" if r["ratio"] else "-", fid or "-"]
+        cells.append(out or "-")
         if "file_bytes" in r:
             b = base[r["model"]]
             cells += [
@@ -353,6 +409,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def counts_of(name: str, args) -> tuple[int, int, int]:
+    """(eval, calibration, held-out) sizes of ``name``: `COUNTS` unless the flags say."""
+    given = (args.eval_lines, args.calib_lines, args.heldout_lines)
+    return tuple(g if g is not None else d for g, d in zip(given, COUNTS[name]))  # type: ignore
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", choices=REAL, default=list(REAL))
@@ -364,11 +426,26 @@ def main(argv=None) -> int:
     ap.add_argument("--target", action="store_true", help="add the 'onnxhq target' form")
     ap.add_argument("--target-hessian", default="fisher", help="its --hessian")
     ap.add_argument("--target-samples", type=int, default=64, help="its --samples")
+    ap.add_argument(
+        "--target-only",
+        action="store_true",
+        help="the float model and the 'onnxhq target' form only (implies --target)",
+    )
+    for flag, what in (
+        ("eval", "measured and searched on"),
+        ("calib", "for the Hessian and layer statistics"),
+        ("heldout", "re-measured on, disjoint from both"),
+    ):
+        ap.add_argument(f"--{flag}-lines", type=_positive, metavar="N",
+                        help=f"lines (det: pages, lenet5: images) {what}; default per model: "
+                        + ", ".join(f"{m} {c[('eval', 'calib', 'heldout').index(flag)]}"
+                                    for m, c in COUNTS.items()))  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="the bundled LeNet-5 only, in seconds")
     ap.add_argument("--baseline", action="store_true", help="onnxhq forms without the graph "
                     "clean-up (--no-fold-batchnorm --keep-names)")  # fmt: skip
     ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.target = args.target or args.target_only
     args.clean_up = {"fold_batchnorm": False, "compact_names": False} if args.baseline else {}
     if args.probe:
         probe(*args.probe)
