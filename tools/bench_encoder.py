@@ -30,15 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tools.session_cost import cost_cells, latencies, ratio_cell, session_costs
 
 ENV = "ONNXHQ_BENCH_MODELS"
 FILES = ("encoder.onnx", "encoder_data.npz", "encoder_eval.npz", "encoder_reference.npz")
@@ -85,54 +84,6 @@ def embed(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
     session = make_session(model)
     return run_batched(session, feeds, session.get_outputs()[0].name, batch_size=32)
-
-
-def probe(path: str, feeds_path: str) -> None:
-    """Child process: start a session on ``path``, run the first sentence of ``feeds_path``,
-    print start seconds and peak MB growth after starting and after the run."""
-    import onnxruntime as ort
-
-    from tools.bench_real import peak_kb
-
-    feed = {k: v[:1] for k, v in load(Path(feeds_path)).items()}
-    before = peak_kb()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    t = time.perf_counter()
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    start = time.perf_counter() - t
-    peak = peak_kb()
-    session.run(None, feed)
-    print(json.dumps([start, (peak - before) / 1024, (peak_kb() - before) / 1024]))
-
-
-def session_costs(path: Path, feeds_path: Path, repeats: int) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "tools.bench_encoder", "--probe", str(path), str(feeds_path)]
-    runs = [json.loads(subprocess.check_output(cmd, text=True)) for _ in range(repeats)]
-    med = [statistics.median(r[i] for r in runs) for i in range(3)]
-    return {"start_s": med[0], "start_mb": med[1], "run_mb": med[2]}
-
-
-def latencies(paths: dict[str, Path], feeds: dict, batch: int, rounds: int) -> dict[str, float]:
-    """Median seconds per run of ``batch`` sentences for each model, one thread each."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    sessions = {
-        k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-        for k, p in paths.items()
-    }
-    feed = {k: v[:batch] for k, v in feeds.items()}
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds + 1):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
 def onnxhq_forms(path: Path, data: dict, hessian, work: Path) -> dict[str, dict]:
@@ -296,8 +247,9 @@ def bench(folder: Path, args, work: Path) -> list[dict]:
     forms.update(lowbit_forms(path, hessian, layers, work))
     forms.update(ort_forms(path, work))
     runnable = {k: f["file"] for k, f in forms.items() if f["file"] is not None}
-    lat1 = latencies(runnable, data["eval"], 1, args.rounds)
-    lat32 = latencies(runnable, data["eval"], 32, max(3, args.rounds // 4))
+    lat1 = latencies(runnable, {k: v[:1] for k, v in data["eval"].items()}, args.rounds)
+    sub = {k: v[:32] for k, v in data["eval"].items()}
+    lat32 = latencies(runnable, sub, max(3, args.rounds // 4))
     rows = []
     for label, f in forms.items():
         row = {"form": label, "ratio": size / f["stored"] if f["stored"] else None}
@@ -324,11 +276,9 @@ def table(rows: list[dict]) -> str:
                 f"{r['cosine']:.4f} ({r['cosine_min']:.4f})",
                 "inf" if r["form"] == "float" else f"{r['sqnr_db']:.1f}",
                 f"{r['file_bytes']:,}",
-                f"{r['start_s']:.3f} ({r['start_s'] / b['start_s']:.2f}x)",
-                f"{r['start_mb']:.0f} ({r['start_mb'] - b['start_mb']:+.0f})",
-                f"{r['run_mb']:.0f} ({r['run_mb'] - b['run_mb']:+.0f})",
-                f"{r['latency1_ms']:.2f} ({r['latency1_ms'] / b['latency1_ms']:.2f}x)",
-                f"{r['latency32_ms']:.1f} ({r['latency32_ms'] / b['latency32_ms']:.2f}x)",
+                *cost_cells(r, b, mb_digits=0),
+                ratio_cell(r["latency1_ms"], b["latency1_ms"]),
+                ratio_cell(r["latency32_ms"], b["latency32_ms"], digits=1),
             ]
         else:
             cells += ["-"] * 8
@@ -351,11 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lowbit-only", action="store_true", help="leave out the compress forms "
                     "(float, onnxhq lowbit and onnxruntime's quantizers only)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="check the export only (seconds)")
-    ap.add_argument("--probe", nargs=2, metavar=("MODEL", "FEEDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.probe:
-        probe(*args.probe)
-        return 0
     folder = args.dir or default_dir()
     missing = [name for name in FILES if not (folder / name).is_file()]
     if missing:

@@ -38,16 +38,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+from tools.session_cost import cost_cells, latencies, ratio_cell, session_costs
 
 REAL = ("rec", "det", "cls")
 FILES = {
@@ -127,65 +125,6 @@ def run(model, feeds: dict) -> np.ndarray:
 
     session = make_session(model)
     return run_batched(session, feeds, session.get_outputs()[0].name, batch_size=16)
-
-
-def peak_kb() -> int:
-    """This process's peak resident memory in kB: ``VmHWM`` of /proc/self/status (ru_maxrss
-    would carry over a large parent's peak through fork and exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def probe(path: str, shape: str) -> None:
-    """Child process: start a session on ``path``, print start seconds and peak MB growth."""
-    import onnxruntime as ort
-
-    before = peak_kb()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    t = time.perf_counter()
-    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    start = time.perf_counter() - t
-    peak = peak_kb()
-    x = np.zeros([int(d) for d in shape.split(",")], np.float32)
-    session.run(None, {session.get_inputs()[0].name: x})
-    run_peak = peak_kb()
-    print(json.dumps([start, (peak - before) / 1024, (run_peak - before) / 1024]))
-
-
-def session_costs(path: Path, shape: tuple[int, ...], repeats: int) -> dict:
-    """Median session start (s), peak MB while starting and after one run, over fresh processes."""
-    arg = ",".join(str(d) for d in shape)
-    cmd = [sys.executable, "-m", "tools.bench_real", "--probe", str(path), arg]
-    runs = [json.loads(subprocess.check_output(cmd, text=True)) for _ in range(repeats)]
-    med = [statistics.median(r[i] for r in runs) for i in range(3)]
-    return {"start_s": med[0], "start_mb": med[1], "run_mb": med[2]}
-
-
-def latencies(paths: dict[str, Path], x: np.ndarray, rounds: int) -> dict[str, float]:
-    """Median seconds per run of one input for each model, sessions in this process, the models
-    taking turns so that load on the machine falls on all alike."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1
-    sessions = {
-        k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-        for k, p in paths.items()
-    }
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(rounds + 1):
-        for k, s in sessions.items():
-            feed = {s.get_inputs()[0].name: x}
-            t = time.perf_counter()
-            s.run(None, feed)
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
 def grid_model(proto, names, levels: int, stem: str, original_bytes: int):
@@ -396,13 +335,8 @@ def table(rows: list[dict]) -> str:
         cells.append(out or "-")
         if "file_bytes" in r:
             b = base[r["model"]]
-            cells += [
-                f"{r['file_bytes']:,}",
-                f"{r['start_s']:.3f} ({r['start_s'] / b['start_s']:.2f}x)",
-                f"{r['start_mb']:.1f} ({r['start_mb'] - b['start_mb']:+.1f})",
-                f"{r['run_mb']:.1f} ({r['run_mb'] - b['run_mb']:+.1f})",
-                f"{r['latency_ms']:.2f} ({r['latency_ms'] / b['latency_ms']:.2f}x)",
-            ]
+            cells += [f"{r['file_bytes']:,}", *cost_cells(r, b)]
+            cells.append(ratio_cell(r["latency_ms"], b["latency_ms"]))
         else:
             cells += ["-"] * 5
         lines.append("| " + " | ".join(cells + [r["note"]]) + " |")
@@ -443,13 +377,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="the bundled LeNet-5 only, in seconds")
     ap.add_argument("--baseline", action="store_true", help="onnxhq forms without the graph "
                     "clean-up (--no-fold-batchnorm --keep-names)")  # fmt: skip
-    ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.target = args.target or args.target_only
     args.clean_up = {"fold_batchnorm": False, "compact_names": False} if args.baseline else {}
-    if args.probe:
-        probe(*args.probe)
-        return 0
     from tools.datasets import LENET5, shared_file
 
     if args.smoke:

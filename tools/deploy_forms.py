@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tools.session_cost import cost_cells, latencies, ratio_cell, session_costs
 
 MODELS = ("lenet5", "resnet32", "rec", "det", "cls")
 #: Grid cells per layer (``--bits``) -> the targets decoded from them: 256 cells fit int8, 16 int4.
@@ -71,42 +70,6 @@ def native_forms(path, calib, hessian: str, work: Path, original_bytes: int) -> 
     return forms
 
 
-def probe(path: str, shape: str, pair: bool) -> None:
-    """Child process: start a session on ``path`` (``onnxhq.InferenceSession`` on a compressed
-    pair with ``pair``), print start seconds and peak MB growth after starting and after a run."""
-    import onnxruntime as ort
-
-    import onnxhq
-    from tools.bench_real import peak_kb
-
-    if pair:  # the modules decode needs (onnx: ~25 MB, ~0.5 s) load before the measure
-        import onnxhq.decode
-
-    before = peak_kb()
-    t = time.perf_counter()
-    if pair:
-        session = onnxhq.InferenceSession(path, threads=1)
-    else:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = 1
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    start = time.perf_counter() - t
-    peak = peak_kb()
-    x = np.zeros([int(d) for d in shape.split(",")], np.float32)
-    session.run(None, {session.get_inputs()[0].name: x})
-    print(json.dumps([start, (peak - before) / 1024, (peak_kb() - before) / 1024]))
-
-
-def session_costs(path: Path, shape, repeats: int, pair: bool = False) -> dict:
-    """Median start (s) and MB growth after start and after one run, over fresh processes."""
-    cmd = [sys.executable, "-m", "tools.deploy_forms", "--probe", str(path)]
-    cmd += [",".join(str(d) for d in shape)] + (["--pair"] if pair else [])
-    runs = [json.loads(subprocess.check_output(cmd, text=True)) for _ in range(repeats)]
-    med = [statistics.median(r[i] for r in runs) for i in range(3)]
-    return {"start_s": med[0], "start_mb": med[1], "run_mb": med[2]}
-
-
 def model_and_inputs(name: str, work: Path):
     """(float model file, evaluation inputs, calibration inputs) of ``name``."""
     from tools.bench_real import FILES, inputs
@@ -125,7 +88,7 @@ def model_and_inputs(name: str, work: Path):
 
 
 def bench(name: str, args, work: Path) -> list[dict]:
-    from tools.bench_real import latencies, run
+    from tools.bench_real import run
 
     path, feeds, calib = model_and_inputs(name, work)
     x1 = next(iter(feeds.values()))[:1]
@@ -160,7 +123,7 @@ def bench_lowbit(name: str, args, work: Path) -> list[dict]:
     from onnxhq.data import Dataset
     from onnxhq.fidelity import measure
     from onnxhq.lowbit import LowbitOptions, lowbit_model, with_accuracy_level
-    from tools.bench_real import KEYS, KINDS, latencies, run
+    from tools.bench_real import KEYS, KINDS, run
 
     path, feeds, calib = model_and_inputs(name, work)
     x1 = next(iter(feeds.values()))[:1]
@@ -207,10 +170,7 @@ def lowbit_table(rows: list[dict]) -> str:
             base[r["model"]] = r
         b = base[r["model"]]
         cells = [r["model"], r["form"], f"{r['file_bytes']:,}", r["fidelity"],
-                 f"{r['start_s']:.3f} ({r['start_s'] / b['start_s']:.2f}x)",
-                 f"{r['start_mb']:.1f} ({r['start_mb'] - b['start_mb']:+.1f})",
-                 f"{r['run_mb']:.1f} ({r['run_mb'] - b['run_mb']:+.1f})",
-                 f"{r['latency_ms']:.2f} ({r['latency_ms'] / b['latency_ms']:.2f}x)",
+                 *cost_cells(r, b), ratio_cell(r["latency_ms"], b["latency_ms"]),
                  r["note"]]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -224,12 +184,8 @@ def table(rows: list[dict]) -> str:
         if r["form"] == "float":
             base[r["model"]] = r
         b = base[r["model"]]
-        cells = [r["model"], r["form"], f"{r['file_bytes']:,}",
-                 f"{r['start_s']:.3f} ({r['start_s'] / b['start_s']:.2f}x)",
-                 f"{r['start_mb']:.1f} ({r['start_mb'] - b['start_mb']:+.1f})",
-                 f"{r['run_mb']:.1f} ({r['run_mb'] - b['run_mb']:+.1f})"]  # fmt: skip
-        cells.append(f"{r['latency_ms']:.2f} ({r['latency_ms'] / b['latency_ms']:.2f}x)"
-                     if "latency_ms" in r else "-")  # fmt: skip
+        cells = [r["model"], r["form"], f"{r['file_bytes']:,}", *cost_cells(r, b)]
+        cells.append(ratio_cell(r["latency_ms"], b["latency_ms"]) if "latency_ms" in r else "-")
         diff = r.get("max_diff_vs_gather")
         cells.append("-" if diff is None else f"{diff:.2g}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -249,14 +205,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--lowbit", action="store_true", help="the onnxhq lowbit forms instead")
     ap.add_argument("--hessian", default="fisher", help="--lowbit's importances (default fisher)")
-    ap.add_argument("--probe", nargs=2, metavar=("MODEL", "SHAPE"), help=argparse.SUPPRESS)
-    ap.add_argument("--pair", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
         args.models, args.repeats, args.rounds = ["lenet5"], 1, 2
-    if args.probe:
-        probe(*args.probe, args.pair)
-        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
